@@ -1,0 +1,247 @@
+"""Recipes: one typed config tree loaded from YAML, with dotted ``key=value`` overrides.
+
+OmegaConf structured configs do the merging and type checks (unknown keys, wrong types, bad enum
+values); ``_check_bounds`` adds value limits declared next to each field. Every failure becomes a
+one-line ``ConfigError`` that names the key and the fix. The dataclass defaults ARE the default
+recipe (``recipes/digits.yaml`` restates them; a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from ddp.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _bounded(default: Any, *, minimum: float | None = None, above: float | None = None,
+             maximum: float | None = None) -> Any:
+    """A dataclass field with value limits checked after merging."""
+    limits = {"min": minimum, "above": above, "max": maximum}
+    return field(default=default, metadata={k: v for k, v in limits.items() if v is not None})
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class Parallel(str, Enum):
+    ddp = "ddp"
+    dp = "dp"
+    none = "none"
+
+
+class OptimizerName(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class Schedule(str, Enum):
+    none = "none"
+    step = "step"
+    cosine = "cosine"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "digits_cnn"  # see ddp.models.MODELS
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | mnist | cifar10 | synthetic (see ddp.datasets.DATASETS)
+    root: str = "data"  # where mnist/cifar10 files live (never downloaded)
+    batch_size: int = _bounded(32, minimum=1)  # per rank; the global batch is this × world size
+    eval_batch_size: int = _bounded(512, minimum=1)  # per rank
+    test_fraction: float = _bounded(0.2, above=0.0, maximum=0.9)  # digits: held-out share
+    split_seed: int = 0  # digits: the fixed train/test split
+    num_workers: int = _bounded(-1, minimum=-1)  # DataLoader workers per rank; -1 = auto
+    synthetic_train: int = _bounded(4096, minimum=1)  # synthetic: samples
+    synthetic_test: int = _bounded(1024, minimum=1)
+    synthetic_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
+    synthetic_classes: int = _bounded(10, minimum=2)
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerName = OptimizerName.sgd
+    lr: float = _bounded(0.05, above=0.0)
+    momentum: float = _bounded(0.9, minimum=0.0, maximum=1.0)  # sgd only
+    weight_decay: float = _bounded(5e-4, minimum=0.0)
+    schedule: Schedule = Schedule.cosine
+    step_epochs: int = _bounded(3, minimum=1)  # schedule=step: decay every N epochs
+    gamma: float = _bounded(0.1, above=0.0, maximum=1.0)  # schedule=step: decay factor
+    warmup_steps: int = _bounded(0, minimum=0)  # linear warm-up before the schedule
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _bounded(10, minimum=1)
+    max_steps: int = _bounded(-1, minimum=-1)  # stop after this many optimizer steps; -1 = no cap
+    seed: int = 0
+    deterministic: bool = False  # also force deterministic CUDA kernels (slower)
+
+
+@dataclass
+class DistConfig:
+    backend: Backend = Backend.auto  # auto = nccl when every local rank has a GPU, else gloo
+    parallel: Parallel = Parallel.ddp
+    timeout_s: float = _bounded(300.0, above=0.0)  # collective timeout: a dead peer → error
+    threads_per_rank: int = _bounded(0, minimum=0)  # CPU threads per rank; 0 = cores ÷ local ranks
+
+
+@dataclass
+class RunConfig:
+    name: str = "digits"
+    dir: Optional[str] = None  # default: runs/<name>
+
+
+@dataclass
+class LogConfig:
+    level: str = "INFO"
+    every_steps: int = _bounded(20, minimum=1)  # step records in metrics.jsonl and TensorBoard
+    progress: bool = True  # tqdm bar on rank 0 (only when the console is a terminal)
+    tensorboard: bool = True
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Defaults ← recipe file ← ``key=value`` overrides, type-checked and bounds-checked."""
+    schema = OmegaConf.structured(Recipe)
+    layers = [schema]
+    if path is not None:
+        layers.append(_read_yaml(Path(path)))
+    layers.append(_parse_overrides(overrides))
+    try:
+        merged = OmegaConf.merge(*layers)
+        recipe = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _config_error(err, source=str(path) if path else "overrides") from None
+    _check_bounds(recipe)
+    _check_choices(recipe)
+    return recipe
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (what ``--print-recipe`` prints and the run dir keeps)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        known = ", ".join(sorted(str(p.relative_to(RECIPES_DIR.parent)) for p in RECIPES_DIR.glob("*.yaml")))
+        raise ConfigError(f"recipe file '{path}' not found.", f"recipes shipped: {known or 'none'}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "syntax error"
+        raise ConfigError(f"recipe '{path}' is not valid YAML{where}: {problem}.",
+                          "fix the YAML syntax (indentation, 'key: value', quotes)") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe '{path}' must be a mapping of sections, got {type(data).__name__}.",
+                          "start it with sections such as 'train:' and 'data:'")
+    return OmegaConf.create(data)
+
+
+def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> Any:
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key or key.startswith("-"):
+            raise ConfigError(f"cannot read override '{item}'.", "write overrides as key=value, e.g. train.epochs=3")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read overrides {list(overrides)}: {err}.", "write them as key=value") from None
+
+
+def _config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    message = str(getattr(err, "msg", err)).splitlines()[0]
+    if isinstance(err, ConfigKeyError):
+        return ConfigError(f"unknown key '{key}' (from {source}).", _key_hint(str(key)))
+    return ConfigError(f"bad value for '{key}' (from {source}): {message}",
+                       f"run 'python -m ddp.train --print-recipe' to see the type of '{key}'")
+
+
+def _key_hint(key: str) -> str:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(OmegaConf.structured(Recipe), parent) if parent else OmegaConf.structured(Recipe)
+    valid = [str(k) for k in node.keys()] if node is not None and OmegaConf.is_dict(node) else []
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    guess = f"did you mean '{parent + '.' if parent else ''}{close[0]}'? " if close else ""
+    where = f"'{parent}'" if parent else "a recipe"
+    return f"{guess}valid keys in {where}: {', '.join(valid)}"
+
+
+def _check_bounds(recipe: Recipe) -> None:
+    for section in dataclasses.fields(recipe):
+        values = getattr(recipe, section.name)
+        for item in dataclasses.fields(values):
+            value = getattr(values, item.name)
+            limit = _broken_limit(value, item.metadata)
+            if limit:
+                key = f"{section.name}.{item.name}"
+                raise ConfigError(f"{key}={value} is invalid: it must be {limit}.",
+                                  f"set {key} to a value {limit}")
+
+
+def _broken_limit(value: Any, limits: Any) -> str | None:
+    """The first limit ``value`` breaks, as text ("≥ 1"), or None."""
+    if "min" in limits and value < limits["min"]:
+        return f"≥ {limits['min']}"
+    if "above" in limits and value <= limits["above"]:
+        return f"> {limits['above']}"
+    if "max" in limits and value > limits["max"]:
+        return f"≤ {limits['max']}"
+    return None
+
+
+def _check_choices(recipe: Recipe) -> None:
+    from ddp.datasets import DATASETS
+    from ddp.models import MODELS
+
+    for key, value, choices in (
+        ("model.name", recipe.model.name, MODELS),
+        ("data.name", recipe.data.name, DATASETS),
+        ("log.level", recipe.log.level.upper(), LOG_LEVELS),
+    ):
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not known.", f"choose one of: {', '.join(choices)}")
+    shape = recipe.data.synthetic_shape
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"data.synthetic_shape={list(shape)} is invalid: it must be [channels, height, width].",
+                          "e.g. data.synthetic_shape=[3,32,32]")

@@ -1,0 +1,108 @@
+"""Datasets by name: ``data.name`` → train and test splits plus their shape and class count.
+
+Nothing is downloaded: digits ships inside scikit-learn; MNIST and CIFAR-10 are read by
+torchvision from files already under ``data.root``; synthetic is generated from a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from ddp.config import DataConfig
+from ddp.errors import DataError
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    test: Dataset
+    shape: tuple[int, int, int]  # one sample: channels, height, width
+    classes: int
+    in_memory: bool  # both splits are tensors already (no per-sample decoding)
+
+
+def seeded_split(count: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed permutation of ``range(count)`` cut into (train, test) index tensors."""
+    perm = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, round(count * test_fraction))
+    return perm[n_test:], perm[:n_test]
+
+
+def load_digits(cfg: DataConfig) -> Splits:
+    """scikit-learn's 1,797 8×8 digit images, a seeded split, standardised by train statistics."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = torch.tensor(bunch.data, dtype=torch.float32).view(-1, 1, 8, 8)
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    train_idx, test_idx = seeded_split(len(images), cfg.test_fraction, cfg.split_seed)
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+    images = (images - mean) / std
+    return Splits(TensorDataset(images[train_idx], labels[train_idx]),
+                  TensorDataset(images[test_idx], labels[test_idx]), (1, 8, 8), 10, in_memory=True)
+
+
+def load_synthetic(cfg: DataConfig) -> Splits:
+    """Random images with random labels (for throughput work), seeded by ``data.split_seed``."""
+    generator = torch.Generator().manual_seed(cfg.split_seed)
+    shape = tuple(cfg.synthetic_shape)
+
+    def make(count: int) -> TensorDataset:
+        images = torch.randn((count, *shape), generator=generator)
+        labels = torch.randint(0, cfg.synthetic_classes, (count,), generator=generator)
+        return TensorDataset(images, labels)
+
+    return Splits(make(cfg.synthetic_train), make(cfg.synthetic_test), shape,  # type: ignore[arg-type]
+                  cfg.synthetic_classes, in_memory=True)
+
+
+def load_mnist(cfg: DataConfig) -> Splits:
+    """torchvision's MNIST reader on ``<root>/MNIST/raw`` (idx files, optionally .gz)."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    train, test = (_torchvision_split(datasets.MNIST, cfg, "MNIST/raw/train-images-idx3-ubyte",
+                                      train=flag, transform=transform) for flag in (True, False))
+    return Splits(train, test, (1, 28, 28), 10, in_memory=False)
+
+
+def load_cifar10(cfg: DataConfig) -> Splits:
+    """torchvision's CIFAR-10 reader on ``<root>/cifar-10-batches-py``; crop+flip on train."""
+    from torchvision import datasets, transforms
+
+    normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    augment = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                  transforms.ToTensor(), normalize])
+    plain = transforms.Compose([transforms.ToTensor(), normalize])
+    where = "cifar-10-batches-py/data_batch_1..5, test_batch"
+    train = _torchvision_split(datasets.CIFAR10, cfg, where, train=True, transform=augment)
+    test = _torchvision_split(datasets.CIFAR10, cfg, where, train=False, transform=plain)
+    return Splits(train, test, (3, 32, 32), 10, in_memory=False)
+
+
+def _torchvision_split(dataset_class: type, cfg: DataConfig, expected: str, **kwargs: object) -> Dataset:
+    try:
+        return dataset_class(root=cfg.root, download=False, **kwargs)
+    except RuntimeError as err:  # torchvision: "Dataset not found ..." / "... or corrupted"
+        raise DataError(
+            f"data.name={cfg.name}: no readable {dataset_class.__name__} files under "
+            f"data.root='{Path(cfg.root).resolve()}' ({err}; expected {expected}).",
+            "copy the dataset files there (this tool never downloads) or set data.root=",
+        ) from None
+
+
+DATASETS: dict[str, Callable[[DataConfig], Splits]] = {
+    "digits": load_digits,
+    "mnist": load_mnist,
+    "cifar10": load_cifar10,
+    "synthetic": load_synthetic,
+}
+
+
+def build_datasets(cfg: DataConfig) -> Splits:
+    return DATASETS[cfg.name](cfg)

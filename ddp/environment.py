@@ -1,0 +1,308 @@
+"""Cluster environments: how a process learns its rank, world and rendezvous address.
+
+This is the only module that reads ``os.environ``. Every other module asks the ``ClusterEnv``
+returned by ``detect_environment()`` (or the small helpers at the bottom).
+
+Probe order (first match wins), after Lightning's ``_select_cluster_environment``:
+  1. ``TorchrunEnv``  torchrun / torch.distributed.run (it can run inside a Slurm job, so first)
+  2. ``SlurmEnv``     ``srun`` tasks: SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_JOB_NODELIST
+  3. ``ManualEnv``    the seed scripts' style: MASTER_IP or MASTER_ADDR, RANK, WORLD_SIZE, and no
+                      LOCAL_RANK; one rank per machine
+  4. ``SingleProcessEnv`` plain ``python -m ddp.train``
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ddp.errors import ClusterEnvError
+from ddp.hostlist import expand_hostlist, expand_tasks_per_node
+
+Environ = Mapping[str, str]
+
+DEFAULT_MASTER_PORT = 29500
+SLURM_PORT_BASE = 15000  # Lightning's choice: 15000 + last 4 digits of the job id
+
+
+@dataclass(frozen=True)
+class ClusterEnv:
+    """Who this process is in the job. Subclasses differ only in where the values come from."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_MASTER_PORT
+
+    source: ClassVar[str] = "explicit"
+    variables: ClassVar[str] = "RANK/WORLD_SIZE"
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group must be created (every launcher, even with one rank)."""
+        return True
+
+    @property
+    def init_method(self) -> str:
+        """URL for ``torch.distributed.init_process_group``."""
+        host = f"[{self.master_addr}]" if ":" in self.master_addr else self.master_addr
+        return f"tcp://{host}:{self.master_port}"
+
+    def describe(self) -> str:
+        """One line for logs and ``python -m launch doctor``."""
+        return (
+            f"{self.source}: rank {self.rank}/{self.world_size}, local rank "
+            f"{self.local_rank}/{self.local_world_size}, node {self.node_rank}, "
+            f"rendezvous {self.init_method}"
+        )
+
+    def validate(self) -> ClusterEnv:
+        """Raise ``ClusterEnvError`` naming the inconsistent values; return self when sound."""
+        if self.world_size < 1:
+            self._fail(f"world size is {self.world_size}", "it must be at least 1")
+        if not 0 <= self.rank < self.world_size:
+            self._fail(
+                f"rank {self.rank} is outside world size {self.world_size}",
+                "ranks run from 0 to world size - 1; check the launch command's rank arguments",
+            )
+        if not 0 <= self.local_rank < self.local_world_size:
+            self._fail(
+                f"local rank {self.local_rank} is outside local world size {self.local_world_size}",
+                "local ranks run from 0 to (processes on this node) - 1",
+            )
+        if self.local_world_size > self.world_size:
+            self._fail(
+                f"local world size {self.local_world_size} exceeds world size {self.world_size}",
+                "a node cannot hold more ranks than the whole job",
+            )
+        if not 0 < self.master_port < 65536:
+            self._fail(f"master port {self.master_port} is not a TCP port", "use 1-65535")
+        return self
+
+    def _fail(self, problem: str, hint: str) -> None:
+        raise ClusterEnvError(f"{self.source} environment ({self.variables}): {problem}.", hint)
+
+
+@dataclass(frozen=True)
+class SingleProcessEnv(ClusterEnv):
+    """No launcher: one process, no process group."""
+
+    source: ClassVar[str] = "single process"
+
+    @property
+    def distributed(self) -> bool:
+        return False
+
+    @staticmethod
+    def detect(environ: Environ) -> bool:
+        return True
+
+    @classmethod
+    def from_environ(cls, environ: Environ) -> SingleProcessEnv:
+        return cls()
+
+
+@dataclass(frozen=True)
+class TorchrunEnv(ClusterEnv):
+    """torchrun / torch.distributed.run / torchelastic."""
+
+    source: ClassVar[str] = "torchrun"
+    variables: ClassVar[str] = "RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+    @property
+    def init_method(self) -> str:
+        # env:// lets torch reuse the elastic agent's TCPStore (TORCHELASTIC_USE_AGENT_STORE).
+        return "env://"
+
+    @staticmethod
+    def detect(environ: Environ) -> bool:
+        return all(name in environ for name in TorchrunEnv.REQUIRED)
+
+    @classmethod
+    def from_environ(cls, environ: Environ) -> TorchrunEnv:
+        read = _IntReader(environ, cls.source)
+        return cls(
+            rank=read("RANK"),
+            local_rank=read("LOCAL_RANK"),
+            world_size=read("WORLD_SIZE"),
+            local_world_size=read("LOCAL_WORLD_SIZE"),
+            node_rank=read("GROUP_RANK", 0),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=read("MASTER_PORT", DEFAULT_MASTER_PORT),
+        )
+
+
+@dataclass(frozen=True)
+class SlurmEnv(ClusterEnv):
+    """Tasks started by ``srun`` (one task per GPU/rank)."""
+
+    source: ClassVar[str] = "Slurm"
+    variables: ClassVar[str] = "SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_TASKS_PER_NODE"
+
+    @staticmethod
+    def detect(environ: Environ) -> bool:
+        return "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ
+
+    @classmethod
+    def from_environ(cls, environ: Environ) -> SlurmEnv:
+        read = _IntReader(environ, cls.source)
+        node_rank = read("SLURM_NODEID", 0)
+        return cls(
+            rank=read("SLURM_PROCID"),
+            local_rank=read("SLURM_LOCALID", 0),
+            world_size=read("SLURM_NTASKS"),
+            local_world_size=_slurm_local_world_size(environ, node_rank, read),
+            node_rank=node_rank,
+            master_addr=environ.get("MASTER_ADDR") or _slurm_first_host(environ),
+            master_port=read("MASTER_PORT", _slurm_port(environ)),
+        )
+
+
+@dataclass(frozen=True)
+class ManualEnv(ClusterEnv):
+    """The seed scripts' hand-set style: one rank per machine, MASTER_IP or MASTER_ADDR."""
+
+    source: ClassVar[str] = "manual"
+    variables: ClassVar[str] = "MASTER_IP/MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE"
+
+    @staticmethod
+    def detect(environ: Environ) -> bool:
+        has_master = "MASTER_IP" in environ or "MASTER_ADDR" in environ
+        return has_master and "RANK" in environ and "WORLD_SIZE" in environ and (
+            "LOCAL_RANK" not in environ
+        )
+
+    @classmethod
+    def from_environ(cls, environ: Environ) -> ManualEnv:
+        read = _IntReader(environ, cls.source)
+        rank = read("RANK")
+        return cls(
+            rank=rank,
+            local_rank=0,
+            world_size=read("WORLD_SIZE"),
+            local_world_size=1,
+            node_rank=rank,
+            master_addr=_manual_master(environ),
+            master_port=read("MASTER_PORT", DEFAULT_MASTER_PORT),
+        )
+
+
+PROBE_ORDER: tuple[type[ClusterEnv], ...] = (TorchrunEnv, SlurmEnv, ManualEnv, SingleProcessEnv)
+
+
+def detect_environment(environ: Environ | None = None) -> ClusterEnv:
+    """Return the first matching environment of ``PROBE_ORDER``, validated."""
+    environ = os.environ if environ is None else environ
+    for env_class in PROBE_ORDER:
+        if env_class.detect(environ):
+            return env_class.from_environ(environ).validate()
+    raise AssertionError("SingleProcessEnv always matches")  # pragma: no cover
+
+
+class _IntReader:
+    """Reads integer variables, naming the variable and launcher when one is malformed."""
+
+    _MISSING = object()
+
+    def __init__(self, environ: Environ, source: str) -> None:
+        self.environ, self.source = environ, source
+
+    def __call__(self, name: str, default: object = _MISSING) -> int:
+        raw = self.environ.get(name)
+        if raw is None or raw == "":
+            if default is self._MISSING:
+                raise ClusterEnvError(
+                    f"{self.source} environment: {name} is not set.",
+                    f"launch with the {self.source} launcher, or set {name}",
+                )
+            return int(default)  # type: ignore[arg-type]
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ClusterEnvError(
+                f"{self.source} environment: {name}={raw!r} is not an integer.",
+                f"unset {name} or give it a whole number",
+            ) from None
+
+
+def _slurm_first_host(environ: Environ) -> str:
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        return expand_hostlist(nodelist)[0]
+    except ValueError as err:
+        raise ClusterEnvError(
+            f"Slurm environment: cannot read SLURM_JOB_NODELIST={nodelist!r} ({err}).",
+            "set MASTER_ADDR to the first node's address",
+        ) from None
+
+
+def _slurm_port(environ: Environ) -> int:
+    job_id = environ.get("SLURM_JOB_ID", "")
+    digits = "".join(ch for ch in job_id if ch.isdigit())[-4:]
+    return SLURM_PORT_BASE + int(digits) if digits else DEFAULT_MASTER_PORT
+
+
+def _slurm_local_world_size(environ: Environ, node_rank: int, read: _IntReader) -> int:
+    if environ.get("SLURM_NTASKS_PER_NODE"):
+        return read("SLURM_NTASKS_PER_NODE")
+    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return read("SLURM_NTASKS")
+    try:
+        counts = expand_tasks_per_node(spec)
+    except ValueError as err:
+        raise ClusterEnvError(
+            f"Slurm environment: cannot read SLURM_TASKS_PER_NODE={spec!r} ({err}).",
+            "launch with --ntasks-per-node",
+        ) from None
+    if node_rank >= len(counts):
+        raise ClusterEnvError(
+            f"Slurm environment: SLURM_NODEID={node_rank} but SLURM_TASKS_PER_NODE={spec!r} "
+            f"lists {len(counts)} nodes.",
+            "launch the step with srun inside the allocation",
+        )
+    return counts[node_rank]
+
+
+def _manual_master(environ: Environ) -> str:
+    master_ip, master_addr = environ.get("MASTER_IP"), environ.get("MASTER_ADDR")
+    if master_ip and master_addr and master_ip != master_addr:
+        raise ClusterEnvError(
+            f"manual environment: MASTER_IP={master_ip!r} and MASTER_ADDR={master_addr!r} disagree.",
+            "set only one of them",
+        )
+    return master_ip or master_addr or "127.0.0.1"
+
+
+# --- other facts about this process's surroundings -------------------------------------------
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (affinity and cgroup cpusets respected)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def hostname() -> str:
+    """Short host name for log records."""
+    return socket.gethostname().split(".")[0]
+
+
+def restart_count(environ: Environ | None = None) -> int:
+    """How many times torchrun has restarted this worker group (0 on first start)."""
+    environ = os.environ if environ is None else environ
+    try:
+        return int(environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0

@@ -1,0 +1,42 @@
+"""The library's exception hierarchy.
+
+Every error a user can fix carries a one-line message that names the problem and a HINT with the
+fix. The entry point prints ``str(error)`` as a single line and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class DDPError(Exception):
+    """Base of all user-facing errors: a problem, a hint, and a process exit code."""
+
+    exit_code = 1
+
+    def __init__(self, problem: str, hint: str = "") -> None:
+        self.problem = problem
+        self.hint = hint
+        super().__init__(f"{problem} HINT: {hint}" if hint else problem)
+
+
+class ConfigError(DDPError):
+    """A recipe or override is malformed: unknown key, wrong type, bad value, missing file."""
+
+    exit_code = 2
+
+
+class ClusterEnvError(DDPError):
+    """The launcher's environment variables are missing, malformed or inconsistent."""
+
+    exit_code = 2
+
+
+class BackendError(DDPError):
+    """The requested backend or parallel mode cannot run on this machine."""
+
+    exit_code = 2
+
+
+class DataError(DDPError):
+    """A dataset cannot be found or read."""
+
+    exit_code = 2

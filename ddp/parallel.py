@@ -1,0 +1,46 @@
+"""Wrapping a model for data parallelism, and unwrapping it for saving and evaluation."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ddp import comm
+from ddp.backend import Devices
+from ddp.config import Parallel
+
+log = logging.getLogger(__name__)
+
+
+def wrap_model(model: nn.Module, parallel: Parallel, device: torch.device, devices: Devices) -> nn.Module:
+    """Move ``model`` to ``device`` and wrap it. All ranks must call (DDP broadcasts rank 0's weights).
+
+    ddp: DistributedDataParallel when more than one rank runs (``device_ids=[i]`` on GPU, none on
+    CPU); with a single rank the model runs unwrapped, which is what DDP would compute anyway.
+    dp:  DataParallel over every visible GPU; with fewer than 2 GPUs it warns and runs unwrapped.
+    """
+    model = model.to(device)
+    if parallel == Parallel.ddp and comm.world_size() > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    if parallel == Parallel.dp:
+        if devices.cuda_count < 2:
+            log.warning("dist.parallel=dp needs 2+ GPUs, %d visible: running unwrapped on %s",
+                        devices.cuda_count, device)
+            return model
+        return nn.DataParallel(model, device_ids=list(range(devices.cuda_count)))
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model

@@ -1,0 +1,115 @@
+"""One training run from a resolved recipe: pick devices, build the parts, train, clean up.
+
+``run()`` is what the command line calls: it owns logging and turns failures into exit codes.
+``execute()`` raises instead and returns the result; tests and other launchers call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ddp import comm
+from ddp.backend import Devices, check_parallel, choose_backend, choose_device, probe_devices
+from ddp.config import Recipe, to_yaml
+from ddp.datasets import Splits, build_datasets
+from ddp.environment import ClusterEnv, available_cpus, hostname
+from ddp.errors import DDPError
+from ddp.loaders import auto_workers, eval_loader, train_loader
+from ddp.logs import rank_logging
+from ddp.metrics import MetricsWriter
+from ddp.models import build_model
+from ddp.optim import build_optimizer, build_scheduler
+from ddp.parallel import unwrap_model, wrap_model
+from ddp.process_group import process_group
+from ddp.run_dir import RunDir
+from ddp.seeding import seed_everything
+from ddp.trainer import Trainer, TrainParts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, Any]  # the last epoch record
+    state_dict: dict[str, torch.Tensor]  # final unwrapped weights, on CPU
+
+
+def run(recipe: Recipe, env: ClusterEnv) -> int:
+    """Train with rank-aware logging; return the process exit code (0 on success)."""
+    run_dir = RunDir(recipe.run_dir)
+    with rank_logging(run_dir.rank_log(env.rank), env.rank, env.world_size, hostname(), recipe.log.level):
+        try:
+            execute(recipe, env)
+            return 0
+        except DDPError as err:
+            log.error("%s", err)
+            return err.exit_code
+        except Exception as err:  # noqa: BLE001 - reported, then the process exits non-zero
+            log.error("training failed: %s: %s (traceback in %s)", type(err).__name__, err,
+                      run_dir.rank_log(env.rank), exc_info=True)
+            return 1
+
+
+def execute(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) -> RunResult:
+    """All ranks must call. Everything that can be refused is checked before the process group."""
+    devices = devices or probe_devices()
+    check_parallel(recipe.dist.parallel, env)
+    backend = choose_backend(recipe.dist.backend, env, devices)
+    device = choose_device(backend, recipe.dist.parallel, env, devices)
+    threads = _set_threads(recipe, env)
+    splits = build_datasets(recipe.data)
+    log.info("%s | backend %s, device %s, %d CPU threads per rank | torch %s, python %s",
+             env.describe(), backend, device, threads, torch.__version__, platform.python_version())
+    run_dir = RunDir(recipe.run_dir)
+    if env.rank == 0:
+        run_dir.write_recipe(to_yaml(recipe))
+    with process_group(env, backend, device, recipe.dist.timeout_s):
+        metrics = MetricsWriter(run_dir.metrics, run_dir.tensorboard if recipe.log.tensorboard else None,
+                                enabled=comm.is_main())
+        try:
+            parts = build_parts(recipe, env, splits, device, devices, threads)
+            last = Trainer(recipe, parts, metrics).fit()
+        finally:
+            metrics.close()
+        weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
+    log.info("done: test accuracy %.4f after %d steps; run dir %s", last.get("test_acc", float("nan")),
+             last.get("step", 0), run_dir.root)
+    return RunResult(metrics=last, state_dict=weights)
+
+
+def build_parts(recipe: Recipe, env: ClusterEnv, splits: Splits, device: torch.device, devices: Devices,
+                threads: int) -> TrainParts:
+    """All ranks must call (wrapping in DDP broadcasts rank 0's weights)."""
+    seed_everything(recipe.train.seed, recipe.train.deterministic)
+    model = wrap_model(build_model(recipe.model.name, splits.shape, splits.classes),
+                       recipe.dist.parallel, device, devices)
+    workers = auto_workers(recipe.data.num_workers, splits.in_memory, threads)
+    rank, world = comm.rank(), comm.world_size()
+    train = train_loader(splits.train, recipe.data.batch_size, rank, world, recipe.train.seed, device, workers)
+    test = eval_loader(splits.test, recipe.data.eval_batch_size, rank, world, device, workers)
+    steps_per_epoch = len(train)
+    total = steps_per_epoch * recipe.train.epochs
+    if recipe.train.max_steps >= 0:
+        total = min(total, recipe.train.max_steps)
+    optimizer = build_optimizer(unwrap_model(model), recipe.optim)
+    scheduler = build_scheduler(optimizer, recipe.optim, steps_per_epoch, max(total, 1))
+    log.info("%d train / %d test samples, %d steps per epoch at %d per rank × %d ranks, %d loader workers",
+             len(splits.train), len(splits.test), steps_per_epoch, recipe.data.batch_size, world, workers)
+    return TrainParts(model, optimizer, scheduler, train, test, device)
+
+
+def _set_threads(recipe: Recipe, env: ClusterEnv) -> int:
+    """Give each rank its share of the cores (torchrun's default is 1 thread per rank)."""
+    threads = recipe.dist.threads_per_rank or max(1, available_cpus() // env.local_world_size)
+    if torch.get_num_threads() != threads:
+        log.debug("CPU threads per rank: %d → %d", torch.get_num_threads(), threads)
+        torch.set_num_threads(threads)
+    return threads
+
+
+__all__ = ["RunResult", "run", "execute", "build_parts"]

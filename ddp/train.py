@@ -1,0 +1,52 @@
+"""Command line: ``[torchrun ...] python -m ddp.train [--recipe FILE] [--print-recipe] [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ddp.config import load_recipe, to_yaml
+from ddp.environment import detect_environment
+from ddp.errors import DDPError
+from ddp.session import run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ddp.train",
+        description="Train a recipe on one process, or on every rank of torchrun / srun.",
+        epilog="example: torchrun --nproc_per_node=4 -m ddp.train --recipe recipes/digits.yaml train.epochs=3",
+    )
+    parser.add_argument("--recipe", help="YAML recipe (default: the built-in digits recipe)")
+    parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.05")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        env = detect_environment()
+    except DDPError as err:
+        _report(err)
+        return err.exit_code
+    if args.print_recipe:
+        if env.rank == 0:
+            print(to_yaml(recipe), end="")
+        return 0
+    return run(recipe, env)
+
+
+def _report(err: DDPError) -> None:
+    """One line on stderr, from one rank only when the launcher started several."""
+    try:
+        rank = detect_environment().rank
+    except DDPError:
+        rank = 0
+    if rank == 0:
+        print(f"error: {err}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
