@@ -193,8 +193,20 @@ def _config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
     message = str(getattr(err, "msg", err)).splitlines()[0]
     if isinstance(err, ConfigKeyError):
         return ConfigError(f"unknown key '{key}' (from {source}).", _key_hint(str(key)))
-    return ConfigError(f"bad value for '{key}' (from {source}): {message}",
-                       f"run 'python -m ddp.train --print-recipe' to see the type of '{key}'")
+    return ConfigError(f"bad value for '{key}' (from {source}): {message.rstrip('.')}.", _type_hint(str(key)))
+
+
+def _type_hint(key: str) -> str:
+    """``"train.epochs"`` → ``"train.epochs takes int, e.g. train.epochs=10 (the default)"``."""
+    node: Any = Recipe()
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            return f"run 'python -m ddp.train --print-recipe' to see '{key}'"
+        node = getattr(node, part)
+    if isinstance(node, Enum):
+        choices = ", ".join(member.value for member in type(node))
+        return f"{key} takes one of: {choices} (default {node.value})"
+    return f"{key} takes {type(node).__name__}, e.g. {key}={node} (the default)"
 
 
 def _key_hint(key: str) -> str:

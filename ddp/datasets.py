@@ -6,6 +6,7 @@ torchvision from files already under ``data.root``; synthetic is generated from 
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +62,16 @@ def load_synthetic(cfg: DataConfig) -> Splits:
                   cfg.synthetic_classes, in_memory=True)
 
 
+MNIST_FILES = ("MNIST/raw/ with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+               "t10k-labels-idx1-ubyte")
+
+
 def load_mnist(cfg: DataConfig) -> Splits:
-    """torchvision's MNIST reader on ``<root>/MNIST/raw`` (idx files, optionally .gz)."""
+    """torchvision's MNIST reader on ``<root>/MNIST/raw`` (the four uncompressed idx files)."""
     from torchvision import datasets, transforms
 
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    train, test = (_torchvision_split(datasets.MNIST, cfg, "MNIST/raw/train-images-idx3-ubyte",
+    train, test = (_torchvision_split(datasets.MNIST, cfg, MNIST_FILES,
                                       train=flag, transform=transform) for flag in (True, False))
     return Splits(train, test, (1, 28, 28), 10, in_memory=False)
 
@@ -79,7 +84,7 @@ def load_cifar10(cfg: DataConfig) -> Splits:
     augment = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                   transforms.ToTensor(), normalize])
     plain = transforms.Compose([transforms.ToTensor(), normalize])
-    where = "cifar-10-batches-py/data_batch_1..5, test_batch"
+    where = "cifar-10-batches-py/ with data_batch_1..5, test_batch, batches.meta"
     train = _torchvision_split(datasets.CIFAR10, cfg, where, train=True, transform=augment)
     test = _torchvision_split(datasets.CIFAR10, cfg, where, train=False, transform=plain)
     return Splits(train, test, (3, 32, 32), 10, in_memory=False)
@@ -88,10 +93,12 @@ def load_cifar10(cfg: DataConfig) -> Splits:
 def _torchvision_split(dataset_class: type, cfg: DataConfig, expected: str, **kwargs: object) -> Dataset:
     try:
         return dataset_class(root=cfg.root, download=False, **kwargs)
-    except RuntimeError as err:  # torchvision: "Dataset not found ..." / "... or corrupted"
+    # torchvision: RuntimeError when missing or failing md5; damaged files fail while parsing
+    except (RuntimeError, AssertionError, ValueError, OSError, EOFError, pickle.UnpicklingError) as err:
+        reason = " ".join(str(err).split()) or "unreadable"
         raise DataError(
             f"data.name={cfg.name}: no readable {dataset_class.__name__} files under "
-            f"data.root='{Path(cfg.root).resolve()}' ({err}; expected {expected}).",
+            f"data.root='{Path(cfg.root).resolve()}' ({type(err).__name__}: {reason}; expected {expected}).",
             "copy the dataset files there (this tool never downloads) or set data.root=",
         ) from None
 

@@ -99,6 +99,9 @@ class SingleProcessEnv(ClusterEnv):
     def distributed(self) -> bool:
         return False
 
+    def describe(self) -> str:
+        return "single process (no launcher): rank 0/1"
+
     @staticmethod
     def detect(environ: Environ) -> bool:
         return True

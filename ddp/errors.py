@@ -40,3 +40,11 @@ class DataError(DDPError):
     """A dataset cannot be found or read."""
 
     exit_code = 2
+
+
+def print_error(err: DDPError, rank: int) -> None:
+    """The one line a user sees for a refused run; printed by rank 0 only (the others exit quietly)."""
+    if rank == 0:
+        import sys
+
+        print(f"error: {err}", file=sys.stderr)

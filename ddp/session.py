@@ -18,7 +18,7 @@ from ddp.backend import Devices, check_parallel, choose_backend, choose_device, 
 from ddp.config import Recipe, to_yaml
 from ddp.datasets import Splits, build_datasets
 from ddp.environment import ClusterEnv, available_cpus, hostname
-from ddp.errors import DDPError
+from ddp.errors import DDPError, print_error
 from ddp.loaders import auto_workers, eval_loader, train_loader
 from ddp.logs import rank_logging
 from ddp.metrics import MetricsWriter
@@ -39,12 +39,32 @@ class RunResult:
     state_dict: dict[str, torch.Tensor]  # final unwrapped weights, on CPU
 
 
+@dataclass
+class Plan:
+    """What ``prepare`` settled: the run can start."""
+
+    backend: str
+    device: torch.device
+    devices: Devices
+    threads: int
+    splits: Splits
+
+
 def run(recipe: Recipe, env: ClusterEnv) -> int:
-    """Train with rank-aware logging; return the process exit code (0 on success)."""
+    """Train with rank-aware logging; return the process exit code (0 on success).
+
+    A refusal found by ``prepare`` (bad backend, missing dataset) prints one line and writes no
+    file; a failure during training is logged on the console and in the rank's log file.
+    """
+    try:
+        plan = prepare(recipe, env)
+    except DDPError as err:
+        print_error(err, env.rank)
+        return err.exit_code
     run_dir = RunDir(recipe.run_dir)
     with rank_logging(run_dir.rank_log(env.rank), env.rank, env.world_size, hostname(), recipe.log.level):
         try:
-            execute(recipe, env)
+            execute(recipe, env, plan)
             return 0
         except DDPError as err:
             log.error("%s", err)
@@ -55,24 +75,30 @@ def run(recipe: Recipe, env: ClusterEnv) -> int:
             return 1
 
 
-def execute(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) -> RunResult:
-    """All ranks must call. Everything that can be refused is checked before the process group."""
+def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) -> Plan:
+    """Every check that can refuse the run, before any file is written or process group formed."""
     devices = devices or probe_devices()
     check_parallel(recipe.dist.parallel, env)
     backend = choose_backend(recipe.dist.backend, env, devices)
     device = choose_device(backend, recipe.dist.parallel, env, devices)
-    threads = _set_threads(recipe, env)
     splits = build_datasets(recipe.data)
+    return Plan(backend, device, devices, _set_threads(recipe, env), splits)
+
+
+def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None) -> RunResult:
+    """All ranks must call. Trains and returns the last epoch's metrics and the final weights."""
+    plan = plan or prepare(recipe, env)
     log.info("%s | backend %s, device %s, %d CPU threads per rank | torch %s, python %s",
-             env.describe(), backend, device, threads, torch.__version__, platform.python_version())
+             env.describe(), plan.backend, plan.device, plan.threads, torch.__version__,
+             platform.python_version())
     run_dir = RunDir(recipe.run_dir)
     if env.rank == 0:
         run_dir.write_recipe(to_yaml(recipe))
-    with process_group(env, backend, device, recipe.dist.timeout_s):
+    with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s):
         metrics = MetricsWriter(run_dir.metrics, run_dir.tensorboard if recipe.log.tensorboard else None,
                                 enabled=comm.is_main())
         try:
-            parts = build_parts(recipe, env, splits, device, devices, threads)
+            parts = build_parts(recipe, plan)
             last = Trainer(recipe, parts, metrics).fit()
         finally:
             metrics.close()
@@ -82,13 +108,13 @@ def execute(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) -> 
     return RunResult(metrics=last, state_dict=weights)
 
 
-def build_parts(recipe: Recipe, env: ClusterEnv, splits: Splits, device: torch.device, devices: Devices,
-                threads: int) -> TrainParts:
+def build_parts(recipe: Recipe, plan: Plan) -> TrainParts:
     """All ranks must call (wrapping in DDP broadcasts rank 0's weights)."""
+    splits, device = plan.splits, plan.device
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     model = wrap_model(build_model(recipe.model.name, splits.shape, splits.classes),
-                       recipe.dist.parallel, device, devices)
-    workers = auto_workers(recipe.data.num_workers, splits.in_memory, threads)
+                       recipe.dist.parallel, device, plan.devices)
+    workers = auto_workers(recipe.data.num_workers, splits.in_memory, plan.threads)
     rank, world = comm.rank(), comm.world_size()
     train = train_loader(splits.train, recipe.data.batch_size, rank, world, recipe.train.seed, device, workers)
     test = eval_loader(splits.test, recipe.data.eval_batch_size, rank, world, device, workers)
@@ -111,5 +137,3 @@ def _set_threads(recipe: Recipe, env: ClusterEnv) -> int:
         torch.set_num_threads(threads)
     return threads
 
-
-__all__ = ["RunResult", "run", "execute", "build_parts"]

@@ -7,7 +7,7 @@ import sys
 
 from ddp.config import load_recipe, to_yaml
 from ddp.environment import detect_environment
-from ddp.errors import DDPError
+from ddp.errors import DDPError, print_error
 from ddp.session import run
 
 
@@ -44,8 +44,7 @@ def _report(err: DDPError) -> None:
         rank = detect_environment().rank
     except DDPError:
         rank = 0
-    if rank == 0:
-        print(f"error: {err}", file=sys.stderr)
+    print_error(err, rank)
 
 
 if __name__ == "__main__":

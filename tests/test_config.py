@@ -1,0 +1,120 @@
+
+import pytest
+from omegaconf import OmegaConf
+
+from ddp.config import Backend, Recipe, load_recipe, to_yaml
+from ddp.errors import ConfigError
+from ddp.train import main
+from tests.harness import REPO, run_cli
+
+DIGITS = REPO / "recipes" / "digits.yaml"
+
+
+def test_default_recipe_file_equals_builtin_defaults():
+    assert load_recipe(DIGITS) == load_recipe(None) == Recipe()
+
+
+def test_every_shipped_recipe_loads():
+    for path in (REPO / "recipes").glob("*.yaml"):
+        load_recipe(path)
+
+
+def test_overrides_are_typed():
+    recipe = load_recipe(DIGITS, ["train.epochs=3", "optim.lr=0.05", "dist.backend=gloo", "run.dir=/tmp/x",
+                                  "data.synthetic_shape=[3,32,32]"])
+    assert recipe.train.epochs == 3 and isinstance(recipe.train.epochs, int)
+    assert recipe.optim.lr == 0.05
+    assert recipe.dist.backend == Backend.gloo
+    assert str(recipe.run_dir) == "/tmp/x"
+    assert recipe.data.synthetic_shape == [3, 32, 32]
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    recipe = load_recipe(None, ["train.epochs=4", "optim.name=adamw"])
+    path = tmp_path / "r.yaml"
+    path.write_text(to_yaml(recipe))
+    assert load_recipe(path) == recipe
+    assert OmegaConf.to_container(OmegaConf.create(to_yaml(recipe)))["optim"]["name"] == "adamw"
+
+
+BAD = [
+    (["train.epoch=3"], "unknown key 'train.epoch'", "did you mean 'train.epochs'"),
+    (["trian.epochs=3"], "unknown key 'trian", "train"),
+    (["train.epochs=abc"], "bad value for 'train.epochs'", "train.epochs takes int, e.g. train.epochs=10"),
+    (["data.batch_size=0"], "data.batch_size=0 is invalid: it must be ≥ 1", "data.batch_size"),
+    (["optim.lr=-0.1"], "optim.lr=-0.1 is invalid: it must be > 0.0", "optim.lr"),
+    (["dist.backend=mpi"], "bad value for 'dist.backend'", "auto, nccl, gloo"),
+    (["model.name=vgg"], "model.name='vgg' is not known", "digits_cnn"),
+    (["epochs"], "cannot read override 'epochs'", "key=value"),
+]
+
+
+@pytest.mark.parametrize("overrides, problem, hint", BAD)
+def test_bad_values_name_the_key(overrides, problem, hint):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(DIGITS, overrides)
+    message = str(info.value)
+    assert problem in message and hint in message and "HINT:" in message and "\n" not in message
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("recipe_text, problem", [
+    ("train:\n  epochs: 3\n   seed: 1\n", "is not valid YAML at line 3"),
+    ("train: [1, 2\n", "is not valid YAML"),
+    ("train:\n  epochs: 0\n", "train.epochs=0 is invalid"),
+    ("trainer:\n  epochs: 3\n", "unknown key 'trainer'"),
+    ("- 1\n- 2\n", "must be a mapping of sections"),
+])
+def test_bad_recipe_files(tmp_path, capsys, recipe_text, problem):
+    code = main(["--recipe", write(tmp_path / "bad.yaml", recipe_text)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert problem in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_recipe_file(in_tmp, capsys):
+    assert main(["--recipe", "recipes/nope.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe file 'recipes/nope.yaml' not found" in err and "recipes/digits.yaml" in err
+    assert not (in_tmp / "runs").exists()
+
+
+def test_print_recipe(capsys):
+    assert main(["--print-recipe", "train.epochs=3"]) == 0
+    printed = OmegaConf.create(capsys.readouterr().out)
+    assert printed.train.epochs == 3 and printed.data.name == "digits"
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["data.batch_size=0"], "data.batch_size=0 is invalid"),
+    (["--recipe", "missing.yaml"], "recipe file 'missing.yaml' not found"),
+    (["optim.lr=-1"], "optim.lr=-1.0 is invalid"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, problem):
+    done = run_cli(["-m", "ddp.train", *args], cwd=tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert problem in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_bad_input_under_torchrun_exits_nonzero_quickly(tmp_path):
+    from tests.harness import run_torchrun
+
+    done = run_torchrun(2, ["-m", "ddp.train", "train.epochs=0"], cwd=tmp_path, timeout=90)
+    assert done.returncode != 0
+    assert done.stderr.count("train.epochs=0 is invalid") == 1  # rank 0 reports, once
+    assert not (tmp_path / "runs").exists()
+
+
+def test_refused_backend_is_one_line_and_writes_nothing(tmp_path):
+    done = run_cli(["-m", "ddp.train", "dist.backend=nccl"], cwd=tmp_path, timeout=60, CUDA_VISIBLE_DEVICES="")
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: dist.backend=nccl but CUDA is not available on this machine. "
+                                   "HINT: use dist.backend=gloo (or auto) to train on CPU")
+    assert not (tmp_path / "runs").exists()

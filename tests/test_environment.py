@@ -1,0 +1,90 @@
+import pytest
+
+from ddp.environment import (ClusterEnv, ManualEnv, SingleProcessEnv, SlurmEnv, TorchrunEnv,
+                             detect_environment)
+from ddp.errors import ClusterEnvError
+
+TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+            "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29600", "TORCHELASTIC_RUN_ID": "x"}
+SLURM = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_NODEID": "1",
+         "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_JOB_ID": "123456"}
+
+
+def test_torchrun_env():
+    env = detect_environment(TORCHRUN)
+    assert isinstance(env, TorchrunEnv)
+    assert (env.rank, env.local_rank, env.world_size, env.local_world_size, env.node_rank) == (3, 1, 8, 2, 1)
+    assert env.init_method == "env://"  # reuse the elastic agent's store
+    assert env.distributed
+
+
+def test_torchrun_wins_inside_slurm():
+    assert isinstance(detect_environment({**SLURM, **TORCHRUN}), TorchrunEnv)
+
+
+def test_slurm_env_nodelist_and_port():
+    env = detect_environment(SLURM)
+    assert isinstance(env, SlurmEnv)
+    assert (env.rank, env.local_rank, env.world_size, env.local_world_size, env.node_rank) == (5, 1, 8, 4, 1)
+    assert env.master_addr == "node01"
+    assert env.master_port == 15000 + 3456
+    assert env.init_method == "tcp://node01:18456"
+
+
+@pytest.mark.parametrize("nodelist, first", [("gpu-a[07-09,12],gpu-b3", "gpu-a07"), ("login", "login"),
+                                             ("r[2-3]n[5-6]", "r2n5")])
+def test_slurm_first_host_of_compressed_nodelists(nodelist, first):
+    assert detect_environment({**SLURM, "SLURM_JOB_NODELIST": nodelist}).master_addr == first
+
+
+def test_slurm_respects_explicit_master():
+    env = detect_environment({**SLURM, "MASTER_ADDR": "10.1.1.1", "MASTER_PORT": "40000"})
+    assert (env.master_addr, env.master_port) == ("10.1.1.1", 40000)
+
+
+def test_slurm_ntasks_per_node_wins():
+    env = detect_environment({**SLURM, "SLURM_NTASKS_PER_NODE": "4", "SLURM_TASKS_PER_NODE": "garbage"})
+    assert env.local_world_size == 4
+
+
+def test_manual_env_master_ip():
+    env = detect_environment({"MASTER_IP": "192.168.1.10", "RANK": "1", "WORLD_SIZE": "2"})
+    assert isinstance(env, ManualEnv)
+    assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (1, 0, 2, 1)
+    assert env.init_method == "tcp://192.168.1.10:29500"
+
+
+def test_manual_env_ipv6_bracketed():
+    env = detect_environment({"MASTER_ADDR": "::1", "MASTER_PORT": "1234", "RANK": "0", "WORLD_SIZE": "2"})
+    assert env.init_method == "tcp://[::1]:1234"
+
+
+def test_manual_env_conflicting_masters():
+    with pytest.raises(ClusterEnvError, match="MASTER_IP.*MASTER_ADDR.*disagree"):
+        detect_environment({"MASTER_IP": "a", "MASTER_ADDR": "b", "RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_single_process_default():
+    env = detect_environment({})
+    assert isinstance(env, SingleProcessEnv)
+    assert not env.distributed and env.world_size == 1
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({**TORCHRUN, "RANK": "8"}, "rank 8 is outside world size 8"),
+    ({**TORCHRUN, "LOCAL_RANK": "2"}, "local rank 2 is outside local world size 2"),
+    ({**TORCHRUN, "WORLD_SIZE": "eight"}, "WORLD_SIZE='eight' is not an integer"),
+    ({**SLURM, "SLURM_PROCID": "9"}, "rank 9 is outside world size 8"),
+    ({"MASTER_IP": "x", "RANK": "2", "WORLD_SIZE": "2"}, "rank 2 is outside world size 2"),
+    ({**TORCHRUN, "MASTER_PORT": "70000"}, "master port 70000"),
+    ({**SLURM, "SLURM_NODEID": "5"}, "SLURM_NODEID=5"),
+])
+def test_inconsistent_values_name_the_problem(environ, message):
+    with pytest.raises(ClusterEnvError, match=message) as info:
+        detect_environment(environ)
+    assert "\n" not in str(info.value) and "HINT:" in str(info.value)
+
+
+def test_explicit_env_is_distributed():
+    env = ClusterEnv(rank=0, world_size=2, local_world_size=2, master_port=1234)
+    assert env.distributed and env.init_method == "tcp://127.0.0.1:1234"
