@@ -105,7 +105,7 @@ class Trainer:
         lr = self.parts.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.3g}", refresh=False)
         self.metrics.write({"kind": "step", "epoch": epoch + 1, "step": self.state.global_step,
-                            "loss": value, "lr": lr})
+                            "loss": value, "lr": lr, "time": time.time()})
 
     def _end_epoch(self, epoch: int, train_loss: float, train_acc: float, samples: float,
                    seconds: float) -> dict[str, Any]:
