@@ -49,3 +49,12 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """All ranks must call. Returns rank ``src``'s ``obj`` on every rank."""
+    if not is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -93,6 +93,21 @@ class TrainConfig:
     max_steps: int = _bounded(-1, minimum=-1)  # stop after this many optimizer steps; -1 = no cap
     seed: int = 0
     deterministic: bool = False  # also force deterministic CUDA kernels (slower)
+    resume: str = "auto"  # auto: newest valid checkpoint of the run dir | never | <checkpoint file or dir>
+
+
+class BestMode(str, Enum):
+    max = "max"
+    min = "min"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _bounded(0, minimum=0)  # save every N optimizer steps; 0 = off
+    every_epochs: int = _bounded(1, minimum=0)  # save every N epochs (after evaluation); 0 = off
+    keep: int = _bounded(3, minimum=2)  # newest checkpoints kept (the best one is kept besides)
+    best_metric: str = "test_acc"  # epoch-record field that ranks checkpoints
+    best_mode: BestMode = BestMode.max
 
 
 @dataclass
@@ -123,6 +138,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -133,6 +149,7 @@ class Recipe:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+BEST_METRICS = ("test_acc", "test_loss", "train_acc", "train_loss")
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -253,6 +270,9 @@ def _check_choices(recipe: Recipe) -> None:
     ):
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not known.", f"choose one of: {', '.join(choices)}")
+    if recipe.checkpoint.best_metric not in BEST_METRICS:
+        raise ConfigError(f"checkpoint.best_metric={recipe.checkpoint.best_metric!r} is not an epoch metric.",
+                          f"choose one of: {', '.join(BEST_METRICS)}")
     shape = recipe.data.synthetic_shape
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"data.synthetic_shape={list(shape)} is invalid: it must be [channels, height, width].",

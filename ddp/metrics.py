@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ddp.run_dir import write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -17,18 +19,26 @@ class MetricsWriter:
     callers never check the rank themselves.
     """
 
-    def __init__(self, jsonl: Path, tensorboard_dir: Path | None, enabled: bool) -> None:
+    def __init__(self, jsonl: Path, tensorboard_dir: Path | None, enabled: bool,
+                 resumed_step: int | None = None) -> None:
+        """A fresh run truncates ``jsonl``; a resumed one keeps the records up to ``resumed_step``
+        (dropping what the interrupted run wrote after its checkpoint) and appends."""
         self.enabled = enabled
         self._file = None
         self._tb = None
         if not enabled:
             return
         jsonl.parent.mkdir(parents=True, exist_ok=True)
-        self._file = jsonl.open("w", encoding="utf-8")
+        if resumed_step is None:
+            write_atomic(jsonl, "")
+        else:
+            _truncate_after(jsonl, resumed_step)
+        self._file = jsonl.open("a", encoding="utf-8")
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # ~0.3 s import: rank 0 only
 
-            self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+            purge = None if resumed_step is None else resumed_step + 1  # hide the lost steps' events
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is None:
@@ -51,3 +61,18 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _truncate_after(jsonl: Path, step: int) -> None:
+    try:
+        lines = jsonl.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+        except ValueError:  # a line torn by a kill mid-write
+            log.warning("dropping an unreadable line of %s", jsonl)
+    write_atomic(jsonl, "".join(kept))

@@ -4,6 +4,7 @@
       recipe.yaml           the resolved recipe (rank 0)
       metrics.jsonl         one JSON object per step interval and per epoch (rank 0)
       tensorboard/          the same metrics as TensorBoard events (rank 0)
+      checkpoints/          step-*.pt + manifests, latest, best (rank 0; see ddp.checkpoint_files)
       logs/rank{r}.log      every rank's own log
 """
 
@@ -26,6 +27,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
 
     @property
     def tensorboard(self) -> Path:

@@ -28,6 +28,8 @@ from ddp.parallel import unwrap_model, wrap_model
 from ddp.process_group import process_group
 from ddp.run_dir import RunDir
 from ddp.seeding import seed_everything
+from ddp.checkpointer import Checkpointer
+from ddp.signals import EXIT_PREEMPTED, StopRequest
 from ddp.trainer import Trainer, TrainParts
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 class RunResult:
     metrics: dict[str, Any]  # the last epoch record
     state_dict: dict[str, torch.Tensor]  # final unwrapped weights, on CPU
+    stopped_by: str | None = None  # the preemption signal that stopped the run, if any
 
 
 @dataclass
@@ -64,8 +67,8 @@ def run(recipe: Recipe, env: ClusterEnv) -> int:
     run_dir = RunDir(recipe.run_dir)
     with rank_logging(run_dir.rank_log(env.rank), env.rank, env.world_size, hostname(), recipe.log.level):
         try:
-            execute(recipe, env, plan)
-            return 0
+            result = execute(recipe, env, plan)
+            return EXIT_PREEMPTED if result.stopped_by else 0
         except DDPError as err:
             log.error("%s", err)
             return err.exit_code
@@ -86,26 +89,43 @@ def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) -> 
 
 
 def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None) -> RunResult:
-    """All ranks must call. Trains and returns the last epoch's metrics and the final weights."""
+    """All ranks must call. Trains (resuming per ``train.resume``) and returns the outcome."""
     plan = plan or prepare(recipe, env)
     log.info("%s | backend %s, device %s, %d CPU threads per rank | torch %s, python %s",
              env.describe(), plan.backend, plan.device, plan.threads, torch.__version__,
              platform.python_version())
     run_dir = RunDir(recipe.run_dir)
+    recipe_yaml = to_yaml(recipe)
     if env.rank == 0:
-        run_dir.write_recipe(to_yaml(recipe))
+        run_dir.write_recipe(recipe_yaml)
     with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s):
+        parts = build_parts(recipe, plan)
+        checkpointer = Checkpointer(recipe.checkpoint, run_dir.checkpoints, recipe_yaml)
+        resumed = checkpointer.resume(recipe.train.resume, parts.model, parts.optimizer, parts.scheduler,
+                                      plan.device)
+        state = resumed.state if resumed else None
         metrics = MetricsWriter(run_dir.metrics, run_dir.tensorboard if recipe.log.tensorboard else None,
-                                enabled=comm.is_main())
+                                enabled=comm.is_main(), resumed_step=state.global_step if state else None)
+        stop = StopRequest().install()
         try:
-            parts = build_parts(recipe, plan)
-            last = Trainer(recipe, parts, metrics).fit()
+            trainer = Trainer(recipe, parts, metrics, checkpointer, stop, state)
+            if trainer.finished():
+                log.info("nothing to train: the checkpoint is at step %d, epoch %d (train.epochs=%d). "
+                         "HINT: raise train.epochs, or train.resume=never to start over",
+                         trainer.state.global_step, trainer.state.epoch, recipe.train.epochs)
+            outcome = trainer.fit()
         finally:
+            stop.close()
             metrics.close()
         weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
-    log.info("done: test accuracy %.4f after %d steps; run dir %s", last.get("test_acc", float("nan")),
-             last.get("step", 0), run_dir.root)
-    return RunResult(metrics=last, state_dict=weights)
+    last = outcome.last_record
+    if outcome.stopped_by:
+        log.warning("stopped by %s at step %d; checkpoint saved. Exit code %d: run the same command to resume",
+                    outcome.stopped_by, trainer.state.global_step, EXIT_PREEMPTED)
+    else:
+        log.info("done: test accuracy %.4f after %d steps; run dir %s", last.get("test_acc", float("nan")),
+                 trainer.state.global_step, run_dir.root)
+    return RunResult(metrics=last, state_dict=weights, stopped_by=outcome.stopped_by)
 
 
 def build_parts(recipe: Recipe, plan: Plan) -> TrainParts:

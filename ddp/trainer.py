@@ -1,14 +1,16 @@
 """The training loop: forward, loss, backward, step; metrics once per logging interval and epoch.
 
 The hot path has no host syncs: per-step loss and accuracy are accumulated on the device and read
-back only at ``log.every_steps`` and at the end of each epoch.
+back only at ``log.every_steps`` and at the end of each epoch. Checkpoints are taken at step and
+epoch boundaries (``checkpoint.every_steps`` / ``checkpoint.every_epochs``), at the end, and when a
+preemption signal asks every rank to stop.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,20 +21,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ddp import comm
+from ddp.checkpointer import Checkpointer, TrainState
 from ddp.config import Recipe
 from ddp.evaluation import evaluate
 from ddp.metrics import MetricsWriter
 from ddp.parallel import unwrap_model
+from ddp.signals import StopRequest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainState:
-    """Where training stands; everything a resume needs besides weights and optimizer state."""
-
-    epoch: int = 0  # epochs completed
-    global_step: int = 0  # optimizer steps taken
 
 
 @dataclass
@@ -43,46 +39,72 @@ class TrainParts:
     train_loader: DataLoader
     test_loader: DataLoader
     device: torch.device
-    state: TrainState = field(default_factory=TrainState)
+
+
+@dataclass
+class FitResult:
+    last_record: dict[str, Any]  # the newest epoch record
+    stopped_by: str | None  # the signal that stopped training early, if any
 
 
 class Trainer:
     """Runs ``train.epochs`` epochs (or ``train.max_steps`` steps). All ranks must call ``fit``."""
 
-    def __init__(self, recipe: Recipe, parts: TrainParts, metrics: MetricsWriter) -> None:
+    def __init__(self, recipe: Recipe, parts: TrainParts, metrics: MetricsWriter, checkpointer: Checkpointer,
+                 stop: StopRequest, state: TrainState | None = None) -> None:
         self.cfg = recipe
         self.parts = parts
-        self.state = parts.state
         self.metrics = metrics
+        self.checkpointer = checkpointer
+        self.stop = stop
+        self.state = state or TrainState()
+        self._saved_step = self.state.global_step if state else -1
 
-    def fit(self) -> dict[str, Any]:
-        last: dict[str, Any] = {}
-        while self.state.epoch < self.cfg.train.epochs and not self._reached_max_steps():
-            last = self._run_epoch(self.state.epoch)
-        return last
+    def fit(self) -> FitResult:
+        while not self.finished():
+            if self._run_epoch(self.state.epoch):
+                self._save()
+                return FitResult(self.state.last_record, self.stop.name)
+        if self._saved_step != self.state.global_step:
+            self._save()
+        return FitResult(self.state.last_record, None)
+
+    def finished(self) -> bool:
+        return self.state.epoch >= self.cfg.train.epochs or self._reached_max_steps()
 
     def _reached_max_steps(self) -> bool:
         return 0 <= self.cfg.train.max_steps <= self.state.global_step
 
-    def _run_epoch(self, epoch: int) -> dict[str, Any]:
-        parts = self.parts
-        parts.train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+    def _run_epoch(self, epoch: int) -> bool:
+        """One epoch (or its remainder after a resume). True when a stop signal interrupted it."""
+        parts, state = self.parts, self.state
+        parts.train_loader.sampler.set_epoch(epoch, state.sample_index)  # type: ignore[attr-defined]
         parts.model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=parts.device)  # loss·n, correct, n
-        started = time.perf_counter()
+        sums = torch.tensor(state.partial_sums, dtype=torch.float64, device=parts.device)
+        started, total, complete = time.perf_counter(), len(parts.train_loader), True
         bar = self._progress_bar(epoch)
-        for inputs, targets in bar:
+        for done, (inputs, targets) in enumerate(bar, 1):
             loss = self._run_batch(inputs, targets, sums)
-            self.state.global_step += 1
-            if self.state.global_step % self.cfg.log.every_steps == 0:
+            state.global_step += 1
+            state.sample_index += targets.shape[0] * comm.world_size()
+            if state.global_step % self.cfg.log.every_steps == 0:
                 self._log_step(epoch, loss, bar)
-            if self._reached_max_steps():
+            if self.stop.poll():
+                bar.close()
+                state.partial_sums = sums.tolist()
+                log.warning("%s received: checkpointing at step %d and stopping", self.stop.name, state.global_step)
+                return True
+            if self._reached_max_steps() and done < total:
+                complete = False
                 break
+            if self._step_save_due(done, total):
+                state.partial_sums = sums.tolist()
+                self._save()
         bar.close()
-        loss_sum, correct, count = comm.all_reduce_sum(sums).tolist()
-        seconds = time.perf_counter() - started
-        self.state.epoch = epoch + 1
-        return self._end_epoch(epoch, loss_sum / max(count, 1), correct / max(count, 1), count, seconds)
+        state.partial_sums = sums.tolist()
+        totals = comm.all_reduce_sum(sums.clone()).tolist()
+        self._end_epoch(epoch, totals, time.perf_counter() - started, complete)
+        return False
 
     def _run_batch(self, inputs: torch.Tensor, targets: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
         parts = self.parts
@@ -100,6 +122,12 @@ class Trainer:
                                  sums.new_tensor(targets.numel())))
         return loss.detach()
 
+    def _step_save_due(self, done: int, total: int) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        if not every or self.state.global_step % every:
+            return False
+        return done < total  # the epoch's last step is covered by the epoch-end save
+
     def _log_step(self, epoch: int, loss: torch.Tensor, bar: tqdm) -> None:
         value = loss.item()  # the one host sync per logging interval
         lr = self.parts.optimizer.param_groups[0]["lr"]
@@ -107,22 +135,38 @@ class Trainer:
         self.metrics.write({"kind": "step", "epoch": epoch + 1, "step": self.state.global_step,
                             "loss": value, "lr": lr, "time": time.time()})
 
-    def _end_epoch(self, epoch: int, train_loss: float, train_acc: float, samples: float,
-                   seconds: float) -> dict[str, Any]:
+    def _end_epoch(self, epoch: int, totals: list[float], seconds: float, complete: bool) -> None:
+        """Evaluate and record. An epoch cut short by ``train.max_steps`` is recorded as partial and
+        stays open, so a later run with more steps resumes inside it."""
+        loss_sum, correct, count = totals
         result = evaluate(unwrap_model(self.parts.model), self.parts.test_loader, self.parts.device)
         record = {
             "kind": "epoch", "epoch": epoch + 1, "step": self.state.global_step,
-            "train_loss": train_loss, "train_acc": train_acc,
+            "train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1),
             "test_loss": result.loss, "test_acc": result.accuracy, "test_count": result.count,
             "lr": self.parts.optimizer.param_groups[0]["lr"],
-            "samples_per_s": samples / seconds if seconds > 0 else 0.0, "epoch_time_s": seconds,
+            "samples_per_s": count / seconds if seconds > 0 else 0.0, "epoch_time_s": seconds,
         }
+        if not complete:
+            record["partial"] = True
         self.metrics.write(record)
-        log.info("epoch %d/%d step %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f (%d samples)"
+        log.info("epoch %d/%d step %d%s: train loss %.4f acc %.4f | test loss %.4f acc %.4f (%d samples)"
                  " | %.0f samples/s, %.2f s", epoch + 1, self.cfg.train.epochs, self.state.global_step,
-                 train_loss, train_acc, result.loss, result.accuracy, result.count,
-                 record["samples_per_s"], seconds)
-        return record
+                 "" if complete else " (max_steps)", record["train_loss"], record["train_acc"], result.loss,
+                 result.accuracy, result.count, record["samples_per_s"], seconds)
+        self.state.last_record = record
+        if not complete:
+            return
+        self.state.epoch, self.state.sample_index, self.state.partial_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
+        every = self.cfg.checkpoint.every_epochs
+        if every and (self.state.epoch % every == 0 or self.finished()):
+            self._save()
+
+    def _save(self) -> None:
+        """All ranks must call."""
+        metric = self.state.last_record.get(self.cfg.checkpoint.best_metric) if self.state.sample_index == 0 else None
+        self.checkpointer.save(self.parts.model, self.parts.optimizer, self.parts.scheduler, self.state, metric)
+        self._saved_step = self.state.global_step
 
     def _progress_bar(self, epoch: int) -> tqdm:
         show = self.cfg.log.progress and comm.is_main()

@@ -1,0 +1,184 @@
+"""Checkpoint files on disk: atomic writes, integrity manifests, safe loads, retention.
+
+    checkpoints/
+      step-00000120.pt      torch.save of plain data (tensors, dicts, lists, numbers, strings)
+      step-00000120.json    manifest: size and CRC-32 of the .pt, step, epoch, metric
+      latest                name of the newest checkpoint
+      best                  name of the best checkpoint by the recipe's metric
+
+A checkpoint counts only when its manifest exists and matches the .pt byte for byte; both are
+written to a temporary file in the same directory, fsynced and renamed, the .pt first. A save
+killed at any point therefore leaves either the previous state or a complete new checkpoint.
+Pure file logic: no process group here (``ddp.checkpointer`` decides who calls what).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from ddp.errors import DDPError
+
+_NAME = re.compile(r"step-(\d{8,})\.pt$")
+
+
+class CheckpointError(DDPError):
+    """A checkpoint cannot be used: missing, corrupt, unsafe, or written for another recipe."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Manifest:
+    file: str
+    bytes: int
+    crc32: int
+    step: int
+    epoch: int
+    metric: float | None
+
+
+class _CrcWriter:
+    """File wrapper that checksums and counts bytes as torch.save streams them."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.crc, self.size = handle, 0, 0
+
+    def write(self, data: bytes) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric: float | None) -> Manifest:
+    """Write ``payload`` as ``step-<step>.pt`` plus its manifest, atomically; point ``latest`` at it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(step)
+    with _atomic(directory / name) as handle:
+        writer = _CrcWriter(handle)
+        torch.save(payload, writer)  # type: ignore[arg-type]
+    manifest = Manifest(name, writer.size, writer.crc, step, epoch, metric)
+    write_text_atomic(directory / f"{Path(name).stem}.json", json.dumps(asdict(manifest)))
+    write_text_atomic(directory / "latest", name + "\n")
+    return manifest
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with _atomic(path) as handle:
+        handle.write(text.encode())
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[BinaryIO]:
+    """Temporary file in the same directory → flush → fsync → rename over ``path`` → fsync dir."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(pt_file: Path) -> Manifest:
+    """The manifest of ``pt_file``; CheckpointError when it is missing or unreadable."""
+    path = pt_file.with_suffix(".json")
+    try:
+        return Manifest(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise CheckpointError(f"{pt_file} has no manifest {path.name} (its save was interrupted).",
+                              "use another checkpoint") from None
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"manifest {path} is unreadable ({err}).", "use another checkpoint") from None
+
+
+def verify(pt_file: Path) -> Manifest:
+    """Check size and CRC-32 against the manifest; return it or raise CheckpointError."""
+    manifest = read_manifest(pt_file)
+    try:
+        size = pt_file.stat().st_size
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {pt_file} does not exist.", "check train.resume") from None
+    if size != manifest.bytes:
+        raise CheckpointError(f"checkpoint {pt_file} is truncated or altered: {size} bytes, manifest says "
+                              f"{manifest.bytes}.", "use another checkpoint")
+    if _crc32(pt_file) != manifest.crc32:
+        raise CheckpointError(f"checkpoint {pt_file} is corrupt: CRC-32 does not match its manifest.",
+                              "use another checkpoint")
+    return manifest
+
+
+def _crc32(path: Path, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def load(pt_file: Path, device: torch.device) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` onto ``device``: a file holding code objects is refused."""
+    try:
+        return torch.load(pt_file, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError (unsafe globals) or RuntimeError (bad zip)
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        reason = (f"it holds a pickled {unsafe.group(1)} object, which weights_only loading refuses" if unsafe
+                  else f"{type(err).__name__}: {' '.join(str(err).split())[:200]}")
+        raise CheckpointError(f"checkpoint {pt_file} cannot be loaded safely: {reason}.",
+                              "only checkpoints written by ddp.train (plain tensors and data) are accepted") from None
+
+
+def candidates(directory: Path) -> list[Path]:
+    """Every ``step-*.pt`` in ``directory``, newest (highest step) first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.search(p.name))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def read_pointer(directory: Path, name: str) -> str | None:
+    try:
+        return (directory / name).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def prune(directory: Path, keep: int, protect: set[str]) -> list[str]:
+    """Delete all but the ``keep`` newest checkpoints (and their manifests), sparing ``protect``."""
+    removed = []
+    for path in candidates(directory)[keep:]:
+        if path.name in protect:
+            continue
+        path.with_suffix(".json").unlink(missing_ok=True)  # manifest first: a half-pruned pair is invalid
+        path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed

@@ -1,0 +1,218 @@
+"""Checkpoint policy for a distributed run: who writes, what goes in, which file to resume from.
+
+Only rank 0 writes; the other ranks' RNG states and partial epoch sums are gathered to it. Every
+save ends with a broadcast of rank 0's outcome, which doubles as the barrier: no rank races ahead
+of a save, and a failed save stops every rank with the same error. To resume, rank 0 picks the
+checkpoint (skipping, with a warning, any that fails its integrity check), tells the others, and
+every rank loads it onto its own device with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+import ddp
+from ddp import checkpoint_files as files
+from ddp import comm
+from ddp.checkpoint_files import CheckpointError
+from ddp.config import BestMode, CheckpointConfig
+from ddp.parallel import unwrap_model
+from ddp.rng import capture_rng, restore_rng
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed (the epoch in progress has this index)
+    global_step: int = 0  # optimizer steps taken
+    sample_index: int = 0  # samples of the current epoch consumed by all ranks together
+    partial_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this rank: loss·n, correct, n
+    last_record: dict[str, Any] = field(default_factory=dict)  # the newest epoch record
+
+
+@dataclass
+class Resumed:
+    state: TrainState
+    path: Path
+
+
+class Checkpointer:
+    """All ranks must call ``save`` and ``resume`` together."""
+
+    def __init__(self, cfg: CheckpointConfig, directory: Path, recipe_yaml: str) -> None:
+        self.cfg, self.directory, self.recipe_yaml = cfg, directory, recipe_yaml
+
+    # --- saving ---------------------------------------------------------------------------
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
+             metric: float | None = None, scaler: Any = None) -> None:
+        """All ranks must call. Rank 0 writes; every rank returns once the file is durable."""
+        per_rank = comm.all_gather_object({"rng": capture_rng(), "sums": list(state.partial_sums)})
+        outcome = None
+        if comm.is_main():
+            try:
+                payload = self._payload(model, optimizer, scheduler, state, per_rank, scaler)
+                manifest = files.save(self.directory, payload, state.global_step, state.epoch, metric)
+                self._after_save(manifest)
+            except Exception as err:  # noqa: BLE001 - every rank must hear about it
+                outcome = f"{type(err).__name__}: {err}"
+        outcome = comm.broadcast_object(outcome)
+        if outcome is not None:
+            raise CheckpointError(f"saving a checkpoint in {self.directory} failed on rank 0: {outcome}",
+                                  "check free disk space and permissions of the run dir")
+
+    def _payload(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
+                 per_rank: list[dict[str, Any]], scaler: Any) -> dict[str, Any]:
+        saved_state = asdict(state)
+        saved_state.pop("partial_sums")
+        return {
+            "format": FORMAT,
+            "model": unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "state": saved_state,
+            "ranks": per_rank,  # index r: rank r's RNG states and partial epoch sums
+            "world_size": comm.world_size(),
+            "recipe": self.recipe_yaml,
+            "versions": {"ddp": ddp.__version__, "torch": str(torch.__version__), "python": platform.python_version()},
+        }
+
+    def _after_save(self, manifest: files.Manifest) -> None:
+        best = self._best_manifest()
+        if manifest.metric is not None and (best is None or self._better(manifest.metric, best.metric)):
+            files.write_text_atomic(self.directory / "best", manifest.file + "\n")
+            best = manifest
+        removed = files.prune(self.directory, self.cfg.keep, protect={best.file} if best else set())
+        log.info("checkpoint %s saved (step %d)%s", self.directory / manifest.file, manifest.step,
+                 f", removed {', '.join(removed)}" if removed else "")
+
+    def _best_manifest(self) -> files.Manifest | None:
+        name = files.read_pointer(self.directory, "best")
+        if name is None:
+            return None
+        try:
+            return files.read_manifest(self.directory / name)
+        except CheckpointError:
+            return None
+
+    def _better(self, value: float, than: float | None) -> bool:
+        if than is None:
+            return True
+        return value > than if self.cfg.best_mode == BestMode.max else value < than
+
+    # --- resuming -------------------------------------------------------------------------
+
+    def resume(self, spec: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               device: torch.device, scaler: Any = None) -> Resumed | None:
+        """All ranks must call. ``spec``: auto | never | a checkpoint file | a checkpoints dir."""
+        choice: Any = None
+        if comm.is_main():
+            try:
+                choice = self._choose(spec)
+            except CheckpointError as err:
+                choice = err
+        choice = comm.broadcast_object(str(choice) if isinstance(choice, Path) else choice)
+        if isinstance(choice, CheckpointError):
+            raise choice
+        if choice is None:
+            return None
+        path = Path(choice)
+        payload = files.load(path, device)
+        check_compatible(payload, self.recipe_yaml, unwrap_model(model), path)
+        unwrap_model(model).load_state_dict(_strip_prefixes(payload["model"]))
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
+        state = self._restore_rank_state(payload)
+        log.info("resumed from %s: epoch %d, step %d, sample %d of the epoch (saved by %d ranks, now %d)",
+                 path, state.epoch, state.global_step, state.sample_index, payload["world_size"],
+                 comm.world_size())
+        return Resumed(state, path)
+
+    def _restore_rank_state(self, payload: dict[str, Any]) -> TrainState:
+        saved_world, ranks = payload["world_size"], payload["ranks"]
+        rank, world = comm.rank(), comm.world_size()
+        restore_rng(ranks[rank % saved_world]["rng"])
+        if world == saved_world:
+            sums = list(ranks[rank]["sums"])
+        else:  # the epoch's running sums are totals: give them all to rank 0
+            sums = [sum(r["sums"][i] for r in ranks) for i in range(3)] if rank == 0 else [0.0, 0.0, 0.0]
+        return TrainState(**payload["state"], partial_sums=sums)
+
+    def _choose(self, spec: str) -> Path | None:
+        """Rank 0 only: the checkpoint to resume from, or None to start fresh."""
+        if spec == "never":
+            return None
+        if spec == "auto":
+            return self._newest_valid(self.directory)
+        path = Path(spec)
+        if path.is_dir():
+            found = self._newest_valid(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+            if found is None:
+                raise CheckpointError(f"train.resume={spec}: no valid checkpoint in that directory.",
+                                      "point train.resume at a step-*.pt file, or use auto/never")
+            return found
+        files.verify(path)
+        return path
+
+    def _newest_valid(self, directory: Path) -> Path | None:
+        for path in files.candidates(directory):
+            try:
+                files.verify(path)
+                return path
+            except CheckpointError as err:
+                log.warning("skipping checkpoint %s: %s", path.name, err.problem)
+        return None
+
+
+def check_compatible(payload: dict[str, Any], recipe_yaml: str, model: nn.Module, path: Path) -> None:
+    """Refuse, naming the difference, a checkpoint written for another model or dataset."""
+    if payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a ddp.train checkpoint (format {payload.get('format')!r}).",
+                              "train.resume=never starts fresh")
+    saved, current = OmegaConf.create(payload["recipe"]), OmegaConf.create(recipe_yaml)
+    for key in ("model.name", "data.name"):
+        was, now = OmegaConf.select(saved, key), OmegaConf.select(current, key)
+        if was != now:
+            raise CheckpointError(f"{path} was written for {key}={was}, this run has {key}={now}.",
+                                  "use the recipe that wrote it, another run.name, or train.resume=never")
+    mine = model.state_dict()
+    theirs = _strip_prefixes(payload["model"])
+    missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+    if missing or extra:
+        raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}.",
+                              "use the recipe that wrote it or train.resume=never")
+    for key, tensor in mine.items():
+        if tuple(theirs[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{path} does not fit this model: '{key}' is {list(theirs[key].shape)} there and "
+                                  f"{list(tensor.shape)} here.", "use the recipe that wrote it or train.resume=never")
+
+
+def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept state dicts saved from DDP / DataParallel / torch.compile wrappers."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
