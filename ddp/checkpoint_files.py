@@ -173,7 +173,10 @@ def read_pointer(directory: Path, name: str) -> str | None:
 
 
 def prune(directory: Path, keep: int, protect: set[str]) -> list[str]:
-    """Delete all but the ``keep`` newest checkpoints (and their manifests), sparing ``protect``."""
+    """Delete all but the ``keep`` newest checkpoints (and their manifests), sparing ``protect``,
+    and the temporary files of saves that were killed midway."""
+    for stale in directory.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     removed = []
     for path in candidates(directory)[keep:]:
         if path.name in protect:

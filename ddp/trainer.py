@@ -92,7 +92,7 @@ class Trainer:
             if self.stop.poll():
                 bar.close()
                 state.partial_sums = sums.tolist()
-                log.warning("%s received: checkpointing at step %d and stopping", self.stop.name, state.global_step)
+                log.warning("stop requested by %s: checkpointing at step %d", self.stop.name, state.global_step)
                 return True
             if self._reached_max_steps() and done < total:
                 complete = False

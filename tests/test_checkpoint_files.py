@@ -1,0 +1,143 @@
+"""Checkpoint files: integrity, torn writes, unsafe pickles, retention, auto-resume choice."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from ddp import checkpoint_files as files
+from ddp.checkpoint_files import CheckpointError
+from ddp.checkpointer import Checkpointer
+from ddp.config import CheckpointConfig
+from tests.harness import REPO, python_env
+
+
+def _payload(value: float = 1.0) -> dict:
+    return {"format": 1, "model": {"w": torch.full((4, 4), value)}, "state": {"global_step": 3}}
+
+
+def test_save_verify_load_round_trip(tmp_path):
+    manifest = files.save(tmp_path, _payload(2.0), step=7, epoch=1, metric=0.5)
+    path = tmp_path / "step-00000007.pt"
+    assert files.verify(path) == manifest and manifest.bytes == path.stat().st_size
+    assert torch.equal(files.load(path, torch.device("cpu"))["model"]["w"], torch.full((4, 4), 2.0))
+    assert files.read_pointer(tmp_path, "latest") == "step-00000007.pt"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_truncated_and_corrupted_files_are_detected(tmp_path):
+    files.save(tmp_path, _payload(), step=1, epoch=0, metric=None)
+    path = tmp_path / "step-00000001.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        files.verify(path)
+    path.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    with pytest.raises(CheckpointError, match="CRC-32 does not match"):
+        files.verify(path)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(CheckpointError, match="no manifest"):
+        files.verify(path)
+
+
+class _Payload:
+    """Unpickling this would run code: a checkpoint must never be able to do that."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_object_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    bad = {"format": 1, "model": {"w": torch.zeros(2)}, "extra": _Payload(str(marker))}
+    files.save(tmp_path, bad, step=1, epoch=0, metric=None)  # integrity is fine: the file is what was saved
+    path = tmp_path / "step-00000001.pt"
+    files.verify(path)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely: it holds a pickled") as info:
+        files.load(path, torch.device("cpu"))
+    assert not marker.exists()
+    assert "\n" not in str(info.value)
+
+
+def test_prune_keeps_newest_and_best(tmp_path):
+    for step in range(1, 7):
+        files.save(tmp_path, _payload(step), step=step, epoch=step, metric=None)
+    (tmp_path / ".step-00000009.pt.x.tmp").write_bytes(b"partial")
+    removed = files.prune(tmp_path, keep=2, protect={"step-00000002.pt"})
+    assert sorted(removed) == ["step-00000001.pt", "step-00000003.pt", "step-00000004.pt"]
+    assert [p.name for p in files.candidates(tmp_path)] == ["step-00000006.pt", "step-00000005.pt",
+                                                            "step-00000002.pt"]
+    assert not (tmp_path / "step-00000001.json").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_best_pointer_follows_the_metric(tmp_path):
+    keeper = Checkpointer(CheckpointConfig(keep=2), tmp_path, "model: {}\n")
+    for step, metric in ((1, 0.5), (2, 0.9), (3, 0.7), (4, 0.8)):
+        keeper._after_save(files.save(tmp_path, _payload(), step=step, epoch=step, metric=metric))
+    assert files.read_pointer(tmp_path, "best") == "step-00000002.pt"
+    assert [p.name for p in files.candidates(tmp_path)] == ["step-00000004.pt", "step-00000003.pt",
+                                                            "step-00000002.pt"]
+
+
+def test_auto_resume_skips_a_truncated_newest_checkpoint_with_a_warning(tmp_path, caplog):
+    for step in (1, 2):
+        files.save(tmp_path, _payload(step), step=step, epoch=step, metric=None)
+    newest = tmp_path / "step-00000002.pt"
+    newest.write_bytes(newest.read_bytes()[:-10])
+    keeper = Checkpointer(CheckpointConfig(), tmp_path, "")
+    with caplog.at_level(logging.WARNING):
+        assert keeper._choose("auto") == tmp_path / "step-00000001.pt"
+    assert "skipping checkpoint step-00000002.pt" in caplog.text and "truncated" in caplog.text
+    with pytest.raises(CheckpointError, match="truncated"):
+        keeper._choose(str(newest))  # named explicitly: refused, not skipped
+    assert keeper._choose("never") is None
+
+
+SLOW_SAVER = textwrap.dedent("""
+    import sys, time, torch
+    from ddp import checkpoint_files as files
+    directory = sys.argv[1]
+    files.save(__import__("pathlib").Path(directory), {"format": 1, "model": {"w": torch.ones(8)}}, 1, 0, None)
+    real_write = files._CrcWriter.write
+    def slow_write(self, data):  # a slow disk: 4 MiB pieces, 20 ms each (256 MiB takes > 1 s)
+        if self.size == 0:
+            print("saving", flush=True)
+        view = memoryview(data)
+        for start in range(0, len(view), 1 << 22):
+            time.sleep(0.02)
+            real_write(self, view[start:start + (1 << 22)])
+        return len(data)
+    files._CrcWriter.write = slow_write
+    big = {"format": 1, "model": {"w": torch.randn(64, 1 << 20)}}  # 256 MiB: many slow chunks
+    files.save(__import__("pathlib").Path(directory), big, 2, 1, None)
+    print("finished", flush=True)
+""")
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVER, str(tmp_path)], env=python_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "saving"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert list(tmp_path.glob(".step-00000002.pt.*.tmp"))  # the torn write is only a temporary file
+    assert not (tmp_path / "step-00000002.pt").exists()
+    assert files.read_pointer(tmp_path, "latest") == "step-00000001.pt"
+    keeper = Checkpointer(CheckpointConfig(), tmp_path, "")
+    assert keeper._choose("auto") == tmp_path / "step-00000001.pt"
+    assert torch.equal(files.load(keeper._choose("auto"), torch.device("cpu"))["model"]["w"], torch.ones(8))

@@ -1,0 +1,185 @@
+"""Resume on real ranks: bit-exact after a mid-epoch stop, across world sizes, after SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from ddp import comm
+from ddp.config import load_recipe
+from ddp.datasets import Splits
+from ddp.environment import SingleProcessEnv
+from ddp.signals import EXIT_PREEMPTED
+from ddp.trainer import Trainer
+from tests.harness import free_port, python_env, spawn_ranks
+
+TIMING = {"time", "samples_per_s", "epoch_time_s"}
+
+
+def _recipe(run_dir, *extra: str):
+    # mnist_cnn has dropout: resume is bit-exact only if every RNG state comes back
+    return load_recipe(None, ["model.name=mnist_cnn", "data.name=synthetic", "data.synthetic_shape=[1,12,12]",
+                              "data.synthetic_train=200", "data.synthetic_test=50", "data.batch_size=8",
+                              "train.epochs=3", f"run.dir={run_dir}", "log.tensorboard=false",
+                              "log.progress=false", "log.every_steps=5", *extra])
+
+
+@contextmanager
+def _signal_before_step(step: int, on_rank: int):
+    """Send SIGTERM to this process just before optimizer step ``step`` on rank ``on_rank``."""
+    original = Trainer._run_batch
+
+    def run_batch(self, inputs, targets, sums):
+        if comm.rank() == on_rank and self.state.global_step + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, inputs, targets, sums)
+
+    Trainer._run_batch = run_batch
+    try:
+        yield
+    finally:
+        Trainer._run_batch = original
+
+
+def _metrics(run_dir) -> list[dict]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def _straight_and_resumed(env, tmp: str, stop_before: int, signal_rank: int, ports=(None, None, None)):
+    from ddp.session import execute
+
+    def at(port):
+        return env if port is None else replace(env, master_port=port)
+
+    straight = execute(_recipe(f"{tmp}/straight"), at(ports[0]))
+    with _signal_before_step(stop_before, signal_rank):
+        stopped = execute(_recipe(f"{tmp}/resumed"), at(ports[1]))
+    resumed = execute(_recipe(f"{tmp}/resumed"), at(ports[2]))
+    as_numpy = {k: v.numpy() for k, v in straight.state_dict.items()}, {k: v.numpy() for k, v in
+                                                                        resumed.state_dict.items()}
+    return as_numpy, stopped.stopped_by, _metrics(f"{tmp}/straight"), _metrics(f"{tmp}/resumed")
+
+
+def _assert_bit_exact(result, expected_stop: str):
+    (straight, resumed), stopped_by, straight_metrics, resumed_metrics = result
+    assert stopped_by == expected_stop
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert np.array_equal(straight[name], resumed[name]), name
+    assert resumed_metrics == straight_metrics
+    assert [r["epoch"] for r in straight_metrics if r["kind"] == "epoch"] == [1, 2, 3]
+
+
+def test_single_process_resume_mid_epoch_is_bit_exact(tmp_path):
+    # 200 samples / batch 8 = 25 steps per epoch: the stop lands inside epoch 2
+    result = _straight_and_resumed(SingleProcessEnv(), str(tmp_path), stop_before=31, signal_rank=0)
+    _assert_bit_exact(result, "SIGTERM")
+
+
+def test_two_rank_resume_mid_epoch_is_bit_exact(tmp_path):
+    # 13 steps per epoch on 2 ranks; the signal reaches rank 1 only, both ranks stop together
+    ports = (None, free_port(), free_port())
+    results = spawn_ranks(_straight_and_resumed, 2, str(tmp_path), 17, 1, ports, init_group=False)
+    for rank, result in enumerate(results):
+        _assert_bit_exact(result, "a signal on another rank" if rank == 0 else "SIGTERM")
+
+
+def _indexed_data(cfg):
+    """Synthetic images whose first pixel is the sample's index, so batches tell what was seen."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(200, 1, 12, 12, generator=generator)
+    images[:, 0, 0, 0] = torch.arange(200, dtype=torch.float32)
+    labels = torch.randint(0, 10, (200,), generator=generator)
+    return Splits(TensorDataset(images, labels), TensorDataset(images[:50], labels[:50]), (1, 12, 12), 10, True)
+
+
+def _samples_of_first_epoch(env, run_dir: str, stop_before: int | None):
+    from ddp import session
+
+    seen: list[int] = []
+    original = Trainer._run_batch
+
+    def recording(self, inputs, targets, sums):
+        if self.state.epoch == 0:
+            seen.extend(int(v) for v in inputs[:, 0, 0, 0].tolist())
+        return original(self, inputs, targets, sums)
+
+    session.build_datasets = _indexed_data
+    Trainer._run_batch = recording
+    try:
+        if stop_before is None:
+            result = session.execute(_recipe(run_dir), env)
+        else:
+            with _signal_before_step(stop_before, 0):
+                result = session.execute(_recipe(run_dir), env)
+    finally:
+        Trainer._run_batch = original
+    return seen, result.stopped_by
+
+
+def test_resume_4_ranks_on_2_continues_at_the_same_sample(tmp_path):
+    run_dir = str(tmp_path / "run")
+    # 4 ranks × batch 8 = 32 samples a step. A signal during step 3 is agreed on after step 4
+    # (the poll overlaps one step), which leaves 72 of the epoch's 200 samples
+    first = spawn_ranks(_samples_of_first_epoch, 4, run_dir, 3, init_group=False)
+    assert {stopped for _, stopped in first} == {"SIGTERM", "a signal on another rank"}
+    second = spawn_ranks(_samples_of_first_epoch, 2, run_dir, None, init_group=False)
+    before = [i for seen, _ in first for i in seen]
+    after = [i for seen, _ in second for i in seen]
+    assert len(before) == 4 * 32 and len(after) == 72
+    assert sorted(before + after) == list(range(200))  # every sample exactly once in the epoch
+    assert all(stopped is None for _, stopped in second)
+
+
+def _launch_manual(rank: int, port: int, cwd: Path, *overrides: str) -> subprocess.Popen:
+    env = python_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    return subprocess.Popen([sys.executable, "-m", "ddp.train", *overrides], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_all(procs, timeout: float) -> list[tuple[int, str]]:
+    out = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+        out.append((proc.returncode, err))
+    return out
+
+
+def test_sigterm_to_one_rank_checkpoints_both_and_a_rerun_resumes(tmp_path):
+    overrides = ("train.epochs=40", "log.every_steps=1", "log.tensorboard=false")
+    port = free_port()
+    procs = [_launch_manual(rank, port, tmp_path, *overrides) for rank in (0, 1)]
+    metrics = tmp_path / "runs" / "digits" / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while not (metrics.exists() and metrics.read_text().count('"kind": "step"') >= 3):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "training never started"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    results = _wait_all(procs, timeout=60)
+    assert [code for code, _ in results] == [EXIT_PREEMPTED, EXIT_PREEMPTED], [err[-2000:] for _, err in results]
+    assert "stopped by SIGTERM" not in results[0][1] and "a signal on another rank" in results[0][1]
+    latest = (tmp_path / "runs" / "digits" / "checkpoints" / "latest").read_text().strip()
+    stopped_step = int(latest.removeprefix("step-").removesuffix(".pt"))
+    assert 0 < stopped_step < 40 * 23
+    port = free_port()
+    finish = (*overrides, f"train.max_steps={stopped_step + 5}")  # a few more steps prove the run goes on
+    results = _wait_all([_launch_manual(rank, port, tmp_path, *finish) for rank in (0, 1)], timeout=120)
+    assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
+    assert f"resumed from runs/digits/checkpoints/{latest}" in results[0][1]
