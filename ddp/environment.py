@@ -4,7 +4,8 @@ This is the only module that reads ``os.environ``. Every other module asks the `
 returned by ``detect_environment()`` (or the small helpers at the bottom).
 
 Probe order (first match wins), after Lightning's ``_select_cluster_environment``:
-  1. ``TorchrunEnv``  torchrun / torch.distributed.run (it can run inside a Slurm job, so first)
+  1. ``TorchrunEnv``  torchrun / torch.distributed.run (it can run inside a Slurm job, so first);
+                      also reads TORCHELASTIC_USE_AGENT_STORE and TORCHELASTIC_RESTART_COUNT
   2. ``SlurmEnv``     ``srun`` tasks: SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_JOB_NODELIST
   3. ``ManualEnv``    the seed scripts' style: MASTER_IP or MASTER_ADDR, RANK, WORLD_SIZE, and no
                       LOCAL_RANK; one rank per machine
@@ -39,6 +40,8 @@ class ClusterEnv:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_MASTER_PORT
+    agent_store: bool = False  # a launcher agent already serves the TCPStore at master_addr:port
+    restart_count: int = 0  # how many times the launcher restarted this worker group
 
     source: ClassVar[str] = "explicit"
     variables: ClassVar[str] = "RANK/WORLD_SIZE"
@@ -50,16 +53,28 @@ class ClusterEnv:
 
     @property
     def init_method(self) -> str:
-        """URL for ``torch.distributed.init_process_group``."""
+        """The rendezvous address as a URL (for logs; the store is built in ``process_group``)."""
         host = f"[{self.master_addr}]" if ":" in self.master_addr else self.master_addr
         return f"tcp://{host}:{self.master_port}"
 
+    @property
+    def store_prefix(self) -> str:
+        """Namespace for this attempt's keys in the rendezvous store.
+
+        torchrun keeps ONE store server for all restarts of a job, and workers reach it without
+        any per-attempt prefix, so a restarted group can read the previous attempt's addresses
+        and fail with "connectFullMesh ... Connection refused". Prefixing by restart count
+        gives every attempt its own keys.
+        """
+        return f"ddp/attempt_{self.restart_count}"
+
     def describe(self) -> str:
         """One line for logs and ``python -m launch doctor``."""
+        restarts = f", restart {self.restart_count}" if self.restart_count else ""
         return (
             f"{self.source}: rank {self.rank}/{self.world_size}, local rank "
             f"{self.local_rank}/{self.local_world_size}, node {self.node_rank}, "
-            f"rendezvous {self.init_method}"
+            f"rendezvous {self.init_method}{restarts}"
         )
 
     def validate(self) -> ClusterEnv:
@@ -119,11 +134,6 @@ class TorchrunEnv(ClusterEnv):
     variables: ClassVar[str] = "RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK"
     REQUIRED: ClassVar[tuple[str, ...]] = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
-    @property
-    def init_method(self) -> str:
-        # env:// lets torch reuse the elastic agent's TCPStore (TORCHELASTIC_USE_AGENT_STORE).
-        return "env://"
-
     @staticmethod
     def detect(environ: Environ) -> bool:
         return all(name in environ for name in TorchrunEnv.REQUIRED)
@@ -139,6 +149,8 @@ class TorchrunEnv(ClusterEnv):
             node_rank=read("GROUP_RANK", 0),
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=read("MASTER_PORT", DEFAULT_MASTER_PORT),
+            agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+            restart_count=read("TORCHELASTIC_RESTART_COUNT", 0),
         )
 
 
@@ -302,10 +314,3 @@ def hostname() -> str:
     return socket.gethostname().split(".")[0]
 
 
-def restart_count(environ: Environ | None = None) -> int:
-    """How many times torchrun has restarted this worker group (0 on first start)."""
-    environ = os.environ if environ is None else environ
-    try:
-        return int(environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    except ValueError:
-        return 0

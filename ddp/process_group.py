@@ -28,13 +28,9 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend=backend,
-        init_method=env.init_method,
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, store=_rendezvous_store(env, timeout), rank=env.rank,
+                            world_size=env.world_size, timeout=timeout)
     log.debug("process group up: %s, backend %s", env.describe(), backend)
     clean = False
     try:
@@ -42,6 +38,14 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
         clean = True
     finally:
         _teardown(clean)
+
+
+def _rendezvous_store(env: ClusterEnv, timeout: timedelta) -> dist.Store:
+    """The TCPStore at master_addr:port (hosted by rank 0 unless torchrun's agent serves it),
+    namespaced per restart attempt (see ``ClusterEnv.store_prefix``)."""
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                          is_master=env.rank == 0 and not env.agent_store, timeout=timeout)
+    return dist.PrefixStore(env.store_prefix, store)
 
 
 def _teardown(clean: bool) -> None:

@@ -14,7 +14,7 @@ def test_torchrun_env():
     env = detect_environment(TORCHRUN)
     assert isinstance(env, TorchrunEnv)
     assert (env.rank, env.local_rank, env.world_size, env.local_world_size, env.node_rank) == (3, 1, 8, 2, 1)
-    assert env.init_method == "env://"  # reuse the elastic agent's store
+    assert env.init_method == "tcp://10.0.0.5:29600" and env.store_prefix == "ddp/attempt_0"
     assert env.distributed
 
 
@@ -88,3 +88,10 @@ def test_inconsistent_values_name_the_problem(environ, message):
 def test_explicit_env_is_distributed():
     env = ClusterEnv(rank=0, world_size=2, local_world_size=2, master_port=1234)
     assert env.distributed and env.init_method == "tcp://127.0.0.1:1234"
+
+
+def test_torchrun_restart_gets_its_own_store_namespace():
+    env = detect_environment({**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    assert env.agent_store and env.restart_count == 2
+    assert env.store_prefix == "ddp/attempt_2"
+    assert "restart 2" in env.describe()
