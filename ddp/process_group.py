@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ddp.environment import ClusterEnv
+from ddp.peers import is_comm_failure, peer_lost, roll_call
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,8 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
 
     On a clean exit every rank passes a barrier first, so no rank tears down while a peer still
     needs it. After an error the barrier is skipped (peers may be stuck in another collective);
-    the group is destroyed so the process can exit instead of hanging.
+    the group is destroyed so the process can exit instead of hanging. A communication failure
+    becomes ``PeerLost`` naming the ranks that no longer answer (``ddp.peers.roll_call``).
     """
     if not env.distributed:
         yield
@@ -29,13 +31,19 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=timeout_s)
-    dist.init_process_group(backend=backend, store=_rendezvous_store(env, timeout), rank=env.rank,
-                            world_size=env.world_size, timeout=timeout)
+    store = _rendezvous_store(env, timeout)
+    dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
+                            timeout=timeout)
     log.debug("process group up: %s, backend %s", env.describe(), backend)
     clean = False
     try:
         yield
         clean = True
+    except Exception as err:
+        if env.world_size > 1 and is_comm_failure(err):
+            missing = roll_call(store, env.rank, env.world_size)
+            raise peer_lost(err, missing, env.world_size, None if env.agent_store else 0) from err
+        raise
     finally:
         _teardown(clean)
 

@@ -106,7 +106,7 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None) -> RunRes
         state = resumed.state if resumed else None
         metrics = MetricsWriter(run_dir.metrics, run_dir.tensorboard if recipe.log.tensorboard else None,
                                 enabled=comm.is_main(), resumed_step=state.global_step if state else None)
-        stop = StopRequest().install()
+        stop = StopRequest(recipe.dist.timeout_s).install()
         try:
             trainer = Trainer(recipe, parts, metrics, checkpointer, stop, state)
             if trainer.finished():
@@ -114,8 +114,12 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None) -> RunRes
                          "HINT: raise train.epochs, or train.resume=never to start over",
                          trainer.state.global_step, trainer.state.epoch, recipe.train.epochs)
             outcome = trainer.fit()
-        finally:
+        except BaseException:
+            stop.close(abandon=True)
+            raise
+        else:
             stop.close()
+        finally:
             metrics.close()
         weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
     last = outcome.last_record

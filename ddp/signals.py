@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from datetime import timedelta
 from types import FrameType
 from typing import Any
 
@@ -27,10 +28,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 class StopRequest:
     """All ranks must create it (it forms a process group) and call ``poll`` after every step."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float) -> None:
         self.received: int = 0  # the signal number, set by the handler
         self._previous: dict[int, Any] = {}
-        self._group = dist.new_group(backend="gloo") if comm.world_size() > 1 else None
+        self._group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+                       if comm.world_size() > 1 else None)
         self._pending: Any = None
         self._flag = torch.zeros(1, dtype=torch.int32)
 
@@ -55,11 +57,14 @@ class StopRequest:
         self._pending = dist.all_reduce(self._flag, group=self._group, async_op=True)
         return decided
 
-    def close(self) -> None:
-        """All ranks must call: completes the last poll and restores the previous handlers."""
-        if self._pending is not None:
+    def close(self, abandon: bool = False) -> None:
+        """All ranks must call: completes the last poll and restores the previous handlers.
+
+        ``abandon`` (after an error) drops the last poll instead of waiting on peers that may be gone.
+        """
+        if self._pending is not None and not abandon:
             self._pending.wait()
-            self._pending = None
+        self._pending = None
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
