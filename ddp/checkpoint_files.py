@@ -123,11 +123,11 @@ def read_manifest(pt_file: Path) -> Manifest:
 
 def verify(pt_file: Path) -> Manifest:
     """Check size and CRC-32 against the manifest; return it or raise CheckpointError."""
-    manifest = read_manifest(pt_file)
     try:
         size = pt_file.stat().st_size
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {pt_file} does not exist.", "check train.resume") from None
+    manifest = read_manifest(pt_file)
     if size != manifest.bytes:
         raise CheckpointError(f"checkpoint {pt_file} is truncated or altered: {size} bytes, manifest says "
                               f"{manifest.bytes}.", "use another checkpoint")

@@ -96,14 +96,14 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None) -> RunRes
              platform.python_version())
     run_dir = RunDir(recipe.run_dir)
     recipe_yaml = to_yaml(recipe)
-    if env.rank == 0:
-        run_dir.write_recipe(recipe_yaml)
     with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s):
         parts = build_parts(recipe, plan)
         checkpointer = Checkpointer(recipe.checkpoint, run_dir.checkpoints, recipe_yaml)
         resumed = checkpointer.resume(recipe.train.resume, parts.model, parts.optimizer, parts.scheduler,
                                       plan.device)
         state = resumed.state if resumed else None
+        if env.rank == 0:  # after the resume check: a refused checkpoint leaves the run dir as it was
+            run_dir.write_recipe(recipe_yaml)
         metrics = MetricsWriter(run_dir.metrics, run_dir.tensorboard if recipe.log.tensorboard else None,
                                 enabled=comm.is_main(), resumed_step=state.global_step if state else None)
         stop = StopRequest(recipe.dist.timeout_s).install()

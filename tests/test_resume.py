@@ -183,3 +183,43 @@ def test_sigterm_to_one_rank_checkpoints_both_and_a_rerun_resumes(tmp_path):
     results = _wait_all([_launch_manual(rank, port, tmp_path, *finish) for rank in (0, 1)], timeout=120)
     assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
     assert f"resumed from runs/digits/checkpoints/{latest}" in results[0][1]
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+    from tests.harness import run_cli
+
+    first = run_cli(["-m", "ddp.train", "train.epochs=1", "log.tensorboard=false"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    recipe_before = (tmp_path / "runs" / "digits" / "recipe.yaml").read_text()
+    other = run_cli(["-m", "ddp.train", "train.epochs=2", "model.name=mnist_mlp"], cwd=tmp_path)
+    assert other.returncode == 2
+    errors = [line for line in other.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "Traceback" not in other.stderr
+    assert "was written for model.name=digits_cnn, this run has model.name=mnist_mlp" in errors[0]
+    assert "HINT:" in errors[0]
+    assert (tmp_path / "runs" / "digits" / "recipe.yaml").read_text() == recipe_before
+
+
+def test_resume_accepts_state_dicts_saved_with_wrapper_prefixes(tmp_path):
+    from ddp import checkpoint_files as files
+    from ddp.session import execute
+
+    execute(_recipe(tmp_path, "train.epochs=1"), SingleProcessEnv())
+    directory = tmp_path / "checkpoints"
+    newest = files.candidates(directory)[0]
+    payload = files.load(newest, torch.device("cpu"))
+    payload["model"] = {f"module._orig_mod.{k}": v for k, v in payload["model"].items()}
+    manifest = files.read_manifest(newest)
+    files.save(directory, payload, manifest.step, manifest.epoch, manifest.metric)
+    result = execute(_recipe(tmp_path, "train.epochs=2"), SingleProcessEnv())
+    assert result.metrics["epoch"] == 2
+
+
+def test_explicit_resume_path_must_be_valid(tmp_path):
+    import pytest
+
+    from ddp.checkpoint_files import CheckpointError
+    from ddp.session import execute
+
+    with pytest.raises(CheckpointError, match="nope.pt does not exist"):
+        execute(_recipe(tmp_path, f"train.resume={tmp_path}/nope.pt"), SingleProcessEnv())
