@@ -49,6 +49,12 @@ class OptimizerName(str, Enum):
     adamw = "adamw"
 
 
+class LoaderKind(str, Enum):
+    auto = "auto"
+    memory = "memory"
+    dataloader = "dataloader"
+
+
 class Schedule(str, Enum):
     none = "none"
     step = "step"
@@ -68,6 +74,8 @@ class DataConfig:
     eval_batch_size: int = _bounded(512, minimum=1)  # per rank
     test_fraction: float = _bounded(0.2, above=0.0, maximum=0.9)  # digits: held-out share
     split_seed: int = 0  # digits: the fixed train/test split
+    loader: LoaderKind = LoaderKind.auto  # auto: in-memory tensors when they fit, else DataLoader
+    memory_limit_mb: int = _bounded(4096, minimum=1)  # largest dataset auto keeps in (device) memory
     num_workers: int = _bounded(-1, minimum=-1)  # DataLoader workers per rank; -1 = auto
     synthetic_train: int = _bounded(4096, minimum=1)  # synthetic: samples
     synthetic_test: int = _bounded(1024, minimum=1)

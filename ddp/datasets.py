@@ -14,8 +14,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from ddp.augment import CropFlip
 from ddp.config import DataConfig
 from ddp.errors import DataError
+
+
+@dataclass
+class Tensors:
+    """A dataset materialised after its deterministic transforms: the in-memory data path."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None  # train only
 
 
 @dataclass
@@ -25,6 +37,17 @@ class Splits:
     shape: tuple[int, int, int]  # one sample: channels, height, width
     classes: int
     in_memory: bool  # both splits are tensors already (no per-sample decoding)
+    materialise: Callable[[], Tensors] | None = None  # the same data as tensors, built on demand
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Size of ``materialise()``'s float32 images."""
+        channels, height, width = self.shape
+        return (len(self.train) + len(self.test)) * channels * height * width * 4  # type: ignore[arg-type]
+
+
+def _from_tensor_datasets(train: TensorDataset, test: TensorDataset) -> Callable[[], Tensors]:
+    return lambda: Tensors(*train.tensors, *test.tensors)
 
 
 def seeded_split(count: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +67,9 @@ def load_digits(cfg: DataConfig) -> Splits:
     train_idx, test_idx = seeded_split(len(images), cfg.test_fraction, cfg.split_seed)
     mean, std = images[train_idx].mean(), images[train_idx].std()
     images = (images - mean) / std
-    return Splits(TensorDataset(images[train_idx], labels[train_idx]),
-                  TensorDataset(images[test_idx], labels[test_idx]), (1, 8, 8), 10, in_memory=True)
+    train = TensorDataset(images[train_idx], labels[train_idx])
+    test = TensorDataset(images[test_idx], labels[test_idx])
+    return Splits(train, test, (1, 8, 8), 10, in_memory=True, materialise=_from_tensor_datasets(train, test))
 
 
 def load_synthetic(cfg: DataConfig) -> Splits:
@@ -58,10 +82,13 @@ def load_synthetic(cfg: DataConfig) -> Splits:
         labels = torch.randint(0, cfg.synthetic_classes, (count,), generator=generator)
         return TensorDataset(images, labels)
 
-    return Splits(make(cfg.synthetic_train), make(cfg.synthetic_test), shape,  # type: ignore[arg-type]
-                  cfg.synthetic_classes, in_memory=True)
+    train, test = make(cfg.synthetic_train), make(cfg.synthetic_test)
+    return Splits(train, test, shape, cfg.synthetic_classes, in_memory=True,  # type: ignore[arg-type]
+                  materialise=_from_tensor_datasets(train, test))
 
 
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 MNIST_FILES = ("MNIST/raw/ with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
                "t10k-labels-idx1-ubyte")
 
@@ -70,24 +97,44 @@ def load_mnist(cfg: DataConfig) -> Splits:
     """torchvision's MNIST reader on ``<root>/MNIST/raw`` (the four uncompressed idx files)."""
     from torchvision import datasets, transforms
 
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MNIST_MEAN, MNIST_STD)])
     train, test = (_torchvision_split(datasets.MNIST, cfg, MNIST_FILES,
                                       train=flag, transform=transform) for flag in (True, False))
-    return Splits(train, test, (1, 28, 28), 10, in_memory=False)
+
+    def materialise() -> Tensors:  # ToTensor + Normalize on the whole uint8 array at once
+        images = [_normalise(split.data[:, None], MNIST_MEAN, MNIST_STD) for split in (train, test)]
+        return Tensors(images[0], train.targets.clone(), images[1], test.targets.clone())
+
+    return Splits(train, test, (1, 28, 28), 10, in_memory=False, materialise=materialise)
 
 
 def load_cifar10(cfg: DataConfig) -> Splits:
     """torchvision's CIFAR-10 reader on ``<root>/cifar-10-batches-py``; crop+flip on train."""
     from torchvision import datasets, transforms
 
-    normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    normalize = transforms.Normalize(CIFAR_MEAN, CIFAR_STD)
     augment = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                   transforms.ToTensor(), normalize])
     plain = transforms.Compose([transforms.ToTensor(), normalize])
     where = "cifar-10-batches-py/ with data_batch_1..5, test_batch, batches.meta"
     train = _torchvision_split(datasets.CIFAR10, cfg, where, train=True, transform=augment)
     test = _torchvision_split(datasets.CIFAR10, cfg, where, train=False, transform=plain)
-    return Splits(train, test, (3, 32, 32), 10, in_memory=False)
+
+    def materialise() -> Tensors:  # the deterministic part once; crop+flip per batch on the device
+        images = [_normalise(torch.from_numpy(split.data).permute(0, 3, 1, 2), CIFAR_MEAN, CIFAR_STD)
+                  for split in (train, test)]
+        zero = tuple(-m / s for m, s in zip(CIFAR_MEAN, CIFAR_STD))
+        return Tensors(images[0], torch.tensor(train.targets), images[1], torch.tensor(test.targets),
+                       augment=CropFlip(padding=4, fill=zero))
+
+    return Splits(train, test, (3, 32, 32), 10, in_memory=False, materialise=materialise)
+
+
+def _normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 N×C×H×W → float, exactly as ToTensor (÷255) then Normalize ((x-mean)/std) compute it."""
+    view = (1, len(mean), 1, 1)
+    out = images.float().div(255)
+    return out.sub_(torch.tensor(mean).view(view)).div_(torch.tensor(std).view(view)).contiguous()
 
 
 def _torchvision_split(dataset_class: type, cfg: DataConfig, expected: str, **kwargs: object) -> Dataset:

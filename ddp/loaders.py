@@ -77,10 +77,10 @@ def auto_workers(requested: int, in_memory: bool, cpus_per_rank: int) -> int:
     return max(0, min(4, cpus_per_rank - 1))
 
 
-def train_loader(dataset: Dataset, batch_size: int, rank: int, world: int, seed: int,
-                 device: torch.device, workers: int) -> DataLoader:
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=seed)
-    return _loader(dataset, sampler, batch_size, device, workers, seed + rank)
+def train_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], seed: int, device: torch.device,
+                 workers: int) -> DataLoader:
+    """``seed`` seeds the workers' augmentation RNG (give each rank its own)."""
+    return _loader(dataset, sampler, batch_size, device, workers, seed)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, rank: int, world: int, device: torch.device,

@@ -19,7 +19,8 @@ from ddp.config import Recipe, to_yaml
 from ddp.datasets import Splits, build_datasets
 from ddp.environment import ClusterEnv, available_cpus, hostname
 from ddp.errors import DDPError, print_error
-from ddp.loaders import auto_workers, eval_loader, train_loader
+from ddp.loaders import ResumableSampler, ShardSampler, auto_workers, eval_loader, train_loader
+from ddp.memory_loader import MemoryLoader, choose_loader
 from ddp.logs import rank_logging
 from ddp.metrics import MetricsWriter
 from ddp.models import build_model
@@ -138,19 +139,35 @@ def build_parts(recipe: Recipe, plan: Plan) -> TrainParts:
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     model = wrap_model(build_model(recipe.model.name, splits.shape, splits.classes),
                        recipe.dist.parallel, device, plan.devices)
-    workers = auto_workers(recipe.data.num_workers, splits.in_memory, plan.threads)
-    rank, world = comm.rank(), comm.world_size()
-    train = train_loader(splits.train, recipe.data.batch_size, rank, world, recipe.train.seed, device, workers)
-    test = eval_loader(splits.test, recipe.data.eval_batch_size, rank, world, device, workers)
+    train, test, how = _loaders(recipe, plan)
     steps_per_epoch = len(train)
     total = steps_per_epoch * recipe.train.epochs
     if recipe.train.max_steps >= 0:
         total = min(total, recipe.train.max_steps)
     optimizer = build_optimizer(unwrap_model(model), recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.optim, steps_per_epoch, max(total, 1))
-    log.info("%d train / %d test samples, %d steps per epoch at %d per rank × %d ranks, %d loader workers",
-             len(splits.train), len(splits.test), steps_per_epoch, recipe.data.batch_size, world, workers)
+    log.info("%d train / %d test samples, %d steps per epoch at %d per rank × %d ranks, %s",
+             len(splits.train), len(splits.test), steps_per_epoch, recipe.data.batch_size, comm.world_size(), how)
     return TrainParts(model, optimizer, scheduler, train, test, device)
+
+
+def _loaders(recipe: Recipe, plan: Plan) -> tuple[Any, Any, str]:
+    """(train, test, description): in-memory batches or DataLoaders over the same samplers."""
+    data, rank, world = recipe.data, comm.rank(), comm.world_size()
+    sampler = ResumableSampler(plan.splits.train, world, rank, recipe.train.seed)
+    if choose_loader(data.loader, plan.splits, plan.device, data.memory_limit_mb):
+        tensors = plan.splits.materialise()  # type: ignore[misc]
+        on = {name: t.to(plan.device) for name, t in vars(tensors).items() if isinstance(t, torch.Tensor)}
+        train = MemoryLoader(on["train_x"], on["train_y"], sampler, data.batch_size, tensors.augment,
+                             recipe.train.seed)
+        test = MemoryLoader(on["test_x"], on["test_y"], ShardSampler(len(tensors.test_y), rank, world),
+                            data.eval_batch_size)
+        return train, test, f"in-memory batches on {plan.device}"
+    workers = auto_workers(data.num_workers, plan.splits.in_memory, plan.threads)
+    train = train_loader(plan.splits.train, data.batch_size, sampler, recipe.train.seed + rank, plan.device,
+                         workers)
+    test = eval_loader(plan.splits.test, data.eval_batch_size, rank, world, plan.device, workers)
+    return train, test, f"DataLoader with {workers} workers"
 
 
 def _set_threads(recipe: Recipe, env: ClusterEnv) -> int:

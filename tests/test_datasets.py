@@ -283,3 +283,23 @@ def test_damaged_cifar_batch_gives_one_line_data_error(cifar_root):
     with pytest.raises(DataError) as info:
         build_datasets(DataConfig(name="cifar10", root=str(root)))
     assert "\n" not in str(info.value) and "CIFAR10" in str(info.value)
+
+
+def test_mnist_materialised_tensors_equal_torchvision_samples(mnist_root):
+    splits = build_datasets(DataConfig(name="mnist", root=str(mnist_root)))
+    tensors = splits.materialise()
+    assert tensors.train_x.shape == (MNIST_TRAIN, 1, 28, 28) and tensors.augment is None
+    for i in range(MNIST_TRAIN):
+        image, label = splits.train[i]
+        assert torch.equal(tensors.train_x[i], image) and tensors.train_y[i] == label
+    assert splits.tensor_bytes == (MNIST_TRAIN + MNIST_TEST) * 28 * 28 * 4
+
+
+def test_cifar_materialised_test_tensors_equal_torchvision_samples(cifar_root):
+    root, _ = cifar_root
+    splits = build_datasets(DataConfig(name="cifar10", root=str(root)))
+    tensors = splits.materialise()
+    for i in range(len(splits.test)):
+        image, label = splits.test[i]
+        assert torch.equal(tensors.test_x[i], image) and tensors.test_y[i] == label
+    assert tensors.augment is not None  # crop + flip happen per batch on the device

@@ -13,7 +13,7 @@ from ddp.config import load_recipe
 from ddp.datasets import load_digits
 from ddp.environment import SingleProcessEnv
 from ddp.evaluation import evaluate
-from ddp.loaders import eval_loader, train_loader
+from ddp.loaders import ResumableSampler, eval_loader, train_loader
 from ddp.models import digits_cnn
 from ddp.session import execute
 from tests.harness import free_port, spawn_ranks
@@ -73,8 +73,9 @@ class IndexDataset(Dataset):
 
 
 def _indices_per_epoch(env, size: int, epochs: int):
-    loader = train_loader(IndexDataset(size), 4, env.rank, env.world_size, seed=7, device=torch.device("cpu"),
-                          workers=0)
+    dataset = IndexDataset(size)
+    sampler = ResumableSampler(dataset, env.world_size, env.rank, seed=7)
+    loader = train_loader(dataset, 4, sampler, seed=7, device=torch.device("cpu"), workers=0)
     seen = []
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
