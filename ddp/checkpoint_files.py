@@ -71,23 +71,40 @@ def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric
     """Write ``payload`` as ``step-<step>.pt`` plus its manifest, atomically; point ``latest`` at it."""
     directory.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
-    with _atomic(directory / name) as handle:
+    with _atomic(directory / name, sync_dir=False) as handle, _without_record_crcs():
         writer = _CrcWriter(handle)
         torch.save(payload, writer)  # type: ignore[arg-type]
     manifest = Manifest(name, writer.size, writer.crc, step, epoch, metric)
-    write_text_atomic(directory / f"{Path(name).stem}.json", json.dumps(asdict(manifest)))
-    write_text_atomic(directory / "latest", name + "\n")
+    write_text_atomic(directory / f"{Path(name).stem}.json", json.dumps(asdict(manifest)), sync_dir=False)
+    write_text_atomic(directory / "latest", name + "\n")  # this rename's directory fsync covers all three
     return manifest
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    with _atomic(path) as handle:
+@contextmanager
+def _without_record_crcs() -> Iterator[None]:
+    """torch.save computes a CRC-32 per zip record by default; ours covers the whole file already,
+    so skip torch's during our own save (≈ 15% of its time) and restore the setting after."""
+    serialization = torch.serialization
+    if not hasattr(serialization, "set_crc32_options"):  # torch < 2.5
+        yield
+        return
+    previous = serialization.get_crc32_options()
+    serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        serialization.set_crc32_options(previous)
+
+
+def write_text_atomic(path: Path, text: str, sync_dir: bool = True) -> None:
+    with _atomic(path, sync_dir) as handle:
         handle.write(text.encode())
 
 
 @contextmanager
-def _atomic(path: Path) -> Iterator[BinaryIO]:
-    """Temporary file in the same directory → flush → fsync → rename over ``path`` → fsync dir."""
+def _atomic(path: Path, sync_dir: bool = True) -> Iterator[BinaryIO]:
+    """Temporary file in the same directory → flush → fsync → rename over ``path`` → fsync dir
+    (the directory fsync makes the rename durable; one at the end of a group of renames suffices)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -98,7 +115,8 @@ def _atomic(path: Path) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:
