@@ -15,9 +15,7 @@ Pure file logic: no process group here (``ddp.checkpointer`` decides who calls w
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +25,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from ddp.atomic import atomic_open, write_text_atomic
 from ddp.errors import DDPError
 
 _NAME = re.compile(r"step-(\d{8,})\.pt$")
@@ -71,7 +70,7 @@ def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric
     """Write ``payload`` as ``step-<step>.pt`` plus its manifest, atomically; point ``latest`` at it."""
     directory.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
-    with _atomic(directory / name, sync_dir=False) as handle, _without_record_crcs():
+    with atomic_open(directory / name, sync_dir=False) as handle, _without_record_crcs():
         writer = _CrcWriter(handle)
         torch.save(payload, writer)  # type: ignore[arg-type]
     manifest = Manifest(name, writer.size, writer.crc, step, epoch, metric)
@@ -94,37 +93,6 @@ def _without_record_crcs() -> Iterator[None]:
         yield
     finally:
         serialization.set_crc32_options(previous)
-
-
-def write_text_atomic(path: Path, text: str, sync_dir: bool = True) -> None:
-    with _atomic(path, sync_dir) as handle:
-        handle.write(text.encode())
-
-
-@contextmanager
-def _atomic(path: Path, sync_dir: bool = True) -> Iterator[BinaryIO]:
-    """Temporary file in the same directory → flush → fsync → rename over ``path`` → fsync dir
-    (the directory fsync makes the rename durable; one at the end of a group of renames suffices)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if sync_dir:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_manifest(pt_file: Path) -> Manifest:

@@ -22,6 +22,7 @@ from torch import nn
 import ddp
 from ddp import checkpoint_files as files
 from ddp import comm
+from ddp.atomic import write_text_atomic
 from ddp.checkpoint_files import CheckpointError
 from ddp.config import BestMode, CheckpointConfig
 from ddp.parallel import unwrap_model
@@ -95,7 +96,7 @@ class Checkpointer:
     def _after_save(self, manifest: files.Manifest) -> None:
         best = self._best_manifest()
         if manifest.metric is not None and (best is None or self._better(manifest.metric, best.metric)):
-            files.write_text_atomic(self.directory / "best", manifest.file + "\n")
+            write_text_atomic(self.directory / "best", manifest.file + "\n")
             best = manifest
         removed = files.prune(self.directory, self.cfg.keep, protect={best.file} if best else set())
         log.info("checkpoint %s saved (step %d)%s", self.directory / manifest.file, manifest.step,

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ddp.run_dir import write_atomic
+from ddp.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class MetricsWriter:
             return
         jsonl.parent.mkdir(parents=True, exist_ok=True)
         if resumed_step is None:
-            write_atomic(jsonl, "")
+            write_text_atomic(jsonl, "")
         else:
             _truncate_after(jsonl, resumed_step)
         self._file = jsonl.open("a", encoding="utf-8")
@@ -75,4 +75,4 @@ def _truncate_after(jsonl: Path, step: int) -> None:
                 kept.append(line + "\n")
         except ValueError:  # a line torn by a kill mid-write
             log.warning("dropping an unreadable line of %s", jsonl)
-    write_atomic(jsonl, "".join(kept))
+    write_text_atomic(jsonl, "".join(kept))

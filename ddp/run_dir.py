@@ -10,10 +10,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ddp.atomic import write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -41,19 +41,4 @@ class RunDir:
 
     def write_recipe(self, text: str) -> None:
         """Rank 0 only. Atomic: a reader never sees a half-written recipe."""
-        write_atomic(self.recipe, text)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_text_atomic(self.recipe, text)
