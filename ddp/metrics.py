@@ -54,6 +54,12 @@ class MetricsWriter:
             if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{kind}/{key}", value, step)  # type: ignore[union-attr]
 
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -30,8 +30,8 @@ from ddp.process_group import process_group
 from ddp.run_dir import RunDir
 from ddp.seeding import seed_everything
 from ddp.checkpointer import Checkpointer
-from ddp.signals import EXIT_PREEMPTED, StopRequest
-from ddp.trainer import Trainer, TrainParts
+from ddp.signals import EXIT_PREEMPTED, stop_request
+from ddp.trainer import FitResult, Trainer, TrainParts
 
 log = logging.getLogger(__name__)
 
@@ -105,32 +105,25 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None) -> RunRes
         state = resumed.state if resumed else None
         if env.rank == 0:  # after the resume check: a refused checkpoint leaves the run dir as it was
             run_dir.write_recipe(recipe_yaml)
-        metrics = MetricsWriter(run_dir.metrics, run_dir.tensorboard if recipe.log.tensorboard else None,
-                                enabled=comm.is_main(), resumed_step=state.global_step if state else None)
-        stop = StopRequest(recipe.dist.timeout_s).install()
-        try:
+        tensorboard = run_dir.tensorboard if recipe.log.tensorboard else None
+        resumed_step = state.global_step if state else None
+        with MetricsWriter(run_dir.metrics, tensorboard, comm.is_main(), resumed_step) as metrics, \
+                stop_request(recipe.dist.timeout_s) as stop:
             trainer = Trainer(recipe, parts, metrics, checkpointer, stop, state)
-            if trainer.finished():
-                log.info("nothing to train: the checkpoint is at step %d, epoch %d (train.epochs=%d). "
-                         "HINT: raise train.epochs, or train.resume=never to start over",
-                         trainer.state.global_step, trainer.state.epoch, recipe.train.epochs)
             outcome = trainer.fit()
-        except BaseException:
-            stop.close(abandon=True)
-            raise
-        else:
-            stop.close()
-        finally:
-            metrics.close()
         weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
-    last = outcome.last_record
+    _log_outcome(outcome, trainer, run_dir)
+    return RunResult(metrics=outcome.last_record, state_dict=weights, stopped_by=outcome.stopped_by)
+
+
+def _log_outcome(outcome: FitResult, trainer: Trainer, run_dir: RunDir) -> None:
+    step = trainer.state.global_step
     if outcome.stopped_by:
         log.warning("stopped by %s at step %d; checkpoint saved. Exit code %d: run the same command to resume",
-                    outcome.stopped_by, trainer.state.global_step, EXIT_PREEMPTED)
+                    outcome.stopped_by, step, EXIT_PREEMPTED)
     else:
-        log.info("done: test accuracy %.4f after %d steps; run dir %s", last.get("test_acc", float("nan")),
-                 trainer.state.global_step, run_dir.root)
-    return RunResult(metrics=last, state_dict=weights, stopped_by=outcome.stopped_by)
+        log.info("done: test accuracy %.4f after %d steps; run dir %s",
+                 outcome.last_record.get("test_acc", float("nan")), step, run_dir.root)
 
 
 def build_parts(recipe: Recipe, plan: Plan) -> TrainParts:

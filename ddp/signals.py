@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from types import FrameType
 from typing import Any
@@ -72,3 +74,15 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else "a signal on another rank"
+
+
+@contextmanager
+def stop_request(timeout_s: float) -> Iterator[StopRequest]:
+    """All ranks must enter. Installs the handlers; on an error, abandons the last poll."""
+    stop = StopRequest(timeout_s).install()
+    try:
+        yield stop
+    except BaseException:
+        stop.close(abandon=True)
+        raise
+    stop.close()

@@ -61,6 +61,10 @@ class Trainer:
         self._saved_step = self.state.global_step if state else -1
 
     def fit(self) -> FitResult:
+        if self.finished():
+            log.info("nothing to train: the checkpoint is at step %d, epoch %d (train.epochs=%d). "
+                     "HINT: raise train.epochs, or train.resume=never to start over",
+                     self.state.global_step, self.state.epoch, self.cfg.train.epochs)
         while not self.finished():
             if self._run_epoch(self.state.epoch):
                 self._save()
