@@ -116,6 +116,7 @@ class CheckpointConfig:
     keep: int = _bounded(3, minimum=2)  # newest checkpoints kept (the best one is kept besides)
     best_metric: str = "test_acc"  # epoch-record field that ranks checkpoints
     best_mode: BestMode = BestMode.max
+    signal_poll_s: float = _bounded(0.25, minimum=0.0)  # ranks agree on preemption signals this often; 0 = every step
 
 
 @dataclass

@@ -108,7 +108,7 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None) -> RunRes
         tensorboard = run_dir.tensorboard if recipe.log.tensorboard else None
         resumed_step = state.global_step if state else None
         with MetricsWriter(run_dir.metrics, tensorboard, comm.is_main(), resumed_step) as metrics, \
-                stop_request(recipe.dist.timeout_s) as stop:
+                stop_request(recipe.dist.timeout_s, recipe.checkpoint.signal_poll_s) as stop:
             trainer = Trainer(recipe, parts, metrics, checkpointer, stop, state)
             outcome = trainer.fit()
         weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}

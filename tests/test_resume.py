@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,11 +29,12 @@ TIMING = {"time", "samples_per_s", "epoch_time_s"}
 
 
 def _recipe(run_dir, *extra: str):
-    # mnist_cnn has dropout: resume is bit-exact only if every RNG state comes back
+    # mnist_cnn has dropout: resume is bit-exact only if every RNG state comes back.
+    # signal_poll_s=0: the ranks agree on signals after every step, so the stop step is predictable.
     return load_recipe(None, ["model.name=mnist_cnn", "data.name=synthetic", "data.synthetic_shape=[1,12,12]",
                               "data.synthetic_train=200", "data.synthetic_test=50", "data.batch_size=8",
                               "train.epochs=3", f"run.dir={run_dir}", "log.tensorboard=false",
-                              "log.progress=false", "log.every_steps=5", *extra])
+                              "log.progress=false", "log.every_steps=5", "checkpoint.signal_poll_s=0", *extra])
 
 
 @contextmanager
@@ -175,6 +177,8 @@ def test_sigterm_to_one_rank_checkpoints_both_and_a_rerun_resumes(tmp_path):
     results = _wait_all(procs, timeout=60)
     assert [code for code, _ in results] == [EXIT_PREEMPTED, EXIT_PREEMPTED], [err[-2000:] for _, err in results]
     assert "stopped by SIGTERM" not in results[0][1] and "a signal on another rank" in results[0][1]
+    stop_steps = [re.search(r"stopped by .* at step (\d+)", err).group(1) for _, err in results]
+    assert stop_steps[0] == stop_steps[1]  # polled every ~0.25 s, yet both ranks stopped after the same step
     latest = (tmp_path / "runs" / "digits" / "checkpoints" / "latest").read_text().strip()
     stopped_step = int(latest.removeprefix("step-").removesuffix(".pt"))
     assert 0 < stopped_step < 40 * 23
