@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: venv  ## set up, then train the default recipe on 4 ranks
 
 test: venv  ## set up, then run the test suite
 	$(BIN)/python -m pytest -q
+
+bench: venv  ## the benchmark suite (installs Lightning and Accelerate into .venv first; ~30 min)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench all
+	$(BIN)/python -m bench.checkpoint_save
 
 clean:
 	rm -rf $(VENV) runs

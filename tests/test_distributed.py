@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from ddp.config import load_recipe
 from ddp.datasets import load_digits
-from ddp.environment import SingleProcessEnv
+from ddp.environment import ClusterEnv, SingleProcessEnv
 from ddp.evaluation import evaluate
 from ddp.loaders import ResumableSampler, eval_loader, train_loader
 from ddp.models import digits_cnn
@@ -98,7 +98,7 @@ def test_each_training_sample_seen_once_per_epoch_across_ranks(world):
 
 def test_uneven_training_set_is_padded_like_distributed_sampler():
     world, size = 4, 25
-    per_rank = [_indices_per_epoch(type("E", (), {"rank": r, "world_size": world})(), size, 1)[0]
+    per_rank = [_indices_per_epoch(ClusterEnv(rank=r, world_size=world, local_world_size=world), size, 1)[0]
                 for r in range(world)]
     union = [i for rank in per_rank for i in rank]
     assert sorted(set(union)) == list(range(size))  # nothing skipped
