@@ -51,7 +51,7 @@ class MetricsWriter:
     def _to_tensorboard(self, record: dict[str, Any]) -> None:
         kind, step = record.get("kind", "metrics"), record.get("step", 0)
         for key, value in record.items():
-            if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+            if key not in ("kind", "step", "epoch", "time") and isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{kind}/{key}", value, step)  # type: ignore[union-attr]
 
     def __enter__(self) -> MetricsWriter:

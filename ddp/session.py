@@ -112,12 +112,13 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None) -> RunRes
             trainer = Trainer(recipe, parts, metrics, checkpointer, stop, state)
             outcome = trainer.fit()
         weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
-    _log_outcome(outcome, trainer, run_dir)
+        step = trainer.state.global_step
+        del trainer, parts  # free DDP (and its reducer) before the process group is destroyed
+    _log_outcome(outcome, step, run_dir)
     return RunResult(metrics=outcome.last_record, state_dict=weights, stopped_by=outcome.stopped_by)
 
 
-def _log_outcome(outcome: FitResult, trainer: Trainer, run_dir: RunDir) -> None:
-    step = trainer.state.global_step
+def _log_outcome(outcome: FitResult, step: int, run_dir: RunDir) -> None:
     if outcome.stopped_by:
         log.warning("stopped by %s at step %d; checkpoint saved. Exit code %d: run the same command to resume",
                     outcome.stopped_by, step, EXIT_PREEMPTED)
