@@ -45,12 +45,6 @@ class TrainState:
     last_record: dict[str, Any] = field(default_factory=dict)  # the newest epoch record
 
 
-@dataclass
-class Resumed:
-    state: TrainState
-    path: Path
-
-
 class Checkpointer:
     """All ranks must call ``save`` and ``resume`` together."""
 
@@ -119,7 +113,7 @@ class Checkpointer:
     # --- resuming -------------------------------------------------------------------------
 
     def resume(self, spec: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               device: torch.device, scaler: Any = None) -> Resumed | None:
+               device: torch.device, scaler: Any = None) -> TrainState | None:
         """All ranks must call. ``spec``: auto | never | a checkpoint file | a checkpoints dir."""
         choice: Any = None
         if comm.is_main():
@@ -134,8 +128,9 @@ class Checkpointer:
             return None
         path = Path(choice)
         payload = files.load(path, device)
-        check_compatible(payload, self.recipe_yaml, unwrap_model(model), path)
-        unwrap_model(model).load_state_dict(_strip_prefixes(payload["model"]))
+        weights = _strip_prefixes(payload["model"])
+        check_compatible(payload, weights, self.recipe_yaml, unwrap_model(model), path)
+        unwrap_model(model).load_state_dict(weights)
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         if scaler is not None and payload.get("scaler"):
@@ -144,7 +139,7 @@ class Checkpointer:
         log.info("resumed from %s: epoch %d, step %d, sample %d of the epoch (saved by %d ranks, now %d)",
                  path, state.epoch, state.global_step, state.sample_index, payload["world_size"],
                  comm.world_size())
-        return Resumed(state, path)
+        return state
 
     def _restore_rank_state(self, payload: dict[str, Any]) -> TrainState:
         saved_world, ranks = payload["world_size"], payload["ranks"]
@@ -182,7 +177,8 @@ class Checkpointer:
         return None
 
 
-def check_compatible(payload: dict[str, Any], recipe_yaml: str, model: nn.Module, path: Path) -> None:
+def check_compatible(payload: dict[str, Any], weights: dict[str, torch.Tensor], recipe_yaml: str, model: nn.Module,
+                     path: Path) -> None:
     """Refuse, naming the difference, a checkpoint written for another model or dataset."""
     if payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a ddp.train checkpoint (format {payload.get('format')!r}).",
@@ -193,8 +189,7 @@ def check_compatible(payload: dict[str, Any], recipe_yaml: str, model: nn.Module
         if was != now:
             raise CheckpointError(f"{path} was written for {key}={was}, this run has {key}={now}.",
                                   "use the recipe that wrote it, another run.name, or train.resume=never")
-    mine = model.state_dict()
-    theirs = _strip_prefixes(payload["model"])
+    mine, theirs = model.state_dict(), weights
     missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
     if missing or extra:
         raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}.",

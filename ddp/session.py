@@ -100,9 +100,8 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None) -> RunRes
     with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s):
         parts = build_parts(recipe, plan)
         checkpointer = Checkpointer(recipe.checkpoint, run_dir.checkpoints, recipe_yaml)
-        resumed = checkpointer.resume(recipe.train.resume, parts.model, parts.optimizer, parts.scheduler,
-                                      plan.device)
-        state = resumed.state if resumed else None
+        state = checkpointer.resume(recipe.train.resume, parts.model, parts.optimizer, parts.scheduler,
+                                    plan.device)
         if env.rank == 0:  # after the resume check: a refused checkpoint leaves the run dir as it was
             run_dir.write_recipe(recipe_yaml)
         tensorboard = run_dir.tensorboard if recipe.log.tensorboard else None
