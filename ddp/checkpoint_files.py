@@ -45,6 +45,7 @@ class Manifest:
     step: int
     epoch: int
     metric: float | None
+    recipe: str | None = None  # the resolved recipe YAML it was trained with (None: written before 0.2)
 
 
 class _CrcWriter:
@@ -66,14 +67,15 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.pt"
 
 
-def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric: float | None) -> Manifest:
+def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric: float | None,
+         recipe: str | None = None) -> Manifest:
     """Write ``payload`` as ``step-<step>.pt`` plus its manifest, atomically; point ``latest`` at it."""
     directory.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     with atomic_open(directory / name, sync_dir=False) as handle, _without_record_crcs():
         writer = _CrcWriter(handle)
         torch.save(payload, writer)  # type: ignore[arg-type]
-    manifest = Manifest(name, writer.size, writer.crc, step, epoch, metric)
+    manifest = Manifest(name, writer.size, writer.crc, step, epoch, metric, recipe)
     write_text_atomic(directory / f"{Path(name).stem}.json", json.dumps(asdict(manifest)), sync_dir=False)
     write_text_atomic(directory / "latest", name + "\n")  # this rename's directory fsync covers all three
     return manifest
