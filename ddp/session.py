@@ -24,6 +24,7 @@ from ddp.errors import DDPError, print_error
 from ddp.loaders import ResumableSampler, ShardSampler, auto_workers, eval_loader, train_loader
 from ddp.memory_loader import MemoryLoader, choose_loader
 from ddp.checkpoint_files import CheckpointError
+from ddp.lifecycle import lock
 from ddp.lifecycle.changes import Policy, describe
 from ddp.lifecycle.decision import Decision, decide
 from ddp.lifecycle.history import record_start
@@ -118,26 +119,35 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
             if comm.is_main():
                 log.info("%s", decision.done)
             return RunResult(metrics={}, state_dict={}, run_dir=decision.run_dir)
-        log.info("%s | backend %s, device %s, %d CPU threads per rank | torch %s, python %s",
-                 env.describe(), plan.backend, plan.device, plan.threads, torch.__version__,
-                 platform.python_version())
-        run_dir = RunDir(decision.run_dir)
-        parts, checkpointer, state = _start(recipe, plan, decision, recipe_yaml)
-        if logs is not None:
-            logs.attach(run_dir.rank_log(env.rank))
-        _announce(decision, run_dir, state, recipe_yaml, env)
-        tensorboard = run_dir.tensorboard if recipe.log.tensorboard else None
-        resumed_step = state.global_step if state else None
-        with MetricsWriter(run_dir.metrics, tensorboard, comm.is_main(), resumed_step) as metrics, \
-                stop_request(recipe.dist.timeout_s, recipe.checkpoint.signal_poll_s) as stop:
-            trainer = Trainer(recipe, parts, metrics, checkpointer, stop, state)
-            outcome = trainer.fit()
-        weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
-        step = trainer.state.global_step
-        del trainer, parts  # free DDP (and its reducer) before the process group is destroyed
+        try:
+            outcome, step, weights = _train(recipe, env, plan, logs, decision, recipe_yaml)
+        finally:
+            lock.release(decision.run_dir)
+    run_dir = RunDir(decision.run_dir)
     _log_outcome(outcome, step, run_dir, env.rank)  # the group is gone: env knows the rank, comm no longer
     return RunResult(metrics=outcome.last_record, state_dict=weights, run_dir=run_dir.root,
                      stopped_by=outcome.stopped_by, exit_code=outcome.exit_code)
+
+
+def _train(recipe: Recipe, env: ClusterEnv, plan: Plan, logs: RankLogs | None, decision: Decision,
+           recipe_yaml: str) -> tuple[FitResult, int, dict[str, torch.Tensor]]:
+    """All ranks must call. Builds, resumes, records the start, trains: (outcome, step, weights)."""
+    log.info("%s | backend %s, device %s, %d CPU threads per rank | torch %s, python %s",
+             env.describe(), plan.backend, plan.device, plan.threads, torch.__version__,
+             platform.python_version())
+    run_dir = RunDir(decision.run_dir)
+    parts, checkpointer, state = _start(recipe, plan, decision, recipe_yaml)
+    if logs is not None:
+        logs.attach(run_dir.rank_log(env.rank))
+    _announce(decision, run_dir, state, recipe_yaml, env)
+    tensorboard = run_dir.tensorboard if recipe.log.tensorboard else None
+    resumed_step = state.global_step if state else None
+    with MetricsWriter(run_dir.metrics, tensorboard, comm.is_main(), resumed_step) as metrics, \
+            stop_request(recipe.dist.timeout_s, recipe.checkpoint.signal_poll_s) as stop:
+        trainer = Trainer(recipe, parts, metrics, checkpointer, stop, state)
+        outcome = trainer.fit()
+    weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
+    return outcome, trainer.state.global_step, weights  # DDP is freed on return, before the group is destroyed
 
 
 def _decide(recipe: Recipe, recipe_yaml: str) -> Decision:

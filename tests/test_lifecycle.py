@@ -278,3 +278,22 @@ def test_schedule_position_counts_steps_at_the_new_batch():
     assert schedule_position(epoch=2, sample_index=0, steps_per_epoch=45, global_batch=32) == 90
     assert schedule_position(epoch=1, sample_index=320, steps_per_epoch=45, global_batch=32) == 55
     assert schedule_position(epoch=1, sample_index=320, steps_per_epoch=90, global_batch=16) == 110
+
+
+def test_the_same_command_started_twice_side_by_side_never_shares_a_version(tmp_path):
+    args = [sys.executable, "-m", "ddp.train", *QUIET, "train.epochs=40", "log.every_steps=5"]
+    first = subprocess.Popen(args, cwd=tmp_path, env=python_env(), stderr=subprocess.PIPE, text=True)
+    version = tmp_path / "runs" / "digits" / "version_0"
+    try:
+        _wait_for_steps(version / "metrics.jsonl", first, 2)
+        second = _train(tmp_path, "train.epochs=40")
+        assert second.returncode == 2
+        assert f"{version.relative_to(tmp_path)} is in use by another run (pid {first.pid} on " in second.stderr
+        assert second.stderr.count("ERROR") == 1 and not (version.parent / "version_1").exists()
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 130
+    third = _train(tmp_path, "train.epochs=40", "train.max_steps=1")  # the lock died with its holder
+    assert third.returncode == 0, third.stderr[-2000:]

@@ -23,6 +23,7 @@ import torch
 from ddp import checkpoint_files as files
 from ddp.checkpoint_files import CheckpointError, Manifest
 from ddp.config import Recipe
+from ddp.lifecycle import lock
 from ddp.lifecycle.changes import Change, check_resumable, recipe_changes
 from ddp.lifecycle.versions import claim_next, list_versions, owning_version, remove_created
 
@@ -39,12 +40,16 @@ class Decision:
     done: str = ""  # nothing to train: this line is said and the run ends (exit 0), writing nothing
 
     def abandon(self) -> None:
-        """Rank 0, when the run is refused after deciding: remove the empty directories it made."""
+        """Rank 0, when the run is refused after deciding: unlock, remove the directories it made."""
+        lock.release(self.run_dir)
+        if self.run_dir in self.created:
+            (self.run_dir / ".lock").unlink(missing_ok=True)
         remove_created(list(self.created))
 
 
 def decide(recipe: Recipe, recipe_yaml: str) -> Decision:
-    """Rank 0 only. Raises CheckpointError (nothing written) when the run cannot start."""
+    """Rank 0 only. Raises CheckpointError (nothing written) when the run cannot start. A run that
+    will train holds its version's lock (``ddp.lifecycle.lock``) until ``lock.release``."""
     spec, group = recipe.train.resume, recipe.run_dir
     if spec == "never":
         existing = list_versions(group)
@@ -57,6 +62,7 @@ def decide(recipe: Recipe, recipe_yaml: str) -> Decision:
 
 def _fresh(group: Path, why: str, checkpoint: Path | None = None) -> Decision:
     path, created = claim_next(group)
+    lock.acquire(path)
     notice = why.format(new=path) if why else ""
     return Decision(path, checkpoint, tuple(created), notice)
 
@@ -95,6 +101,7 @@ def _continue(version: Path, checkpoint: Path, manifest: Manifest, recipe: Recip
     changes = _check_changes(checkpoint, manifest, recipe_yaml)
     if finished(manifest, recipe):
         return Decision(version, done=_done_line(version, manifest, recipe))
+    lock.acquire(version)
     return Decision(version, checkpoint, changes=tuple(changes))
 
 
