@@ -20,6 +20,7 @@ from ddp.datasets import Splits, build_datasets
 from ddp.environment import ClusterEnv, available_cpus, hostname
 from ddp.errors import DDPError, print_error
 from ddp.loaders import ResumableSampler, ShardSampler, auto_workers, eval_loader, train_loader
+from ddp.memory.resolve import resolve_batch_sizes
 from ddp.memory_loader import MemoryLoader, choose_loader
 from ddp.logs import rank_logging
 from ddp.metrics import MetricsWriter
@@ -96,8 +97,9 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None) -> RunRes
              env.describe(), plan.backend, plan.device, plan.threads, torch.__version__,
              platform.python_version())
     run_dir = RunDir(recipe.run_dir)
-    recipe_yaml = to_yaml(recipe)
     with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s):
+        recipe = resolve_batch_sizes(recipe, env, plan, run_dir)  # data.batch_size: auto → agreed integers
+        recipe_yaml = to_yaml(recipe)
         parts = build_parts(recipe, plan)
         checkpointer = Checkpointer(recipe.checkpoint, run_dir.checkpoints, recipe_yaml)
         state = checkpointer.resume(recipe.train.resume, parts.model, parts.optimizer, parts.scheduler,
