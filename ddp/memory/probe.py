@@ -243,5 +243,5 @@ def budget_error(estimate: Estimate, budget: float, activations: float | None, k
     return MemoryBudgetError(
         f"{key}=auto: the model needs {needs} per rank ({' + '.join(parts)} MB), more than the memory "
         f"budget of {budget / MB:,.1f} MB.",
-        "raise memory.budget_mb or memory.fraction, free the device, use fewer ranks per device, "
-        "or a smaller model / optim.name=sgd")
+        "raise memory.budget_mb or memory.fraction, free memory on the device, or use a smaller model "
+        "(optim.name=sgd keeps less optimizer state than adam)")
