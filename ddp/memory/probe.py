@@ -9,6 +9,8 @@ random tensors of the dataset's sample shape from a private generator.
 Before the first trial the optimizer state and the gradients are created (a step on zero
 gradients), so each trial meets the memory of a training step in steady state and readings are
 "bytes above parameters + gradients + optimizer state": the part that grows with the batch.
+Each reading is taken from the trial's own start (after handing freed memory back), so a cache
+that an earlier trial created and kept is not counted twice.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ddp.memory.policy import Search, fit_affine
 from ddp.memory.readers import MemoryReader
 from ddp.rng import capture_rng, restore_rng
 
-Step = Callable[[int], "float | None"]  # batch → bytes above the baseline, None on out-of-memory
+Step = Callable[[int], "float | None"]  # batch → bytes the step added, None on out-of-memory
 
 
 @dataclass
@@ -79,7 +81,6 @@ class TrialBench:
     sample_shape: tuple[int, ...]
     classes: int
     reader: MemoryReader
-    baseline: int = 0
     state_bytes: int = 0
     _generator: torch.Generator | None = field(default=None, repr=False)
 
@@ -88,25 +89,28 @@ class TrialBench:
         return self.reader.device
 
     def prime(self) -> None:
-        """Create the gradients and the optimizer state (one step on zero gradients), then take the
-        baseline every reading is measured from."""
+        """Create the gradients and the optimizer state (one step on zero gradients). Where the
+        reader asks for it (host RAM), also run one uncounted batch-1 step first: the first
+        backward grows RSS once and for good (thread pools, kernel caches), which is not memory
+        that grows with the batch."""
+        self._generator = torch.Generator(device=self.device).manual_seed(0)
+        if getattr(self.reader, "warm_up", False):
+            self._run(1, self._train)
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             p.grad = torch.zeros_like(p)
         self.optimizer.step()
         held = _tensor_bytes(self.model.parameters()) + _tensor_bytes(p.grad for p in params)
         self.state_bytes = held + _tensor_bytes(_optimizer_tensors(self.optimizer))
-        self._generator = torch.Generator(device=self.device).manual_seed(0)
         self.reader.recover()
-        self.baseline = self.reader.current()
 
     def train_step(self, batch: int) -> float | None:
-        """Forward, loss, backward, optimizer step, in the trainer's order. Bytes above the baseline."""
+        """Forward, loss, backward, optimizer step, in the trainer's order. Bytes the step added."""
         self.model.train()
         return self._trial(batch, self._train)
 
     def eval_step(self, batch: int) -> float | None:
-        """Forward only, without gradients (as evaluation runs). Bytes above the baseline."""
+        """Forward only, without gradients (as evaluation runs). Bytes the step added."""
         self.model.eval()
         try:
             return self._trial(batch, self._eval)
@@ -124,24 +128,30 @@ class TrialBench:
             F.cross_entropy(self.model(inputs), targets)
 
     def _trial(self, batch: int, run: Callable[[torch.Tensor, torch.Tensor], None]) -> float | None:
+        """Bytes the step added to what the process held just before it (the batch included):
+        measured from each trial's own start, so anything an earlier trial left behind for good
+        is not counted again."""
+        self.reader.recover()
+        before = self.reader.current()
         try:
-            inputs = torch.randn((batch, *self.sample_shape), device=self.device, generator=self._generator)
-            targets = torch.randint(0, self.classes, (batch,), device=self.device, generator=self._generator)
-            self.reader.start()
-            run(inputs, targets)
-            peak = self.reader.peak()
+            peak = self._run(batch, run)
         except Exception as err:  # noqa: BLE001 - only out-of-memory is expected; others re-raised
             if not self.reader.is_oom(err):
                 raise
             self._recover()
             return None
-        finally:
-            inputs = targets = None  # noqa: F841 - drop the batch before the next trial
-        return float(max(peak - self.baseline, 0))
+        return float(max(peak - before, 0))
+
+    def _run(self, batch: int, run: Callable[[torch.Tensor, torch.Tensor], None]) -> int:
+        inputs = torch.randn((batch, *self.sample_shape), device=self.device, generator=self._generator)
+        targets = torch.randint(0, self.classes, (batch,), device=self.device, generator=self._generator)
+        self.reader.start()
+        run(inputs, targets)
+        return self.reader.peak()
 
     def _recover(self) -> None:
         """After an out-of-memory error: drop the half-built graph and the gradients, free the
-        cache, and recreate zero gradients so the next trial starts from the same baseline."""
+        cache, and recreate zero gradients so the next trial starts from the same state."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             p.grad = None

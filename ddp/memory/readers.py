@@ -127,6 +127,8 @@ def nvml_usage(index: int) -> tuple[int, int] | None:
 
 
 class CpuReader:
+    warm_up = True  # the first backward grows RSS once (thread pools, kernel caches): run it uncounted
+
     def __init__(self, ranks_on_host: int = 1) -> None:
         self.device = torch.device("cpu")
         self.ranks_on_host = max(1, ranks_on_host)
