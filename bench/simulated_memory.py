@@ -20,11 +20,12 @@ MB = 2**20
 
 @dataclass
 class SimulatedDevice:
-    cap: int  # the largest batch that does not run out of memory
+    cap: int  # the largest batch that does not run out of memory (and that the budget fits)
     per_sample: float = 1.0 * MB
     fixed_share: float = 0.02  # of the budget: workspaces, loss, allocator rounding
     noise: float = 0.003  # relative, uniform ± on every reading
     seed: int = 0
+    oom_above: int | None = None  # run out of memory above this batch instead (a device holding less than the budget says)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     forwards: int = 0  # forward passes seen (trial steps, or Lightning's/Accelerate's steps)
     _batch: int = 0
@@ -49,9 +50,10 @@ class SimulatedDevice:
         batch = args[0].shape[0]
         self.forwards += 1
         self._batch = batch
-        if batch > self.cap:
+        limit = self.cap if self.oom_above is None else self.oom_above
+        if batch > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {batch * self.per_sample / MB:.0f} MiB "
-                                         f"(simulated: batch {batch} > cap {self.cap})")
+                                         f"(simulated: batch {batch} > {limit})")
 
     # --- MemoryReader -------------------------------------------------------------------------
     def room(self) -> int:

@@ -48,11 +48,21 @@ def test_safe_bound_never_exceeds_the_true_maximum_of_an_affine_device():
         assert safe_bound(b, a + s * b, budget) <= true_max
 
 
-def test_back_off_ladder():
-    assert [back_off(1000, 0, k) for k in range(4)] == [975, 950, 900, 800]
-    assert back_off(1000, 960, 1) == 960  # never below the largest batch that fitted: stop there
+def test_back_off_first_a_small_step_then_bisection():
+    assert back_off(1000, 0, 0) == 975  # the fit was a little off
+    assert back_off(1000, 980, 0) == 980  # never below the largest batch that fitted: stop there
     assert back_off(2, 1, 0) == 1
-    assert back_off(1000, 0, 10) == 0  # ladder exhausted
+    assert [back_off(1000, 200, k) for k in (1, 2)] == [600, 600]  # the device holds less than promised
+    assert back_off(201, 200, 3) == 200
+
+
+def test_repeated_out_of_memory_bisects_down_to_what_the_device_holds():
+    search = Search(budget=10_000.0, limit=10**6)
+    cap = 37
+    while (planned := search.next()) is not None:
+        batch, phase = planned
+        search.record(batch, phase, None if batch > cap else 10.0 * batch)  # budget says 1,000 fit
+    assert 0.9 * cap <= search.good <= cap
 
 
 def test_batch_1_that_does_not_fit_ends_the_search_with_nothing():

@@ -12,8 +12,9 @@ optimizer state, which are allocated first). ``Search`` decides which batch to t
 3. verify the predicted largest batch (aiming at ``AIM`` of the budget) by running it. A success is
    kept (and, when the refit promises ``REFINE`` more, tried once more); an over-budget reading is
    refitted (it lies close to the budget, so the new line is accurate there); an out-of-memory
-   error backs off by ``back_off``. At most ``MAX_VERIFY`` steps follow the measurement points;
-   the pick is always a batch that actually ran within the budget.
+   error backs off by ``back_off``. At most ``MAX_VERIFY`` steps follow the measurement points
+   (``MAX_BISECT`` more once repeated out-of-memory errors show the device holds less than the
+   budget said); the pick is always a batch that actually ran within the budget.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ MAX_VERIFY = 3  # trial steps after the measurement points
 SPREAD = 2.0  # the slope is trusted once the largest reading is this many times the smallest
 AIM = 0.99  # verify the batch predicted at this share of the budget (noise margin)
 REFINE = 1.02  # after a verified pick, try the refit's prediction when it is this much larger
-BACK_OFF_STEP = 0.025  # after an OOM: 2.5% smaller, then 5%, then 10% ... (see back_off)
+BACK_OFF_STEP = 0.025  # after a first OOM: 2.5% smaller; after more, bisection (see back_off)
+MAX_BISECT = 8  # extra verify steps allowed once out-of-memory errors show the budget was wrong
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,15 @@ def safe_bound(batch: int, reading: float, budget: float) -> int:
 
 def back_off(failed: int, good: int, attempt: int) -> int:
     """The batch to try after ``failed`` ran out of memory, given ``good`` (the largest batch that
-    ran under the budget, 0 if none) and the number of earlier back-offs. Shrinks by 2.5%, 5%,
-    10%, 20% ... of ``failed`` (timm's ``decay_batch_step`` idea: a fixed, testable ladder), never
-    to ``failed`` or above, never below ``good`` (returning ``good`` means: stop, keep it)."""
-    factor = max(0.0, 1.0 - BACK_OFF_STEP * 2 ** attempt)
-    return max(good, min(failed - 1, math.floor(failed * factor)))
+    ran under the budget, 0 if none) and the number of earlier out-of-memory errors.
+
+    The first time, 2.5% smaller: the fit was slightly off (timm's ``decay_batch_step`` idea: a
+    fixed, testable rule). After that the device evidently holds less than the budget promised
+    (another process took memory), so bisect between ``good`` and ``failed``. Never ``failed`` or
+    above, never below ``good``; returning ``good`` means: stop, keep it."""
+    if attempt == 0:
+        return max(good, min(failed - 1, math.floor(failed * (1 - BACK_OFF_STEP))))
+    return good + (failed - good) // 2
 
 
 @dataclass
@@ -139,11 +145,11 @@ class Search:
         return max(readings) >= SPREAD * max(min(readings), 1.0)
 
     def _verify_step(self) -> tuple[int, str] | None:
-        if self.count("verify") >= MAX_VERIFY:
+        oom = sum(t.reading is None for t in self.trials)
+        if self.count("verify") >= MAX_VERIFY + (MAX_BISECT if oom > 1 else 0):
             return None
         last = self.trials[-1]
-        if last.reading is None:  # out of memory: no reading to refit, step down the ladder
-            oom = sum(t.reading is None for t in self.trials)
+        if last.reading is None:  # out of memory: no reading to refit, back off
             target = back_off(last.batch, self.good, oom - 1)
         else:
             target = self.prediction()
