@@ -264,3 +264,26 @@ def test_non_integer_batch_size_is_one_line_exit_2(tmp_path, args, expected):
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert expected in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_probe_cli_prints_estimate_and_tables_and_writes_nothing(tmp_path):
+    done = run_cli(["-m", "ddp.probe", "--ranks", "2", "memory.budget_mb=60"], cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "budget 60.0 MB per rank" in out and "parameters 0.6 MB, gradients 0.6 MB, optimizer 0.6 MB" in out
+    assert "DDP buckets 0.6 MB" in out and "MB/sample" in out
+    assert "train:" in out and "eval:" in out and out.count("← pick") == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_cli_budget_too_small_is_one_line_exit_2(tmp_path):
+    done = run_cli(["-m", "ddp.probe", "memory.budget_mb=1"], cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith("error: data.batch_size=auto: the model needs 1.7 MB before any activation")
+    assert "HINT:" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_batchnorm_models_start_at_batch_2():
+    from ddp.memory.probe import smallest_batch
+
+    assert smallest_batch(DropoutBnNet()) == 2 and smallest_batch(digits_cnn((1, 8, 8), 10)) == 1

@@ -4,7 +4,7 @@ Memory of one training step is modelled as affine in the batch size b: ``reading
 (bytes above what the process held before the probe, i.e. above the parameters, gradients and
 optimizer state, which are allocated first). ``Search`` decides which batch to try next:
 
-1. measure at b = 1;
+1. measure at b = 1 (2 for models with BatchNorm, which cannot train on one sample);
 2. measure at the largest b that is *guaranteed* to fit if memory is affine with a ≥ 0: the line
    through the origin and the largest measured point has a slope ≥ s, so
    ``budget · b_k / reading(b_k)`` can only be too small. Repeat while the readings are too close
@@ -105,6 +105,7 @@ class Search:
 
     budget: float
     limit: int  # largest useful batch (e.g. the rank's share of the dataset)
+    start: int = 1  # the smallest batch the model can train on (2 with BatchNorm)
     trials: list[Trial] = field(default_factory=list)
 
     @property
@@ -130,8 +131,8 @@ class Search:
     def next(self) -> tuple[int, str] | None:
         """(batch, phase) of the next trial, or None when ``good`` is the answer."""
         if not self.trials:
-            return 1, "measure"
-        if self.good == 0:  # batch 1 did not fit: nothing smaller to try
+            return max(1, min(self.start, self.limit)), "measure"
+        if self.good == 0:  # the smallest batch did not fit: nothing smaller to try
             return None
         if self.count("verify") == 0 and self.failed is None and not self._slope_resolved():
             largest, reading = max(self.points)

@@ -95,7 +95,7 @@ class TrialBench:
         that grows with the batch."""
         self._generator = torch.Generator(device=self.device).manual_seed(0)
         if getattr(self.reader, "warm_up", False):
-            self._run(1, self._train)
+            self._run(smallest_batch(self.model), self._train)
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -216,12 +216,13 @@ def probe_model(model: nn.Module, optimizer: torch.optim.Optimizer, sample_shape
         for kind, limit in limits.items():
             started = time.perf_counter()
             step = bench.train_step if kind == "train" else bench.eval_step
-            search = run_search(Search(budget=budget - state, limit=max(1, limit)), step)
+            start = smallest_batch(model)
+            search = run_search(Search(budget=budget - state, limit=max(start, limit), start=start), step)
             results[kind] = ProbeResult(kind, search.good, budget, state, search, time.perf_counter() - started)
             if kind == "train":
                 _fill_activations(estimate, search)
             if search.good == 0:
-                raise budget_error(estimate, budget, search.trials[0].reading, kind, tried=True)
+                raise budget_error(estimate, budget, search.trials[0].reading, kind, tried=True, batch=start)
     return results
 
 
@@ -234,8 +235,13 @@ def _fill_activations(estimate: Estimate, search: Search) -> None:
         estimate.per_sample, estimate.fixed = points[0][1] / points[0][0], 0.0
 
 
+def smallest_batch(model: nn.Module) -> int:
+    """2 for models with BatchNorm (training on one sample is an error there), else 1."""
+    return 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
+
+
 def budget_error(estimate: Estimate, budget: float, activations: float | None, kind: str = "train",
-                 tried: bool = False) -> MemoryBudgetError:
+                 tried: bool = False, batch: int = 1) -> MemoryBudgetError:
     """The one line for a budget that cannot hold batch 1, with where the memory goes."""
     key = "data.batch_size" if kind == "train" else "data.eval_batch_size"
     parts = [f"parameters {estimate.parameters / MB:,.1f}", f"gradients {estimate.gradients / MB:,.1f}",
@@ -245,11 +251,11 @@ def budget_error(estimate: Estimate, budget: float, activations: float | None, k
     if estimate.ddp_buckets:
         parts.append(f"DDP buckets {estimate.ddp_buckets / MB:,.1f}")
     if activations is None:
-        what = "and ran out of memory at batch 1" if tried else "before any activation"
+        what = f"and ran out of memory at batch {batch}" if tried else "before any activation"
         needs = f"{estimate.state / MB:,.1f} MB {what}"
     else:
         parts.append(f"activations {activations / MB:,.1f}")
-        needs = f"{(estimate.state + activations) / MB:,.1f} MB at batch 1"
+        needs = f"{(estimate.state + activations) / MB:,.1f} MB at batch {batch}"
     return MemoryBudgetError(
         f"{key}=auto: the model needs {needs} per rank ({' + '.join(parts)} MB), more than the memory "
         f"budget of {budget / MB:,.1f} MB.",
