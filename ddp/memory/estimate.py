@@ -11,8 +11,8 @@ For P trainable parameters stored in dtype d (bytes(d) each):
     activations    measured: bytes per sample (the probe's fitted slope) × batch, plus the fixed
                    part of a step (the fitted intercept: workspaces, loss, allocator rounding)
 
-e.g. ResNet-18 (11.2 M parameters, fp32) with SGD + momentum on 2 ranks: 44.7 + 44.7 + 44.7
-+ 0 + 44.7 MB = 179 MB before the first activation.
+e.g. ResNet-18 (11.2 M parameters, fp32) with SGD + momentum on 2 ranks: 42.7 + 42.7 + 42.7
++ 0 + 42.7 MB = 170.6 MB before the first activation (MB = 2^20 bytes throughout).
 """
 
 from __future__ import annotations
