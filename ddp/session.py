@@ -20,7 +20,7 @@ from ddp.datasets import Splits, build_datasets
 from ddp.environment import ClusterEnv, available_cpus, hostname
 from ddp.errors import DDPError, print_error
 from ddp.loaders import ResumableSampler, ShardSampler, auto_workers, eval_loader, train_loader
-from ddp.memory.resolve import resolve_batch_sizes
+from ddp.memory.resolve import check_budget, resolve_batch_sizes
 from ddp.memory_loader import MemoryLoader, choose_loader
 from ddp.logs import rank_logging
 from ddp.metrics import MetricsWriter
@@ -87,6 +87,7 @@ def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) -> 
     backend = choose_backend(recipe.dist.backend, env, devices)
     device = choose_device(backend, recipe.dist.parallel, env, devices)
     splits = build_datasets(recipe.data)
+    check_budget(recipe, env, splits, device)  # data.batch_size=auto: the model state must fit the budget
     return Plan(backend, device, devices, _set_threads(recipe, env), splits)
 
 

@@ -287,3 +287,12 @@ def test_batchnorm_models_start_at_batch_2():
     from ddp.memory.probe import smallest_batch
 
     assert smallest_batch(DropoutBnNet()) == 2 and smallest_batch(digits_cnn((1, 8, 8), 10)) == 1
+
+
+def test_train_refuses_a_budget_below_the_model_state_before_any_file(tmp_path):
+    done = run_cli(["-m", "ddp.train", "data.batch_size=auto", "memory.budget_mb=1"], cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith("error: data.batch_size=auto: the model needs 1.7 MB before any activation per rank "
+                                  "(parameters 0.6 + gradients 0.6 + optimizer 0.6 MB), more than the memory budget "
+                                  "of 1.0 MB. HINT:")
+    assert not (tmp_path / "runs").exists()

@@ -27,7 +27,7 @@ from ddp.datasets import Splits
 from ddp.memory import cache
 from ddp.memory.agree import agree
 from ddp.memory.estimate import MB, Estimate, estimate_state
-from ddp.memory.probe import ProbeResult, probe_model
+from ddp.memory.probe import ProbeResult, budget_error, probe_model
 from ddp.memory.readers import MemoryReader, reader_for
 from ddp.models import build_model
 from ddp.optim import build_optimizer
@@ -81,6 +81,23 @@ def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any) -> Re
         _publish(recipe, run_dir, agreed, reports, source, world)
     data = dataclasses.replace(recipe.data, **{KEYS[kind]: agreed[kind] for kind in kinds})
     return dataclasses.replace(recipe, data=data)
+
+
+def check_budget(recipe: Recipe, env: Any, splits: Splits, device: torch.device) -> None:
+    """Not collective. Refuse an ``auto`` batch size whose budget cannot even hold the parameters,
+    gradients and optimizer state (``MemoryBudgetError``), before any process group or file."""
+    if not auto_kinds(recipe):
+        return
+    rng = capture_rng()
+    try:
+        model = build_model(recipe.model.name, splits.shape, splits.classes)
+    finally:
+        restore_rng(rng)
+    ddp_ranks = env.world_size if recipe.dist.parallel == Parallel.ddp else 1
+    estimate = estimate_state(model, recipe.optim.name.value, recipe.optim.momentum, torch.float32, ddp_ranks)
+    budget = _budget(recipe, reader_for(device, env.local_world_size), estimate.parameters)
+    if estimate.state > budget:
+        raise budget_error(estimate, budget, None)
 
 
 def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: int, kinds: list[str],
@@ -145,7 +162,7 @@ def _key(recipe: Recipe, splits: Splits, reader: MemoryReader, world: int, archi
 
 def _from_checkpoint(recipe: Recipe, run_dir: Any, kinds: list[str]) -> dict[str, int] | None:
     """The sizes the checkpoint this run will resume from was trained with (None: no checkpoint)."""
-    path = _resume_candidate(recipe.train.resume, Path(run_dir.root) / "checkpoints")
+    path = _resume_candidate(recipe.train.resume, Path(run_dir.checkpoints))
     if path is None:
         return None
     saved = OmegaConf.create(files.load(path, torch.device("cpu"))["recipe"])
