@@ -133,11 +133,13 @@ class TrialBench:
         is not counted again."""
         self.reader.recover()
         before = self.reader.current()
+        peak = None
         try:
             peak = self._run(batch, run)
         except Exception as err:  # noqa: BLE001 - only out-of-memory is expected; others re-raised
             if not self.reader.is_oom(err):
                 raise
+        if peak is None:  # recover outside the except block: its traceback still holds the trial's tensors
             self._recover()
             return None
         return float(max(peak - before, 0))

@@ -117,6 +117,8 @@ def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: in
                               {kind: limits[kind] for kind in kinds}, estimate)
         return RecipeProbe(estimate, budget, reader.describe(), _usage(reader), results)
     finally:
+        model = optimizer = None  # noqa: F841 - the throwaway copy goes before the training model comes
+        reader.recover()
         restore_rng(rng)
 
 
@@ -165,7 +167,10 @@ def _from_checkpoint(recipe: Recipe, run_dir: Any, kinds: list[str]) -> dict[str
     path = _resume_candidate(recipe.train.resume, Path(run_dir.checkpoints))
     if path is None:
         return None
-    saved = OmegaConf.create(files.load(path, torch.device("cpu"))["recipe"])
+    try:
+        saved = OmegaConf.create(files.load(path, torch.device("cpu"))["recipe"])
+    except (files.CheckpointError, KeyError, TypeError):
+        return None  # not a usable checkpoint: the Checkpointer refuses it, with its own message
     sizes = {kind: OmegaConf.select(saved, f"data.{KEYS[kind]}") for kind in kinds}
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes.values()):
         return None
