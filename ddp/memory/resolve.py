@@ -58,8 +58,15 @@ def auto_kinds(recipe: Recipe) -> list[str]:
     return [kind for kind, key in KEYS.items() if is_auto(getattr(recipe.data, key))]
 
 
-def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any) -> Recipe:
+SEARCH = "search"  # resolve_batch_sizes(checkpoint=...): find it by train.resume in the run dir
+
+
+def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any, checkpoint: Path | str | None = SEARCH
+                        ) -> Recipe:
     """All ranks must call (one collective when a batch size is ``auto``, none otherwise).
+
+    ``checkpoint``: the file this run resumes from when the caller already knows it (None: a fresh
+    start); by default it is looked up from ``train.resume`` in ``run_dir.checkpoints``.
 
     ``env``: the ClusterEnv; ``plan``: the session's Plan (splits, device); ``run_dir``: the
     RunDir (files go under its ``root``)."""
@@ -69,7 +76,7 @@ def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any) -> Re
     world = comm.world_size()
     sizes, error, report, source = None, None, {}, "probe"
     try:
-        sizes = _from_checkpoint(recipe, run_dir, kinds)
+        sizes = _from_checkpoint(recipe, run_dir, kinds, checkpoint)
         source = "checkpoint"
         if sizes is None:
             sizes, report, source = _probe_or_cache(recipe, plan.splits, plan.device, world, kinds,
@@ -162,9 +169,13 @@ def _key(recipe: Recipe, splits: Splits, reader: MemoryReader, world: int, archi
                            optimizer, world)
 
 
-def _from_checkpoint(recipe: Recipe, run_dir: Any, kinds: list[str]) -> dict[str, int] | None:
+def _from_checkpoint(recipe: Recipe, run_dir: Any, kinds: list[str], checkpoint: Path | str | None
+                     ) -> dict[str, int] | None:
     """The sizes the checkpoint this run will resume from was trained with (None: no checkpoint)."""
-    path = _resume_candidate(recipe.train.resume, Path(run_dir.checkpoints))
+    if checkpoint == SEARCH:
+        path = _resume_candidate(recipe.train.resume, Path(run_dir.checkpoints))
+    else:
+        path = Path(checkpoint) if checkpoint else None
     if path is None:
         return None
     try:
