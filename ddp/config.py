@@ -70,8 +70,8 @@ class ModelConfig:
 class DataConfig:
     name: str = "digits"  # digits | mnist | cifar10 | synthetic (see ddp.datasets.DATASETS)
     root: str = "data"  # where mnist/cifar10 files live (never downloaded)
-    batch_size: int = _bounded(32, minimum=1)  # per rank; the global batch is this × world size
-    eval_batch_size: int = _bounded(512, minimum=1)  # per rank
+    batch_size: Any = 32  # per rank (int ≥ 1, or auto: probed, see ddp.memory); global = this × world size
+    eval_batch_size: Any = 512  # per rank (int ≥ 1, or auto)
     test_fraction: float = _bounded(0.2, above=0.0, maximum=0.9)  # digits: held-out share
     split_seed: int = 0  # digits: the fixed train/test split
     loader: LoaderKind = LoaderKind.auto  # auto: in-memory tensors when they fit, else DataLoader
@@ -128,6 +128,15 @@ class DistConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """Budget for ``data.batch_size: auto`` / ``data.eval_batch_size: auto`` (see ddp.memory)."""
+
+    fraction: float = _bounded(0.9, above=0.0, maximum=1.0)  # of the memory free when probing
+    budget_mb: int = _bounded(0, minimum=0)  # params + grads + optimizer + activations per rank; 0 = use fraction
+    cache: str = "runs/.probe_cache.json"  # probe results by (device, model, input, dtype, optimizer, world); "" = off
+
+
+@dataclass
 class RunConfig:
     name: str = "digits"
     dir: Optional[str] = None  # default: runs/<name>
@@ -149,6 +158,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     run: RunConfig = field(default_factory=RunConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -174,6 +184,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     except OmegaConfBaseException as err:
         raise _config_error(err, source=str(path) if path else "overrides") from None
     _check_bounds(recipe)
+    _check_batch_sizes(recipe)
     _check_choices(recipe)
     return recipe
 
@@ -266,6 +277,28 @@ def _broken_limit(value: Any, limits: Any) -> str | None:
     if "max" in limits and value > limits["max"]:
         return f"≤ {limits['max']}"
     return None
+
+
+AUTO = "auto"
+
+
+def is_auto(value: Any) -> bool:
+    """True for a batch size left to the memory probe (``auto``)."""
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
+def _check_batch_sizes(recipe: Recipe) -> None:
+    """``data.batch_size`` / ``data.eval_batch_size``: an integer ≥ 1 or ``auto``."""
+    for name in ("batch_size", "eval_batch_size"):
+        value, key = getattr(recipe.data, name), f"data.{name}"
+        if is_auto(value):
+            setattr(recipe.data, name, AUTO)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} is invalid: it must be an integer ≥ 1 or auto.",
+                              f"e.g. {key}=32, or {key}=auto to size it from the memory budget")
+        elif value < 1:
+            raise ConfigError(f"{key}={value} is invalid: it must be ≥ 1 or auto.",
+                              f"set {key} to a value ≥ 1, or {key}=auto")
 
 
 def _check_choices(recipe: Recipe) -> None:

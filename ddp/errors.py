@@ -48,3 +48,9 @@ def print_error(err: DDPError, rank: int) -> None:
         import sys
 
         print(f"error: {err}", file=sys.stderr)
+
+
+class MemoryBudgetError(DDPError):
+    """The memory budget cannot hold the model at batch 1 (``data.batch_size: auto``)."""
+
+    exit_code = 2

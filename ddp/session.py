@@ -24,6 +24,7 @@ from ddp.datasets import Splits, build_datasets
 from ddp.environment import ClusterEnv, available_cpus, hostname
 from ddp.errors import DDPError, print_error
 from ddp.loaders import ResumableSampler, ShardSampler, auto_workers, eval_loader, train_loader
+from ddp.memory.resolve import check_budget, resolve_batch_sizes
 from ddp.memory_loader import MemoryLoader, choose_loader
 from ddp.checkpoint_files import CheckpointError
 from ddp.lifecycle import lock
@@ -116,6 +117,7 @@ def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) -> 
     backend = choose_backend(recipe.dist.backend, env, devices)
     device = choose_device(backend, recipe.dist.parallel, env, devices)
     splits = build_datasets(recipe.data)
+    check_budget(recipe, env, splits, device)  # data.batch_size=auto: the model state must fit the budget
     return Plan(backend, device, devices, _set_threads(recipe, env), splits)
 
 
@@ -142,7 +144,9 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
 
 def _train(recipe: Recipe, env: ClusterEnv, plan: Plan, logs: RankLogs | None, decision: Decision,
            recipe_yaml: str) -> tuple[FitResult, int, dict[str, torch.Tensor]]:
-    """All ranks must call. Builds, resumes, records the start, trains: (outcome, step, weights)."""
+    """All ranks must call. Sizes ``auto`` batches, builds, resumes, records the start, trains:
+    (outcome, step, weights)."""
+    recipe, recipe_yaml = _resolve_batch_sizes(recipe, env, plan, decision, recipe_yaml)
     log.info("%s | backend %s, device %s, %d CPU threads per rank | torch %s, python %s",
              env.describe(), plan.backend, plan.device, plan.threads, torch.__version__,
              platform.python_version())
@@ -159,6 +163,19 @@ def _train(recipe: Recipe, env: ClusterEnv, plan: Plan, logs: RankLogs | None, d
         outcome = trainer.fit()
     weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
     return outcome, trainer.state.global_step, weights  # DDP is freed on return, before the group is destroyed
+
+
+def _resolve_batch_sizes(recipe: Recipe, env: ClusterEnv, plan: Plan, decision: Decision, recipe_yaml: str
+                         ) -> tuple[Recipe, str]:
+    """All ranks must call. ``data.batch_size: auto`` → the agreed integers (``ddp.memory``): from
+    the checkpoint this run resumes, the probe cache, or trial steps; the recipe then records them."""
+    try:
+        resolved = resolve_batch_sizes(recipe, env, plan, RunDir(decision.run_dir), checkpoint=decision.checkpoint)
+    except BaseException:
+        if comm.is_main():
+            decision.abandon()
+        raise
+    return (recipe, recipe_yaml) if resolved is recipe else (resolved, to_yaml(resolved))
 
 
 def _decide(recipe: Recipe, recipe_yaml: str) -> Decision:

@@ -52,6 +52,7 @@ POLICIES: tuple[tuple[str, Policy, str], ...] = (
     ("checkpoint.*", Policy.honoured, ""),
     ("dist.*", Policy.honoured, ""),
     ("log.*", Policy.honoured, ""),
+    ("memory.*", Policy.honoured, ""),  # sizes auto batches; a resume keeps the checkpoint's sizes anyway
 )
 
 
@@ -80,7 +81,7 @@ def recipe_changes(saved_yaml: str, current_yaml: str) -> list[Change]:
     saved, current = flatten(yaml.safe_load(saved_yaml) or {}), flatten(yaml.safe_load(current_yaml) or {})
     changes = []
     for key, after in current.items():
-        if key not in saved or saved[key] == after:
+        if key not in saved or saved[key] == after or after == "auto":  # auto resumes at the saved value
             continue
         policy, reason = policy_of(key)
         if policy != Policy.ignored:

@@ -1,0 +1,267 @@
+"""``data.batch_size: auto`` → one integer every rank agrees on, before any loader is built.
+
+In order: a resumed run keeps the sizes its checkpoint was trained with; else a cache entry for
+the same device, model, input, dtype, optimizer and world size is reused when it still fits;
+else each rank probes its own device (``probe_recipe``). Then one collective settles the sizes
+(``agree``), rank 0 logs the table, writes ``memory_probe.json`` in the run dir and updates the
+cache. The returned recipe holds integers, so recipe.yaml and every checkpoint record them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from ddp import checkpoint_files as files
+from ddp import comm
+from ddp.atomic import write_text_atomic
+from ddp.config import Parallel, Recipe, is_auto
+from ddp.datasets import Splits
+from ddp.memory import cache
+from ddp.memory.agree import agree
+from ddp.memory.estimate import MB, Estimate, estimate_state
+from ddp.memory.probe import ProbeResult, budget_error, probe_model
+from ddp.memory.readers import MemoryReader, reader_for
+from ddp.models import build_model
+from ddp.optim import build_optimizer
+from ddp.rng import capture_rng, restore_rng
+
+log = logging.getLogger(__name__)
+KEYS = {"train": "batch_size", "eval": "eval_batch_size"}
+PROBE_FILE = "memory_probe.json"
+
+
+@dataclass
+class RecipeProbe:
+    """One rank's probe of a recipe: the estimate, the budget and a result per kind."""
+
+    estimate: Estimate
+    budget: float
+    device: str
+    usage: str
+    results: dict[str, ProbeResult]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "usage": self.usage, "budget_mb": round(self.budget / MB, 2),
+                "estimate_mb": {k: None if v is None else round(v / MB, 4) for k, v in self.estimate.to_json().items()},
+                "probes": {kind: r.to_json() for kind, r in self.results.items()}}
+
+
+def auto_kinds(recipe: Recipe) -> list[str]:
+    return [kind for kind, key in KEYS.items() if is_auto(getattr(recipe.data, key))]
+
+
+SEARCH = "search"  # resolve_batch_sizes(checkpoint=...): find it by train.resume in the run dir
+
+
+def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any, checkpoint: Path | str | None = SEARCH
+                        ) -> Recipe:
+    """All ranks must call (one collective when a batch size is ``auto``, none otherwise).
+
+    ``checkpoint``: the file this run resumes from when the caller already knows it (None: a fresh
+    start); by default it is looked up from ``train.resume`` in ``run_dir.checkpoints``.
+
+    ``env``: the ClusterEnv; ``plan``: the session's Plan (splits, device); ``run_dir``: the
+    RunDir (files go under its ``root``)."""
+    kinds = auto_kinds(recipe)
+    if not kinds:
+        return recipe
+    world = comm.world_size()
+    sizes, error, report, source = None, None, {}, "probe"
+    try:
+        sizes = _from_checkpoint(recipe, run_dir, kinds, checkpoint)
+        source = "checkpoint"
+        if sizes is None:
+            sizes, report, source = _probe_or_cache(recipe, plan.splits, plan.device, world, kinds,
+                                                    env.local_world_size)
+    except Exception as err:  # noqa: BLE001 - every rank must hear about it (see agree)
+        error = err
+    agreed, reports = agree(sizes, error, {"source": source, **report})
+    if comm.is_main():
+        _publish(recipe, run_dir, agreed, reports, source, world)
+    data = dataclasses.replace(recipe.data, **{KEYS[kind]: agreed[kind] for kind in kinds})
+    return dataclasses.replace(recipe, data=data)
+
+
+def check_budget(recipe: Recipe, env: Any, splits: Splits, device: torch.device) -> None:
+    """Not collective. Refuse an ``auto`` batch size whose budget cannot even hold the parameters,
+    gradients and optimizer state (``MemoryBudgetError``), before any process group or file."""
+    if not auto_kinds(recipe):
+        return
+    rng = capture_rng()
+    try:
+        model = build_model(recipe.model.name, splits.shape, splits.classes)
+    finally:
+        restore_rng(rng)
+    ddp_ranks = env.world_size if recipe.dist.parallel == Parallel.ddp else 1
+    estimate = estimate_state(model, recipe.optim.name.value, recipe.optim.momentum, torch.float32, ddp_ranks)
+    budget = _budget(recipe, reader_for(device, env.local_world_size), estimate.parameters)
+    if estimate.state > budget:
+        raise budget_error(estimate, budget, None)
+
+
+def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: int, kinds: list[str],
+                 reader: MemoryReader | None = None, ranks_on_host: int = 1) -> RecipeProbe:
+    """Probe ``kinds`` for this recipe on this rank, on a throwaway model and optimizer (so the
+    training model is never touched). Not collective. Raises ``MemoryBudgetError``."""
+    reader = reader or reader_for(device, ranks_on_host)
+    rng = capture_rng()
+    try:
+        model = build_model(recipe.model.name, splits.shape, splits.classes).to(device)
+        optimizer = build_optimizer(model, recipe.optim)
+        ddp_ranks = world if recipe.dist.parallel == Parallel.ddp else 1
+        estimate = estimate_state(model, recipe.optim.name.value, recipe.optim.momentum, torch.float32, ddp_ranks)
+        budget = _budget(recipe, reader, estimate.parameters)
+        limits = {"train": _shard(len(splits.train), world), "eval": _shard(len(splits.test), world)}
+        results = probe_model(model, optimizer, splits.shape, splits.classes, reader, budget,
+                              {kind: limits[kind] for kind in kinds}, estimate)
+        return RecipeProbe(estimate, budget, reader.describe(), _usage(reader), results)
+    finally:
+        model = optimizer = None  # noqa: F841 - the throwaway copy goes before the training model comes
+        reader.recover()
+        restore_rng(rng)
+
+
+def _budget(recipe: Recipe, reader: MemoryReader, resident: int) -> float:
+    """memory.budget_mb, or memory.fraction of what the model may use: free memory plus its own
+    parameters (already allocated when this is read)."""
+    if recipe.memory.budget_mb > 0:
+        return float(recipe.memory.budget_mb * MB)
+    return recipe.memory.fraction * (reader.room() + resident)
+
+
+def _shard(count: int, world: int) -> int:
+    """A rank's share of a split: a larger batch than this never occurs."""
+    return max(1, math.ceil(count / world))
+
+
+def _usage(reader: MemoryReader) -> str:
+    line = getattr(reader, "usage_line", None)
+    return line() if line else ""
+
+
+def _probe_or_cache(recipe: Recipe, splits: Splits, device: torch.device, world: int, kinds: list[str],
+                    ranks_on_host: int) -> tuple[dict[str, int], dict[str, Any], str]:
+    reader = reader_for(device, ranks_on_host)
+    path = Path(recipe.memory.cache) if recipe.memory.cache else None
+    architecture = build_model(recipe.model.name, splits.shape, splits.classes)  # on the CPU, for the key
+    key = _key(recipe, splits, reader, world, str(architecture))
+    budget_mb = _budget(recipe, reader, sum(p.numel() * 4 for p in architecture.parameters())) / MB
+    del architecture
+    cached = cache.lookup(path, key, kinds, budget_mb)
+    if cached is not None:
+        return cached, {"cache_key": key, "budget_mb": round(budget_mb, 2)}, "cache"
+    probe = probe_recipe(recipe, splits, device, world, kinds, reader)
+    return {kind: r.pick for kind, r in probe.results.items()}, {"cache_key": key, **probe.to_json()}, "probe"
+
+
+def _key(recipe: Recipe, splits: Splits, reader: MemoryReader, world: int, architecture: str) -> str:
+    optimizer = recipe.optim.name.value + ("+momentum" if recipe.optim.name.value == "sgd" and recipe.optim.momentum
+                                           else "")
+    return cache.cache_key(reader.describe(), recipe.model.name, architecture, tuple(splits.shape), "float32",
+                           optimizer, world)
+
+
+def _from_checkpoint(recipe: Recipe, run_dir: Any, kinds: list[str], checkpoint: Path | str | None
+                     ) -> dict[str, int] | None:
+    """The sizes the checkpoint this run will resume from was trained with (None: no checkpoint)."""
+    if checkpoint == SEARCH:
+        path = _resume_candidate(recipe.train.resume, Path(run_dir.checkpoints))
+    else:
+        path = Path(checkpoint) if checkpoint else None
+    if path is None:
+        return None
+    try:
+        saved = OmegaConf.create(files.load(path, torch.device("cpu"))["recipe"])
+    except (files.CheckpointError, KeyError, TypeError):
+        return None  # not a usable checkpoint: the Checkpointer refuses it, with its own message
+    sizes = {kind: OmegaConf.select(saved, f"data.{KEYS[kind]}") for kind in kinds}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes.values()):
+        return None
+    log.info("data.%s=auto: keeping %s from checkpoint %s", "/".join(KEYS[k] for k in kinds),
+             ", ".join(str(sizes[k]) for k in kinds), path)
+    return sizes  # type: ignore[return-value]
+
+
+def _resume_candidate(spec: str, directory: Path) -> Path | None:
+    """The checkpoint ``train.resume`` points at, by the Checkpointer's rules; None when there is
+    none or it is unusable (the Checkpointer reports that itself, later)."""
+    if spec == "never":
+        return None
+    if spec != "auto":
+        path = Path(spec)
+        if path.is_dir():
+            directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        else:
+            return path if path.is_file() else None
+    for path in files.candidates(directory):
+        try:
+            files.verify(path)
+            return path
+        except files.CheckpointError:
+            continue
+    return None
+
+
+def _publish(recipe: Recipe, run_dir: Any, agreed: dict[str, int], reports: list[dict[str, Any]], source: str,
+             world: int) -> None:
+    """Rank 0 only: log the table, write memory_probe.json, update the cache."""
+    for line in table_lines(reports[0], agreed):
+        log.info("%s", line)
+    record = {"agreed": {KEYS[k]: v for k, v in agreed.items()}, "source": source, "world_size": world,
+              "ranks": reports}
+    write_text_atomic(Path(run_dir.root) / PROBE_FILE, _json(record))
+    if source == "probe" and recipe.memory.cache:
+        results = {}
+        for kind, size in agreed.items():
+            probes = [r["probes"][kind] for r in reports if kind in r.get("probes", {})]
+            need = max(_need_mb(p) for p in probes)
+            results[kind] = {"pick": size, "need_mb": need, "budget_mb": min(p["budget_mb"] for p in probes)}
+        cache.store(Path(recipe.memory.cache), reports[0]["cache_key"], results)
+
+
+def _need_mb(probe: dict[str, Any]) -> float:
+    return max((row["peak_mb"] for row in probe["table"] if row["batch"] == probe["pick"] and row["peak_mb"]),
+               default=probe["state_mb"])
+
+
+def _json(record: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(record, indent=1) + "\n"
+
+
+def table_lines(report: dict[str, Any], agreed: dict[str, int] | None = None) -> list[str]:
+    """The estimate and each probe's table as text lines (rank 0's log, ``python -m ddp.probe``)."""
+    if "probes" not in report:
+        sizes = ", ".join(f"{KEYS[k]}={v}" for k, v in (agreed or {}).items())
+        return [f"memory probe: {sizes} (from the {report.get('source', '?')}, no trial steps)"]
+    lines = [f"memory probe on {report['device']}: budget {report['budget_mb']:,.1f} MB per rank"
+             + (f" ({report['usage']})" if report.get("usage") else "")]
+    est = report["estimate_mb"]
+    parts = [("parameters", est["parameters"]), ("gradients", est["gradients"]), ("optimizer", est["optimizer"]),
+             ("fp32 master", est["master"]), ("DDP buckets", est["ddp_buckets"])]
+    lines.append("  estimate: " + ", ".join(f"{name} {mb:,.1f} MB" for name, mb in parts if mb)
+                 + (f", activations {est['per_sample']:,.3f} MB/sample + {est['fixed']:,.1f} MB per step (measured)"
+                    if est.get("per_sample") is not None else ""))
+    for kind, probe in report["probes"].items():
+        pick = (agreed or {}).get(kind, probe["pick"])
+        total = None
+        if est.get("per_sample") is not None and kind == "train":
+            total = probe["state_mb"] + est["fixed"] + est["per_sample"] * pick
+        lines.append(f"  {kind}: {probe['trial_steps']} trial steps in {probe['seconds']:.2f} s → {KEYS[kind]}={pick}"
+                     + (f" (estimated {total:,.1f} MB)" if total is not None else ""))
+        lines.append(f"    {'batch':>8} {'phase':>8} {'predicted MB':>13} {'peak MB':>10}  result")
+        for row in probe["table"]:
+            predicted = "-" if row["predicted_mb"] is None else f"{row['predicted_mb']:,.1f}"
+            peak = "-" if row["peak_mb"] is None else f"{row['peak_mb']:,.1f}"
+            mark = "  ← pick" if row["batch"] == pick and row["result"] == "fits" else ""
+            lines.append(f"    {row['batch']:>8} {row['phase']:>8} {predicted:>13} {peak:>10}  {row['result']}{mark}")
+    return lines
