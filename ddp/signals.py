@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: checkpointed on request; run the same command again
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 MAX_INTERVAL = 1000  # steps between polls, at most
+_last_received = 0  # the newest stop signal this process received, for launchers that act on it
+
+
+def last_received() -> int:
+    """The newest stop signal this process received (0: none). A job wrapper reads it after the run
+    to choose what follows a stop: ``slurm.job`` requeues only on the scheduler's warning signal."""
+    return _last_received
 
 
 class StopRequest:
@@ -52,7 +59,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum  # nothing else: no logging, no I/O inside a signal handler
+        global _last_received
+        self.received = _last_received = signum  # nothing else: no logging, no I/O in a signal handler
 
     def poll(self) -> bool:
         """All ranks must call after every step. True when the ranks have agreed to stop."""
