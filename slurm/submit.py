@@ -12,6 +12,8 @@ Slurm, and refused with one line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import shlex
 import sys
 import time
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         request = build_request(args)
         job, name, recipe = make_job(args)
         executor, partition = prepare_executor(args, request, name, recipe)
+        warning = signal_lead_warning(recipe, request.signal_lead_s)
+        if warning:
+            print(warning, file=sys.stderr)
         if args.dry_run:
             print_dry_run(executor, recipe)
             return 0
@@ -140,6 +145,30 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     announce(submitted, partition)
     return wait(submitted, args.cluster) if args.wait else 0
+
+
+def last_save(recipe: Recipe) -> tuple[Path, float] | None:
+    """(manifest, seconds) of the newest checkpoint save of this run, from its manifest."""
+    manifests = sorted(recipe.run_dir.glob("**/checkpoints/step-*.json"), key=lambda p: p.stat().st_mtime)
+    for manifest in reversed(manifests):
+        try:
+            seconds = json.loads(manifest.read_text()).get("save_s")
+        except (OSError, ValueError):
+            continue
+        if isinstance(seconds, (int, float)):
+            return manifest, float(seconds)
+    return None
+
+
+def signal_lead_warning(recipe: Recipe | None, lead_s: int) -> str | None:
+    """A warning line when the run's last measured save took longer than the signal lead."""
+    found = last_save(recipe) if recipe is not None else None
+    if found is None or found[1] <= lead_s:
+        return None
+    manifest, seconds = found
+    return (f"warning: the last checkpoint save of this run took {seconds:.0f} s ({manifest}) but --signal-lead is "
+            f"{lead_s} s: a preempted job may be killed before its checkpoint is written. "
+            f"HINT: --signal-lead {math.ceil(2 * seconds) + 30}")
 
 
 def prepare_executor(args: argparse.Namespace, request: Request, name: str,

@@ -92,3 +92,28 @@ def test_dry_run_prints_the_script_and_submits_nothing(in_tmp, monkeypatch, caps
 ])
 def test_overrides_or_a_program(rest, overrides, program):
     assert submit.split_rest(rest) == (overrides, program)
+
+
+def test_a_signal_lead_shorter_than_the_last_save_is_reported(in_tmp, monkeypatch, capsys):
+    submitted = _fake_slurm(in_tmp, monkeypatch)
+    checkpoints = in_tmp / "runs/slow/checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "step-00000010.json").write_text('{"file": "step-00000010.pt", "bytes": 1, "crc32": 0, '
+                                                    '"step": 10, "epoch": 0, "metric": null, "save_s": 150.0}')
+    assert submit.main(["--tasks-per-node", "2", "--partition", "cpu", "--time", "30", "run.name=slow"]) == 0
+    err = capsys.readouterr().err
+    assert "last checkpoint save of this run took 150 s" in err and "HINT: --signal-lead 330" in err
+    assert submitted.exists()  # a warning, not a refusal
+    assert submit.main(["--tasks-per-node", "2", "--partition", "cpu", "--time", "30", "--signal-lead", "200",
+                        "run.name=slow"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_manifests_record_how_long_the_save_took(tmp_path):
+    import torch
+
+    from ddp import checkpoint_files
+
+    manifest = checkpoint_files.save(tmp_path, {"w": torch.zeros(3)}, step=1, epoch=0, metric=None)
+    assert 0 < manifest.save_s < 10
+    assert checkpoint_files.verify(tmp_path / manifest.file).save_s == manifest.save_s
