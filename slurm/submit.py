@@ -196,8 +196,7 @@ def print_dry_run(executor: submitit.AutoExecutor, recipe: Recipe | None) -> Non
 
 def announce(job: submitit.Job, partition: str) -> None:
     print(f"submitted job {job.job_id} to partition '{partition}'")
-    print(f"logs: {job.paths.stdout} and {job.paths.stderr} (rank 0; %t is the task)".replace(
-        "%t", "0").replace(" (rank 0; 0 is the task)", " (rank 0)"))
+    print(f"logs: {job.paths.stdout} and {job.paths.stderr} (rank 0; rank r writes {job.job_id}_r_log.*)")
     print(f"follow: tail -F {shlex.quote(str(job.paths.stderr))}   state: squeue -j {job.job_id}")
 
 
