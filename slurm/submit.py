@@ -115,8 +115,9 @@ def make_job(args: argparse.Namespace) -> tuple[Any, str, Recipe | None]:
                           "pass the program's own arguments after its name")
     cwd = str(Path.cwd())
     if program:
-        name = Path(program[1] if program[0] == "-m" and len(program) > 1 else program[0]).stem
-        return ProgramJob(program_argv(program), cwd), name.replace(".", "_"), None
+        module = program[0] == "-m" and len(program) > 1
+        name = program[1].replace(".", "_") if module else Path(program[0]).stem
+        return ProgramJob(program_argv(program), cwd), name, None
     recipe = load_recipe(args.recipe, overrides)
     return TrainJob(to_yaml(recipe), cwd), recipe.run.name, recipe
 

@@ -117,3 +117,20 @@ def test_manifests_record_how_long_the_save_took(tmp_path):
     manifest = checkpoint_files.save(tmp_path, {"w": torch.zeros(3)}, step=1, epoch=0, metric=None)
     assert 0 < manifest.save_s < 10
     assert checkpoint_files.verify(tmp_path / manifest.file).save_s == manifest.save_s
+
+
+def test_each_gpu_task_trains_on_its_own_gpu():
+    """--gpus-per-node G gives G tasks per node that all see the node's G GPUs: rank r uses cuda:<local rank>."""
+    from ddp.backend import Devices, choose_backend, choose_device
+    from ddp.config import Backend, Parallel
+    from ddp.environment import detect_environment
+
+    devices = Devices(cuda_available=True, cuda_count=4)
+    picked = []
+    for local in range(4):
+        env = detect_environment({"SLURM_PROCID": str(4 + local), "SLURM_LOCALID": str(local), "SLURM_NTASKS": "8",
+                                  "SLURM_NODEID": "1", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_ID": "5",
+                                  "SLURM_JOB_NODELIST": "g[1-2]"})
+        backend = choose_backend(Backend.auto, env, devices)
+        picked.append((backend, str(choose_device(backend, Parallel.ddp, env, devices))))
+    assert picked == [("nccl", f"cuda:{r}") for r in range(4)]
