@@ -140,12 +140,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print_dry_run(executor, recipe)
             return 0
-        submitted = executor.submit(job)
+        submitted = submit_job(executor, job)
     except DDPError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     announce(submitted, partition)
     return wait(submitted, args.cluster) if args.wait else 0
+
+
+def submit_job(executor: submitit.AutoExecutor, job: Any) -> submitit.Job:
+    """``executor.submit``, with sbatch's own refusal (bad account, QOS...) as one line."""
+    try:
+        return executor.submit(job)
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "no output")
+        raise SubmitError(f"sbatch refused the job: {reason.strip()}", "fix the option it names") from None
 
 
 def last_save(recipe: Recipe) -> tuple[Path, float] | None:

@@ -1,7 +1,7 @@
 """Against a real Slurm cluster: ``python -m slurm.testbed`` on this machine (root only; CI is root).
 
 The module fixture starts the testbed (installing the Debian packages if missing) and stops it at
-the end unless it was already up. Jobs run one at a time (the node has the machine's CPUs).
+the end unless it was already up; without root the tests use a testbed that is up, else skip. Jobs run one at a time (the node has the machine's CPUs).
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ TIMING = {"time", "samples_per_s", "epoch_time_s"}
 
 @pytest.fixture(scope="module")
 def slurm_up():
-    if os.geteuid() != 0:
-        pytest.skip("real-Slurm tests need root to run 'python -m slurm.testbed start' (CI runs them as root)")
     was_up = testbed.is_up()
+    if os.geteuid() != 0:
+        if was_up:  # started by root earlier: use it as it is
+            yield
+            return
+        pytest.skip("real-Slurm tests need root to run 'python -m slurm.testbed start' (CI runs them as root)")
     seconds = testbed.start(quiet=True)
     print(f"testbed up in {seconds:.1f} s")
     yield

@@ -10,12 +10,13 @@ from slurm.request import Partition, Request, SubmitError, check, parse_gres_gpu
 SINFO = "gpu*|2|16|gpu:a100:4(S:0-1)\ncpu|4|2|(null)\ncpu|2|8|(null)\n"
 
 
-def _fake_slurm(tmp_path, monkeypatch, sinfo=SINFO):
+def _fake_slurm(tmp_path, monkeypatch, sinfo=SINFO, sbatch_error=""):
     """sinfo prints SINFO; sbatch records its script and answers like Slurm; srun exists."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    answer = f'echo "{sbatch_error}" >&2; exit 1' if sbatch_error else 'echo "Submitted batch job 4242"'
     scripts = {"sinfo": f"cat <<'EOF'\n{sinfo}EOF\n",
-               "sbatch": f'cp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n',
+               "sbatch": f'cp "$1" {tmp_path}/submitted.sh\n{answer}\n',
                "srun": "exit 0\n"}
     for name, body in scripts.items():
         path = bin_dir / name
@@ -134,3 +135,11 @@ def test_each_gpu_task_trains_on_its_own_gpu():
         backend = choose_backend(Backend.auto, env, devices)
         picked.append((backend, str(choose_device(backend, Parallel.ddp, env, devices))))
     assert picked == [("nccl", f"cuda:{r}") for r in range(4)]
+
+
+def test_sbatch_refusing_the_job_is_one_line(in_tmp, monkeypatch, capsys):
+    _fake_slurm(in_tmp, monkeypatch, sbatch_error="sbatch: error: Batch job submission failed: Invalid account")
+    assert submit.main(["--tasks-per-node", "2", "--partition", "cpu", "--time", "5", "--account", "x"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # (submitit lets sbatch's own stderr through first)
+    assert last == "error: sbatch refused the job: sbatch: error: Batch job submission failed: Invalid account " \
+                   "HINT: fix the option it names"
