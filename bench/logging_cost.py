@@ -34,7 +34,7 @@ VARIANTS = {
 
 
 def _throughput(run_dir: Path) -> float:
-    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(line) for line in (run_dir / "version_0" / "metrics.jsonl").read_text().splitlines()
               if '"kind": "epoch"' in line]
     return epochs[-1]["samples_per_s"]
 

@@ -59,8 +59,9 @@ COMPETITORS: dict[str, Implementation] = {impl.key: impl for impl in (
 
 
 def steps_file(run_dir: Path) -> Path:
-    """Where a run's step records land (ours writes ``metrics.jsonl`` into ``run.dir``)."""
-    return run_dir / "metrics.jsonl"
+    """Where a run's step records land (ours writes ``metrics.jsonl`` into ``run.dir``'s first version;
+    each measured run has a directory of its own)."""
+    return run_dir / "version_0" / "metrics.jsonl"
 
 
 class RunFailed(RuntimeError):

@@ -46,6 +46,7 @@ class Manifest:
     step: int
     epoch: int
     metric: float | None
+    recipe: str | None = None  # the resolved recipe YAML it was trained with (None: written before 0.2)
     save_s: float | None = None  # wall time of the save (None in manifests from before it was recorded)
 
 
@@ -68,7 +69,8 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.pt"
 
 
-def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric: float | None) -> Manifest:
+def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric: float | None,
+         recipe: str | None = None) -> Manifest:
     """Write ``payload`` as ``step-<step>.pt`` plus its manifest, atomically; point ``latest`` at it."""
     began = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,8 @@ def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric
     with atomic_open(directory / name, sync_dir=False) as handle, _without_record_crcs():
         writer = _CrcWriter(handle)
         torch.save(payload, writer)  # type: ignore[arg-type]
-    manifest = Manifest(name, writer.size, writer.crc, step, epoch, metric, round(time.perf_counter() - began, 3))
+    manifest = Manifest(name, writer.size, writer.crc, step, epoch, metric, recipe,
+                        save_s=round(time.perf_counter() - began, 3))
     write_text_atomic(directory / f"{Path(name).stem}.json", json.dumps(asdict(manifest)), sync_dir=False)
     write_text_atomic(directory / "latest", name + "\n")  # this rename's directory fsync covers all three
     return manifest

@@ -2,9 +2,10 @@
 
 Only rank 0 writes; the other ranks' RNG states and partial epoch sums are gathered to it. Every
 save ends with a broadcast of rank 0's outcome, which doubles as the barrier: no rank races ahead
-of a save, and a failed save stops every rank with the same error. To resume, rank 0 picks the
-checkpoint (skipping, with a warning, any that fails its integrity check), tells the others, and
-every rank loads it onto its own device with ``weights_only=True``.
+of a save, and a failed save stops every rank with the same error. Which checkpoint to resume is
+decided beforehand (``ddp.lifecycle.decision``); every rank loads it onto its own device with
+``weights_only=True``. The recipe's hyperparameters win over the checkpoint's, and the LR schedule
+is rebuilt from the recipe (``ddp.optim.build_scheduler(start_step=...)``), not loaded.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class Checkpointer:
         if comm.is_main():
             try:
                 payload = self._payload(model, optimizer, scheduler, state, per_rank, scaler)
-                manifest = files.save(self.directory, payload, state.global_step, state.epoch, metric)
+                manifest = files.save(self.directory, payload, state.global_step, state.epoch, metric,
+                                      self.recipe_yaml)
                 self._after_save(manifest)
             except Exception as err:  # noqa: BLE001 - every rank must hear about it
                 outcome = f"{type(err).__name__}: {err}"
@@ -112,27 +114,18 @@ class Checkpointer:
 
     # --- resuming -------------------------------------------------------------------------
 
-    def resume(self, spec: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    def resume(self, path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer,
                device: torch.device, scaler: Any = None) -> TrainState | None:
-        """All ranks must call. ``spec``: auto | never | a checkpoint file | a checkpoints dir."""
-        choice: Any = None
-        if comm.is_main():
-            try:
-                choice = self._choose(spec)
-            except CheckpointError as err:
-                choice = err
-        choice = comm.broadcast_object(str(choice) if isinstance(choice, Path) else choice)
-        if isinstance(choice, CheckpointError):
-            raise choice
-        if choice is None:
+        """All ranks must call, with the same ``path`` (None: nothing to resume). Loads weights,
+        optimizer state and this rank's RNG and epoch sums; the optimizer keeps the recipe's
+        hyperparameters (lr, momentum, weight decay...), only its state comes from the file."""
+        if path is None:
             return None
-        path = Path(choice)
         payload = files.load(path, device)
         weights = _strip_prefixes(payload["model"])
         check_compatible(payload, weights, self.recipe_yaml, unwrap_model(model), path)
         unwrap_model(model).load_state_dict(weights)
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
+        _load_optimizer_state(optimizer, payload["optimizer"])
         if scaler is not None and payload.get("scaler"):
             scaler.load_state_dict(payload["scaler"])
         state = self._restore_rank_state(payload)
@@ -151,30 +144,14 @@ class Checkpointer:
             sums = [sum(r["sums"][i] for r in ranks) for i in range(3)] if rank == 0 else [0.0, 0.0, 0.0]
         return TrainState(**payload["state"], partial_sums=sums)
 
-    def _choose(self, spec: str) -> Path | None:
-        """Rank 0 only: the checkpoint to resume from, or None to start fresh."""
-        if spec == "never":
-            return None
-        if spec == "auto":
-            return self._newest_valid(self.directory)
-        path = Path(spec)
-        if path.is_dir():
-            found = self._newest_valid(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
-            if found is None:
-                raise CheckpointError(f"train.resume={spec}: no valid checkpoint in that directory.",
-                                      "point train.resume at a step-*.pt file, or use auto/never")
-            return found
-        files.verify(path)
-        return path
 
-    def _newest_valid(self, directory: Path) -> Path | None:
-        for path in files.candidates(directory):
-            try:
-                files.verify(path)
-                return path
-            except CheckpointError as err:
-                log.warning("skipping checkpoint %s: %s", path.name, err.problem)
-        return None
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Momentum buffers and moments from the checkpoint; hyperparameters from the recipe
+    (``load_state_dict`` alone would bring back the old lr, weight decay and betas)."""
+    recipe_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, values in zip(optimizer.param_groups, recipe_groups):
+        group.update(values)
 
 
 def check_compatible(payload: dict[str, Any], weights: dict[str, torch.Tensor], recipe_yaml: str, model: nn.Module,

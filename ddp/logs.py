@@ -4,6 +4,9 @@
 * every other rank writes the console only at WARNING and above, so a problem on ANY rank is seen;
 * every rank writes its own ``logs/rank{r}.log`` at the recipe's level, with full tracebacks;
 * every record carries ``[rank r/w host]``; Python warnings are routed through logging.
+
+The log file is opened only once the run is sure to start (``RankLogs.attach``): records before
+that are kept in memory and written first, so a refused run leaves no file behind.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from logging.handlers import BufferingHandler
 from pathlib import Path
 
 from tqdm import tqdm
@@ -43,28 +47,70 @@ class _OneLineFormatter(logging.Formatter):
             record.exc_info, record.exc_text = saved
 
 
+class _Pending(BufferingHandler):
+    """Holds records until the log file exists; never flushes by itself."""
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+class RankLogs:
+    """This rank's handlers. ``attach`` opens the log file and writes what was held back."""
+
+    def __init__(self, level: str, file_format: str) -> None:
+        self.level, self.file_format = level.upper(), file_format
+        self.path: Path | None = None
+        self._pending: _Pending | None = _Pending(capacity=0)
+        self._pending.setLevel(self.level)
+        self._file: logging.Handler | None = None
+
+    @property
+    def handlers(self) -> list[logging.Handler]:
+        return [h for h in (self._pending, self._file) if h is not None]
+
+    def attach(self, path: Path) -> None:
+        """Open ``path`` (appending) and write the records held so far. Idempotent."""
+        if self._file is not None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(path, mode="a", encoding="utf-8")
+        to_file.setLevel(self.level)
+        to_file.setFormatter(logging.Formatter(self.file_format))
+        root = logging.getLogger()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            root.removeHandler(pending)
+            for record in pending.buffer:
+                to_file.handle(record)
+            pending.close()
+        root.addHandler(to_file)
+        self._file, self.path = to_file, path
+
+    @property
+    def attached(self) -> bool:
+        return self._file is not None
+
+
 @contextmanager
-def rank_logging(log_file: Path, rank: int, world: int, host: str, level: str) -> Iterator[None]:
+def rank_logging(rank: int, world: int, host: str, level: str) -> Iterator[RankLogs]:
     """Install the handlers on the root logger for the duration of a run, then remove them."""
     tag = {"rank": rank, "world": world, "host": host}
     root = logging.getLogger()
-    log_file.parent.mkdir(parents=True, exist_ok=True)
     console = _TqdmHandler(sys.stderr)
     console.setLevel(level.upper() if rank == 0 else logging.WARNING)
     console.setFormatter(_OneLineFormatter(_CONSOLE_FORMAT.format(**tag), datefmt="%H:%M:%S"))
-    to_file = logging.FileHandler(log_file, mode="a", encoding="utf-8")
-    to_file.setLevel(level.upper())
-    to_file.setFormatter(logging.Formatter(_FILE_FORMAT.format(**tag)))
+    logs = RankLogs(level, _FILE_FORMAT.format(**tag))
     saved_level = root.level
     root.setLevel(min(logging.getLevelName(level.upper()), logging.WARNING))
     root.addHandler(console)
-    root.addHandler(to_file)
+    for handler in logs.handlers:
+        root.addHandler(handler)
     logging.captureWarnings(True)
     try:
-        yield
+        yield logs
     finally:
         logging.captureWarnings(False)
-        for handler in (console, to_file):
+        for handler in (console, *logs.handlers):
             root.removeHandler(handler)
             handler.close()
         root.setLevel(saved_level)

@@ -1,10 +1,19 @@
-"""Optimizer and per-step learning-rate schedule from the recipe's ``optim`` section."""
+"""Optimizer and per-step learning-rate schedule from the recipe's ``optim`` section.
+
+The schedule is one closed-form multiplier of the step (``lr_factor``) behind a ``LambdaLR``, so it
+can be rebuilt for any step: a resumed run builds it from ITS recipe and places it where training
+stands, so ``train.epochs`` 2 → 4 follows a 4-epoch run's schedule from there on and a new
+``optim.lr`` takes effect.
+"""
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, SequentialLR, StepLR
+from torch.optim.lr_scheduler import LambdaLR
 
 from ddp.config import OptimConfig, OptimizerName, Schedule
 
@@ -19,17 +28,31 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
-                    total_steps: int) -> LRScheduler:
-    """A scheduler stepped once per optimizer step (so it resumes exactly mid-epoch)."""
+                    total_steps: int, start_step: int = 0) -> LambdaLR:
+    """A scheduler stepped once per optimizer step, placed so the next step uses
+    ``lr_factor(start_step)``; the base learning rate is the recipe's ``optim.lr``."""
+    factor = partial(lr_factor, cfg=cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    return LambdaLR(optimizer, factor, last_epoch=start_step - 1)
+
+
+def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """The learning-rate multiplier for optimizer step ``step`` (0-based): linear warm-up, then
+    cosine to 0 at ``total_steps`` / ×gamma every ``step_epochs`` epochs / constant."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    main_steps = max(total_steps - warmup, 1)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    after = step - warmup
     if cfg.schedule == Schedule.cosine:
-        main: LRScheduler = CosineAnnealingLR(optimizer, T_max=main_steps)
-    elif cfg.schedule == Schedule.step:
-        main = StepLR(optimizer, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.gamma)
-    else:
-        main = LambdaLR(optimizer, lambda _: 1.0)
-    if warmup == 0:
-        return main
-    ramp = LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
-    return SequentialLR(optimizer, schedulers=[ramp, main], milestones=[warmup])
+        span = max(total_steps - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(after, span) / span))
+    if cfg.schedule == Schedule.step:
+        return cfg.gamma ** (after // (cfg.step_epochs * steps_per_epoch))
+    return 1.0
+
+
+def schedule_position(epoch: int, sample_index: int, steps_per_epoch: int, global_batch: int) -> int:
+    """Optimizer steps a run with this many steps per epoch has taken at (epoch, sample): where a
+    resumed run's schedule continues. Equals the saved step when batch and world size are unchanged."""
+    return epoch * steps_per_epoch + math.ceil(sample_index / global_batch)

@@ -1,7 +1,8 @@
-"""The run directory: where a run's recipe, metrics, logs and TensorBoard events live.
+"""The run directory: where one run's recipe, metrics, logs and TensorBoard events live.
 
-    runs/<name>/            (or run.dir=)
-      recipe.yaml           the resolved recipe (rank 0)
+    runs/<name>/version_N/  (or <run.dir>/version_N/; see ddp.lifecycle for how N is chosen)
+      recipe.yaml           the resolved recipe it trains with now, its history as comments (rank 0)
+      history.jsonl         one record per start or resume, with the recipe changes (rank 0)
       metrics.jsonl         one JSON object per step interval and per epoch (rank 0)
       tensorboard/          the same metrics as TensorBoard events (rank 0)
       checkpoints/          step-*.pt + manifests, latest, best (rank 0; see ddp.checkpoint_files)
@@ -23,6 +24,10 @@ class RunDir:
     @property
     def recipe(self) -> Path:
         return self.root / "recipe.yaml"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.jsonl"
 
     @property
     def metrics(self) -> Path:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from ddp import comm
 from ddp.backend import Devices, check_parallel, choose_backend, choose_device, probe_devices
@@ -21,16 +23,21 @@ from ddp.environment import ClusterEnv, available_cpus, hostname
 from ddp.errors import DDPError, print_error
 from ddp.loaders import ResumableSampler, ShardSampler, auto_workers, eval_loader, train_loader
 from ddp.memory_loader import MemoryLoader, choose_loader
-from ddp.logs import rank_logging
+from ddp.checkpoint_files import CheckpointError
+from ddp.lifecycle import lock
+from ddp.lifecycle.changes import Policy, describe
+from ddp.lifecycle.decision import Decision, decide
+from ddp.lifecycle.history import record_start
+from ddp.logs import RankLogs, rank_logging
 from ddp.metrics import MetricsWriter
 from ddp.models import build_model
-from ddp.optim import build_optimizer, build_scheduler
+from ddp.optim import build_optimizer, build_scheduler, schedule_position
 from ddp.parallel import unwrap_model, wrap_model
 from ddp.process_group import process_group
 from ddp.run_dir import RunDir
 from ddp.seeding import seed_everything
-from ddp.checkpointer import Checkpointer
-from ddp.signals import EXIT_PREEMPTED, stop_request
+from ddp.checkpointer import Checkpointer, TrainState
+from ddp.signals import EXIT_INTERRUPTED, stop_request
 from ddp.trainer import FitResult, Trainer, TrainParts
 
 log = logging.getLogger(__name__)
@@ -39,8 +46,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     metrics: dict[str, Any]  # the last epoch record
-    state_dict: dict[str, torch.Tensor]  # final unwrapped weights, on CPU
-    stopped_by: str | None = None  # the preemption signal that stopped the run, if any
+    state_dict: dict[str, torch.Tensor]  # final unwrapped weights, on CPU (empty when nothing was trained)
+    run_dir: Path  # the version directory the run wrote (or would have)
+    stopped_by: str | None = None  # the stop signal that ended the run early, if any
+    exit_code: int = 0  # 0, or 75 / 130 after a stop signal (see ddp.signals)
 
 
 @dataclass
@@ -57,26 +66,36 @@ class Plan:
 def run(recipe: Recipe, env: ClusterEnv) -> int:
     """Train with rank-aware logging; return the process exit code (0 on success).
 
-    A refusal found by ``prepare`` (bad backend, missing dataset) prints one line and writes no
-    file; a failure during training is logged on the console and in the rank's log file.
+    A refusal (bad backend, missing dataset, an unusable checkpoint or recipe change) prints one
+    line on rank 0 and writes no file; a failure during training is logged on the console and in
+    the rank's log file; Ctrl-C before training starts ends the run at once with 130.
     """
     try:
         plan = prepare(recipe, env)
     except DDPError as err:
         print_error(err, env.rank)
         return err.exit_code
-    run_dir = RunDir(recipe.run_dir)
-    with rank_logging(run_dir.rank_log(env.rank), env.rank, env.world_size, hostname(), recipe.log.level):
+    with rank_logging(env.rank, env.world_size, hostname(), recipe.log.level) as logs:
         try:
-            result = execute(recipe, env, plan)
-            return EXIT_PREEMPTED if result.stopped_by else 0
+            return execute(recipe, env, plan, logs).exit_code
         except DDPError as err:
-            log.error("%s", err)
+            _log_refusal(err, env.rank)
             return err.exit_code
+        except KeyboardInterrupt:
+            if env.rank == 0:
+                log.warning("interrupted before training started: nothing was saved")
+            return EXIT_INTERRUPTED
         except Exception as err:  # noqa: BLE001 - reported, then the process exits non-zero
-            log.error("training failed: %s: %s (traceback in %s)", type(err).__name__, err,
-                      run_dir.rank_log(env.rank), exc_info=True)
+            where = f" (traceback in {logs.path})" if logs.attached else ""
+            log.error("training failed: %s: %s%s", type(err).__name__, err, where, exc_info=logs.attached)
             return 1
+
+
+def _log_refusal(err: DDPError, rank: int) -> None:
+    """A refusal (exit 2) is the same on every rank: said once, by rank 0. Other errors (a lost
+    peer) are said by every rank that saw them."""
+    if err.exit_code != 2 or rank == 0:
+        log.error("%s", err)
 
 
 def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) -> Plan:
@@ -89,38 +108,100 @@ def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) -> 
     return Plan(backend, device, devices, _set_threads(recipe, env), splits)
 
 
-def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None) -> RunResult:
-    """All ranks must call. Trains (resuming per ``train.resume``) and returns the outcome."""
+def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: RankLogs | None = None) -> RunResult:
+    """All ranks must call. Decides the run's directory and checkpoint (``ddp.lifecycle``), trains,
+    and returns the outcome. Nothing is written until the run is sure to start."""
     plan = plan or prepare(recipe, env)
+    recipe_yaml = to_yaml(recipe)
+    with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s):
+        decision = _decide(recipe, recipe_yaml)
+        if decision.done:
+            if comm.is_main():
+                log.info("%s", decision.done)
+            return RunResult(metrics={}, state_dict={}, run_dir=decision.run_dir)
+        try:
+            outcome, step, weights = _train(recipe, env, plan, logs, decision, recipe_yaml)
+        finally:
+            lock.release(decision.run_dir)
+    run_dir = RunDir(decision.run_dir)
+    _log_outcome(outcome, step, run_dir, env.rank)  # the group is gone: env knows the rank, comm no longer
+    return RunResult(metrics=outcome.last_record, state_dict=weights, run_dir=run_dir.root,
+                     stopped_by=outcome.stopped_by, exit_code=outcome.exit_code)
+
+
+def _train(recipe: Recipe, env: ClusterEnv, plan: Plan, logs: RankLogs | None, decision: Decision,
+           recipe_yaml: str) -> tuple[FitResult, int, dict[str, torch.Tensor]]:
+    """All ranks must call. Builds, resumes, records the start, trains: (outcome, step, weights)."""
     log.info("%s | backend %s, device %s, %d CPU threads per rank | torch %s, python %s",
              env.describe(), plan.backend, plan.device, plan.threads, torch.__version__,
              platform.python_version())
-    run_dir = RunDir(recipe.run_dir)
-    recipe_yaml = to_yaml(recipe)
-    with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s):
+    run_dir = RunDir(decision.run_dir)
+    parts, checkpointer, state = _start(recipe, plan, decision, recipe_yaml)
+    if logs is not None:
+        logs.attach(run_dir.rank_log(env.rank))
+    _announce(decision, run_dir, state, recipe_yaml, env)
+    tensorboard = run_dir.tensorboard if recipe.log.tensorboard else None
+    resumed_step = state.global_step if state else None
+    with MetricsWriter(run_dir.metrics, tensorboard, comm.is_main(), resumed_step) as metrics, \
+            stop_request(recipe.dist.timeout_s, recipe.checkpoint.signal_poll_s) as stop:
+        trainer = Trainer(recipe, parts, metrics, checkpointer, stop, state)
+        outcome = trainer.fit()
+    weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
+    return outcome, trainer.state.global_step, weights  # DDP is freed on return, before the group is destroyed
+
+
+def _decide(recipe: Recipe, recipe_yaml: str) -> Decision:
+    """All ranks must call: rank 0 decides (``ddp.lifecycle.decision``) and tells the others; a
+    refusal is raised on every rank."""
+    choice: Any = None
+    if comm.is_main():
+        try:
+            choice = decide(recipe, recipe_yaml)
+        except CheckpointError as err:
+            choice = err
+    choice = comm.broadcast_object(choice)
+    if isinstance(choice, CheckpointError):
+        raise choice
+    return choice
+
+
+def _start(recipe: Recipe, plan: Plan, decision: Decision, recipe_yaml: str
+           ) -> tuple[TrainParts, Checkpointer, TrainState | None]:
+    """All ranks must call. Builds the parts and loads the checkpoint; if that refuses the run,
+    rank 0 removes the directories the decision created, so nothing is left behind."""
+    try:
         parts = build_parts(recipe, plan)
-        checkpointer = Checkpointer(recipe.checkpoint, run_dir.checkpoints, recipe_yaml)
-        state = checkpointer.resume(recipe.train.resume, parts.model, parts.optimizer, parts.scheduler,
-                                    plan.device)
-        if env.rank == 0:  # after the resume check: a refused checkpoint leaves the run dir as it was
-            run_dir.write_recipe(recipe_yaml)
-        tensorboard = run_dir.tensorboard if recipe.log.tensorboard else None
-        resumed_step = state.global_step if state else None
-        with MetricsWriter(run_dir.metrics, tensorboard, comm.is_main(), resumed_step) as metrics, \
-                stop_request(recipe.dist.timeout_s, recipe.checkpoint.signal_poll_s) as stop:
-            trainer = Trainer(recipe, parts, metrics, checkpointer, stop, state)
-            outcome = trainer.fit()
-        weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
-        step = trainer.state.global_step
-        del trainer, parts  # free DDP (and its reducer) before the process group is destroyed
-    _log_outcome(outcome, step, run_dir)
-    return RunResult(metrics=outcome.last_record, state_dict=weights, stopped_by=outcome.stopped_by)
+        checkpointer = Checkpointer(recipe.checkpoint, RunDir(decision.run_dir).checkpoints, recipe_yaml)
+        state = checkpointer.resume(decision.checkpoint, parts.model, parts.optimizer, plan.device)
+    except BaseException:
+        if comm.is_main():
+            decision.abandon()
+        raise
+    if state is not None:
+        parts.scheduler = _scheduler(recipe, parts, state)
+    return parts, checkpointer, state
 
 
-def _log_outcome(outcome: FitResult, step: int, run_dir: RunDir) -> None:
+def _announce(decision: Decision, run_dir: RunDir, state: TrainState | None, recipe_yaml: str,
+              env: ClusterEnv) -> None:
+    """The run starts: say where and with which changes; rank 0 records it in the run dir."""
+    if not comm.is_main():
+        return
+    if decision.notice:
+        log.info("%s", decision.notice)
+    if any(c.policy == Policy.honoured for c in decision.changes):
+        log.info("resuming with changes: %s", describe(list(decision.changes)))
+    log.info("run dir %s", run_dir.root)
+    record_start(run_dir, recipe_yaml, decision.checkpoint, state.global_step if state else 0,
+                 state.epoch if state else 0, decision.changes, env.world_size)
+
+
+def _log_outcome(outcome: FitResult, step: int, run_dir: RunDir, rank: int) -> None:
+    """Said once on the console (rank 0); every rank's log file has it."""
     if outcome.stopped_by:
-        log.warning("stopped by %s at step %d; checkpoint saved. Exit code %d: run the same command to resume",
-                    outcome.stopped_by, step, EXIT_PREEMPTED)
+        log.log(logging.WARNING if rank == 0 else logging.INFO, "stopped by %s at step %d; checkpoint saved in %s. "
+                "Exit code %d: run the same command to resume", outcome.stopped_by, step, run_dir.checkpoints,
+                outcome.exit_code)
     else:
         log.info("done: test accuracy %.4f after %d steps; run dir %s",
                  outcome.last_record.get("test_acc", float("nan")), step, run_dir.root)
@@ -133,15 +214,26 @@ def build_parts(recipe: Recipe, plan: Plan) -> TrainParts:
     model = wrap_model(build_model(recipe.model.name, splits.shape, splits.classes),
                        recipe.dist.parallel, device, plan.devices)
     train, test, how = _loaders(recipe, plan)
-    steps_per_epoch = len(train)
+    optimizer = build_optimizer(unwrap_model(model), recipe.optim)
+    parts = TrainParts(model, optimizer, None, train, test, device)  # type: ignore[arg-type]
+    parts.scheduler = _scheduler(recipe, parts, None)
+    log.info("%d train / %d test samples, %d steps per epoch at %d per rank × %d ranks, %s",
+             len(splits.train), len(splits.test), len(train), recipe.data.batch_size, comm.world_size(), how)
+    return parts
+
+
+def _scheduler(recipe: Recipe, parts: TrainParts, state: TrainState | None) -> LambdaLR:
+    """The recipe's LR schedule, placed where ``state`` stands (a resumed run continues the schedule
+    of ITS recipe: more epochs stretch it, a new lr rescales it)."""
+    steps_per_epoch = len(parts.train_loader)
     total = steps_per_epoch * recipe.train.epochs
     if recipe.train.max_steps >= 0:
         total = min(total, recipe.train.max_steps)
-    optimizer = build_optimizer(unwrap_model(model), recipe.optim)
-    scheduler = build_scheduler(optimizer, recipe.optim, steps_per_epoch, max(total, 1))
-    log.info("%d train / %d test samples, %d steps per epoch at %d per rank × %d ranks, %s",
-             len(splits.train), len(splits.test), steps_per_epoch, recipe.data.batch_size, comm.world_size(), how)
-    return TrainParts(model, optimizer, scheduler, train, test, device)
+    start = 0
+    if state is not None:
+        start = schedule_position(state.epoch, state.sample_index, steps_per_epoch,
+                                  recipe.data.batch_size * comm.world_size())
+    return build_scheduler(parts.optimizer, recipe.optim, steps_per_epoch, max(total, 1), start)
 
 
 def _loaders(recipe: Recipe, plan: Plan) -> tuple[Any, Any, str]:

@@ -1,6 +1,10 @@
-"""Preemption signals: SIGTERM, SIGUSR1 and SIGUSR2 ask every rank to checkpoint and stop.
+"""Stop signals: SIGTERM, SIGUSR1, SIGUSR2 (preemption) and SIGINT (Ctrl-C) ask every rank to
+checkpoint and stop; the run exits 75 after a preemption signal and 130 after Ctrl-C alone.
 
-The handler only records the signal. The ranks agree through an all_reduce on a small Gloo control
+The handler only records the signal (and, for a first Ctrl-C, says once on rank 0 what happens
+next). A second Ctrl-C more than a second after the first exits at once, without a checkpoint;
+closer together they are one keypress reaching the process twice (a terminal signals torchrun and
+every rank, and torchrun then forwards the signal to its ranks). The ranks agree through an all_reduce on a small Gloo control
 group, about every ``checkpoint.signal_poll_s`` seconds of training, overlapped with the following
 steps: issued at one poll and read at the next, so the hot path never waits on it. The same
 all_reduce carries each rank's mean step time; every rank derives the next poll interval (in
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 import threading
@@ -28,14 +33,21 @@ from ddp import comm
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: checkpointed on request; run the same command again
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C; checkpointed, run the same command again
+PREEMPTION = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+SIGNALS = (*PREEMPTION, signal.SIGINT)
 MAX_INTERVAL = 1000  # steps between polls, at most
-_last_received = 0  # the newest stop signal this process received, for launchers that act on it
+SAME_KEYPRESS_S = 1.0  # a second SIGINT sooner than this is the first one forwarded by torchrun
+_last_received = 0  # the stop signal this process received (as ``StopRequest.received``), for launchers
+
+
+def exit_code_for(preempted: bool) -> int:
+    return EXIT_PREEMPTED if preempted else EXIT_INTERRUPTED
 
 
 def last_received() -> int:
-    """The newest stop signal this process received (0: none). A job wrapper reads it after the run
-    to choose what follows a stop: ``slurm.job`` requeues only on the scheduler's warning signal."""
+    """The stop signal this process received (0: none). A job wrapper reads it after the run to
+    choose what follows a stop: ``slurm.job`` requeues only on the scheduler's warning signal."""
     return _last_received
 
 
@@ -44,12 +56,14 @@ class StopRequest:
 
     def __init__(self, timeout_s: float, poll_s: float = 0.0) -> None:
         self.received: int = 0  # the signal number, set by the handler
+        self.preempted = False  # after the ranks agreed: a preemption signal (not only Ctrl-C) was among them
+        self._interrupted_at: float | None = None
         self.poll_s = poll_s
         self._previous: dict[int, Any] = {}
         self._group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
                        if comm.world_size() > 1 else None)
         self._pending: Any = None
-        self._buffer = torch.zeros(2, dtype=torch.float64)
+        self._buffer = torch.zeros(3, dtype=torch.float64)
         self._interval, self._steps, self._since = 1, 0, time.perf_counter()
 
     def install(self) -> StopRequest:
@@ -60,7 +74,25 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         global _last_received
-        self.received = _last_received = signum  # nothing else: no logging, no I/O in a signal handler
+        if signum == signal.SIGINT:
+            self._interrupt()
+        if not self.received or signum in PREEMPTION:
+            self.received = _last_received = signum
+        self.preempted = self.preempted or signum in PREEMPTION
+
+    def _interrupt(self) -> None:
+        """Ctrl-C: the first asks for a checkpoint; a later one (not the same keypress) quits now.
+        Only ``os.write`` here: logging is not safe inside a signal handler."""
+        now = time.monotonic()
+        if self._interrupted_at is None:
+            self._interrupted_at = now
+            if comm.is_main():
+                os.write(2, b"\ninterrupted: saving a checkpoint after the current step, then exiting "
+                            b"(press Ctrl-C again to quit at once, without saving)\n")
+        elif now - self._interrupted_at > SAME_KEYPRESS_S:
+            if comm.is_main():
+                os.write(2, b"interrupted again: exiting now, without a checkpoint\n")
+            os._exit(EXIT_INTERRUPTED)
 
     def poll(self) -> bool:
         """All ranks must call after every step. True when the ranks have agreed to stop."""
@@ -72,7 +104,8 @@ class StopRequest:
         decided = self._collect()
         now = time.perf_counter()
         step_time, self._steps, self._since = (now - self._since) / self._steps, 0, now
-        self._buffer = torch.tensor([1.0 if self.received else 0.0, step_time], dtype=torch.float64)
+        self._buffer = torch.tensor([1.0 if self.received else 0.0, 1.0 if self.preempted else 0.0, step_time],
+                                    dtype=torch.float64)
         self._pending = dist.all_reduce(self._buffer, group=self._group, async_op=True)
         return decided
 
@@ -81,7 +114,8 @@ class StopRequest:
         if self._pending is None:
             return False
         self._pending.wait()
-        flags, step_times = self._buffer.tolist()
+        flags, preempted, step_times = self._buffer.tolist()
+        self.preempted = self.preempted or preempted > 0
         mean_step = step_times / comm.world_size()
         self._interval = max(1, min(MAX_INTERVAL, math.ceil(self.poll_s / mean_step))) if mean_step > 0 else 1
         return flags > 0
@@ -97,6 +131,11 @@ class StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+    @property
+    def exit_code(self) -> int:
+        """75 when any rank received a preemption signal, else 130 (Ctrl-C only)."""
+        return exit_code_for(self.preempted)
 
     @property
     def name(self) -> str:

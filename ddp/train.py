@@ -9,6 +9,7 @@ from ddp.config import load_recipe, to_yaml
 from ddp.environment import detect_environment
 from ddp.errors import DDPError, print_error
 from ddp.session import run
+from ddp.signals import EXIT_INTERRUPTED
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,6 +25,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before training started (during training it checkpoints)
+        _report_interrupt()
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -36,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(recipe), end="")
         return 0
     return run(recipe, env)
+
+
+def _report_interrupt() -> None:
+    try:
+        rank = detect_environment().rank
+    except DDPError:
+        rank = 0
+    if rank == 0:
+        print("interrupted before training started: nothing was saved", file=sys.stderr)
 
 
 def _report(err: DDPError) -> None:

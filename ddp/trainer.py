@@ -45,6 +45,7 @@ class TrainParts:
 class FitResult:
     last_record: dict[str, Any]  # the newest epoch record
     stopped_by: str | None  # the signal that stopped training early, if any
+    exit_code: int = 0  # after a stop signal: 75 (preemption) or 130 (Ctrl-C)
 
 
 class Trainer:
@@ -61,14 +62,12 @@ class Trainer:
         self._saved_step = self.state.global_step if state else -1
 
     def fit(self) -> FitResult:
-        if self.finished():
-            log.info("nothing to train: the checkpoint is at step %d, epoch %d (train.epochs=%d). "
-                     "HINT: raise train.epochs, or train.resume=never to start over",
-                     self.state.global_step, self.state.epoch, self.cfg.train.epochs)
+        """All ranks must call. A run already finished under its recipe never gets here
+        (``ddp.lifecycle.decision`` says so instead)."""
         while not self.finished():
             if self._run_epoch(self.state.epoch):
                 self._save()
-                return FitResult(self.state.last_record, self.stop.name)
+                return FitResult(self.state.last_record, self.stop.name, self.stop.exit_code)
         if self._saved_step != self.state.global_step:
             self._save()
         return FitResult(self.state.last_record, None)
@@ -96,7 +95,8 @@ class Trainer:
             if self.stop.poll():
                 bar.close()
                 state.partial_sums = sums.tolist()
-                log.warning("stop requested by %s: checkpointing at step %d", self.stop.name, state.global_step)
+                log.log(logging.WARNING if comm.is_main() else logging.INFO,  # once on the console
+                        "stop requested by %s: checkpointing at step %d", self.stop.name, state.global_step)
                 return True
             if self._reached_max_steps() and done < total:
                 complete = False

@@ -12,7 +12,7 @@ requeues, hands the same signal to that handler: it pickles this object again
 requeues only itself). The requeued job runs the same recipe with ``train.resume=auto`` and
 continues from the checkpoint. A SIGTERM (``scancel``, ``scontrol requeue`` from outside, a
 preemption without a warning, the time limit itself) also checkpoints and stops, but requeues
-nothing: Slurm is already ending or requeueing the job. submitit counts a warning that arrives
+nothing: Slurm is already ending or requeueing the job (SIGINT likewise, exit 130). submitit counts a warning that arrives
 late in the run as a time-out and stops requeueing after ``max_num_timeout`` (3) of them.
 """
 
@@ -29,7 +29,7 @@ import submitit
 
 from ddp.config import load_recipe
 from ddp.environment import ClusterEnv, SingleProcessEnv, child_environ, detect_environment, torch_variables
-from ddp.signals import EXIT_PREEMPTED, SIGNALS, last_received
+from ddp.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, SIGNALS, last_received
 from ddp.session import run
 
 
@@ -115,10 +115,10 @@ def finish(code: int, stopped_by: int, rank: int) -> dict[str, Any]:
     """Turn a rank's exit code into the task's outcome: a result, a requeue, or a failure."""
     if code == 0:
         return {"rank": rank, "exit_code": 0}
-    if code == EXIT_PREEMPTED:
-        if rank == 0 and stopped_by == requeue_signal():
+    if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
+        if rank == 0 and code == EXIT_PREEMPTED and stopped_by == requeue_signal():
             hand_to_submitit(stopped_by)  # pickles the job again, scontrol requeue, exits
-        raise SystemExit(EXIT_PREEMPTED)  # checkpointed; no result file: the job is not over
+        raise SystemExit(code)  # checkpointed; no result file: the job is not over
     raise RuntimeError(f"rank {rank} exited with code {code}; its log has the reason")
 
 

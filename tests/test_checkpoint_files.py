@@ -16,6 +16,7 @@ from ddp import checkpoint_files as files
 from ddp.checkpoint_files import CheckpointError
 from ddp.checkpointer import Checkpointer
 from ddp.config import CheckpointConfig
+from ddp.lifecycle.decision import newest_valid
 from tests.harness import REPO, python_env
 
 
@@ -90,17 +91,24 @@ def test_best_pointer_follows_the_metric(tmp_path):
 
 
 def test_auto_resume_skips_a_truncated_newest_checkpoint_with_a_warning(tmp_path, caplog):
+    from ddp.config import load_recipe, to_yaml
+    from ddp.lifecycle.decision import decide
+
+    directory = tmp_path / "version_0" / "checkpoints"
     for step in (1, 2):
-        files.save(tmp_path, _payload(step), step=step, epoch=step, metric=None)
-    newest = tmp_path / "step-00000002.pt"
+        files.save(directory, _payload(step), step=step, epoch=step, metric=None)
+    newest = directory / "step-00000002.pt"
     newest.write_bytes(newest.read_bytes()[:-10])
-    keeper = Checkpointer(CheckpointConfig(), tmp_path, "")
+    recipe = load_recipe(None, [f"run.dir={tmp_path}"])
     with caplog.at_level(logging.WARNING):
-        assert keeper._choose("auto") == tmp_path / "step-00000001.pt"
-    assert "skipping checkpoint step-00000002.pt" in caplog.text and "truncated" in caplog.text
+        assert decide(recipe, to_yaml(recipe)).checkpoint == directory / "step-00000001.pt"
+    assert f"skipping checkpoint {newest}" in caplog.text and "truncated" in caplog.text
+    named = load_recipe(None, [f"run.dir={tmp_path}", f"train.resume={newest}"])
     with pytest.raises(CheckpointError, match="truncated"):
-        keeper._choose(str(newest))  # named explicitly: refused, not skipped
-    assert keeper._choose("never") is None
+        decide(named, to_yaml(named))  # named explicitly: refused, not skipped
+    fresh = load_recipe(None, [f"run.dir={tmp_path}", "train.resume=never"])
+    decision = decide(fresh, to_yaml(fresh))
+    assert decision.checkpoint is None and decision.run_dir == tmp_path / "version_1"
 
 
 SLOW_SAVER = textwrap.dedent("""
@@ -138,6 +146,6 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_in_charge(tmp_path)
     assert list(tmp_path.glob(".step-00000002.pt.*.tmp"))  # the torn write is only a temporary file
     assert not (tmp_path / "step-00000002.pt").exists()
     assert files.read_pointer(tmp_path, "latest") == "step-00000001.pt"
-    keeper = Checkpointer(CheckpointConfig(), tmp_path, "")
-    assert keeper._choose("auto") == tmp_path / "step-00000001.pt"
-    assert torch.equal(files.load(keeper._choose("auto"), torch.device("cpu"))["model"]["w"], torch.ones(8))
+    chosen = newest_valid(tmp_path)  # what train.resume=auto resumes from
+    assert chosen == tmp_path / "step-00000001.pt"
+    assert torch.equal(files.load(chosen, torch.device("cpu"))["model"]["w"], torch.ones(8))

@@ -23,7 +23,7 @@ def default_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("default")
     started = time.monotonic()
     done = run_torchrun(4, ["-m", "ddp.train"], cwd=cwd, timeout=240)
-    return done, cwd / "runs" / "digits", time.monotonic() - started
+    return done, cwd / "runs" / "digits" / "version_0", time.monotonic() - started
 
 
 def test_default_recipe_on_4_ranks_reaches_97_percent(default_run):
@@ -57,9 +57,9 @@ def test_plain_python_runs_the_same_recipe(tmp_path):
     done = run_cli(["-m", "ddp.train", "train.epochs=2", "log.tensorboard=false"], cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "single process" in done.stderr
-    epochs = _epochs(tmp_path / "runs" / "digits")
+    epochs = _epochs(tmp_path / "runs" / "digits" / "version_0")
     assert [e["epoch"] for e in epochs] == [1, 2] and epochs[-1]["test_acc"] > 0.8
-    assert (tmp_path / "runs" / "digits" / "logs" / "rank0.log").exists()
+    assert (tmp_path / "runs" / "digits" / "version_0" / "logs" / "rank0.log").exists()
 
 
 def test_a_warning_and_an_error_on_rank_1_reach_the_console(tmp_path):
@@ -70,5 +70,5 @@ def test_a_warning_and_an_error_on_rank_1_reach_the_console(tmp_path):
     assert time.monotonic() - started < 100
     assert re.search(r"WARNING \[rank 1/2 \S+\] .*injected warning on rank 1", done.stderr)
     assert re.search(r"ERROR \[rank 1/2 \S+\] training failed: RuntimeError: boom on rank 1", done.stderr)
-    log = (tmp_path / "runs" / "digits" / "logs" / "rank1.log").read_text()
+    log = (tmp_path / "runs" / "digits" / "version_0" / "logs" / "rank1.log").read_text()
     assert "Traceback" in log and "boom on rank 1" in log  # the full traceback lives in the file

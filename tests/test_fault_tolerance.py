@@ -64,12 +64,12 @@ def uninterrupted(tmp_path_factory):
     proc = _torchrun(cwd)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-3000:]
-    return _final_weights(cwd / "runs" / "digits")
+    return _final_weights(cwd / "runs" / "digits" / "version_0")
 
 
 @pytest.mark.parametrize("attempt", range(5))
 def test_sigkill_of_a_rank_under_max_restarts_resumes_to_identical_weights(tmp_path, uninterrupted, attempt):
-    run_dir = tmp_path / "runs" / "digits"
+    run_dir = tmp_path / "runs" / "digits" / "version_0"  # checkpoints every 5 steps: restarts resume it
     proc = _torchrun(tmp_path, "--max-restarts=3")
     try:
         _wait_for_step(proc, run_dir, 12 + 7 * attempt)  # mid-epoch, at a different step each time
@@ -102,7 +102,7 @@ def test_survivor_of_a_dead_peer_exits_naming_the_rank(tmp_path, how):
     port = free_port()
     procs = [_manual_rank(rank, port, tmp_path, f"dist.timeout_s={timeout_s}") for rank in (0, 1)]
     try:
-        _wait_for_step(procs[0], tmp_path / "runs" / "digits", 5)
+        _wait_for_step(procs[0], tmp_path / "runs" / "digits" / "version_0", 5)
         procs[1].send_signal(getattr(signal, how))
         started = time.monotonic()
         _, err = procs[0].communicate(timeout=60)

@@ -71,7 +71,8 @@ def _straight_and_resumed(env, tmp: str, stop_before: int, signal_rank: int, por
     resumed = execute(_recipe(f"{tmp}/resumed"), at(ports[2]))
     as_numpy = {k: v.numpy() for k, v in straight.state_dict.items()}, {k: v.numpy() for k, v in
                                                                         resumed.state_dict.items()}
-    return as_numpy, stopped.stopped_by, _metrics(f"{tmp}/straight"), _metrics(f"{tmp}/resumed")
+    assert resumed.run_dir == stopped.run_dir  # the resume continued the stopped run, in its directory
+    return as_numpy, stopped.stopped_by, _metrics(straight.run_dir), _metrics(resumed.run_dir)
 
 
 def _assert_bit_exact(result, expected_stop: str):
@@ -168,7 +169,8 @@ def test_sigterm_to_one_rank_checkpoints_both_and_a_rerun_resumes(tmp_path):
     overrides = ("train.epochs=40", "log.every_steps=1", "log.tensorboard=false")
     port = free_port()
     procs = [_launch_manual(rank, port, tmp_path, *overrides) for rank in (0, 1)]
-    metrics = tmp_path / "runs" / "digits" / "metrics.jsonl"
+    version = tmp_path / "runs" / "digits" / "version_0"
+    metrics = version / "metrics.jsonl"
     deadline = time.monotonic() + 90
     while not (metrics.exists() and metrics.read_text().count('"kind": "step"') >= 3):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "training never started"
@@ -177,16 +179,18 @@ def test_sigterm_to_one_rank_checkpoints_both_and_a_rerun_resumes(tmp_path):
     results = _wait_all(procs, timeout=60)
     assert [code for code, _ in results] == [EXIT_PREEMPTED, EXIT_PREEMPTED], [err[-2000:] for _, err in results]
     assert "stopped by SIGTERM" not in results[0][1] and "a signal on another rank" in results[0][1]
-    stop_steps = [re.search(r"stopped by .* at step (\d+)", err).group(1) for _, err in results]
+    logs = [(version / "logs" / f"rank{rank}.log").read_text() for rank in (0, 1)]
+    assert "stopped by SIGTERM" not in results[1][1]  # rank 1 says it in its log file, only rank 0 on the console
+    stop_steps = [re.search(r"stopped by .* at step (\d+)", text).group(1) for text in logs]
     assert stop_steps[0] == stop_steps[1]  # polled every ~0.25 s, yet both ranks stopped after the same step
-    latest = (tmp_path / "runs" / "digits" / "checkpoints" / "latest").read_text().strip()
+    latest = (version / "checkpoints" / "latest").read_text().strip()
     stopped_step = int(latest.removeprefix("step-").removesuffix(".pt"))
     assert 0 < stopped_step < 40 * 23
     port = free_port()
     finish = (*overrides, f"train.max_steps={stopped_step + 5}")  # a few more steps prove the run goes on
     results = _wait_all([_launch_manual(rank, port, tmp_path, *finish) for rank in (0, 1)], timeout=120)
     assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
-    assert f"resumed from runs/digits/checkpoints/{latest}" in results[0][1]
+    assert f"resumed from runs/digits/version_0/checkpoints/{latest}" in results[0][1]
 
 
 def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
@@ -194,27 +198,29 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
 
     first = run_cli(["-m", "ddp.train", "train.epochs=1", "log.tensorboard=false"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
-    recipe_before = (tmp_path / "runs" / "digits" / "recipe.yaml").read_text()
+    version = tmp_path / "runs" / "digits" / "version_0"
+    recipe_before = (version / "recipe.yaml").read_text()
     other = run_cli(["-m", "ddp.train", "train.epochs=2", "model.name=mnist_mlp"], cwd=tmp_path)
     assert other.returncode == 2
     errors = [line for line in other.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "Traceback" not in other.stderr
-    assert "was written for model.name=digits_cnn, this run has model.name=mnist_mlp" in errors[0]
+    assert "with model.name=mnist_mlp: it was trained with model.name=digits_cnn" in errors[0]
     assert "HINT:" in errors[0]
-    assert (tmp_path / "runs" / "digits" / "recipe.yaml").read_text() == recipe_before
+    assert (version / "recipe.yaml").read_text() == recipe_before
+    assert sorted(p.name for p in version.parent.iterdir()) == ["version_0"]
 
 
 def test_resume_accepts_state_dicts_saved_with_wrapper_prefixes(tmp_path):
     from ddp import checkpoint_files as files
     from ddp.session import execute
 
-    execute(_recipe(tmp_path, "train.epochs=1"), SingleProcessEnv())
-    directory = tmp_path / "checkpoints"
+    first = execute(_recipe(tmp_path, "train.epochs=1"), SingleProcessEnv())
+    directory = first.run_dir / "checkpoints"
     newest = files.candidates(directory)[0]
     payload = files.load(newest, torch.device("cpu"))
     payload["model"] = {f"module._orig_mod.{k}": v for k, v in payload["model"].items()}
     manifest = files.read_manifest(newest)
-    files.save(directory, payload, manifest.step, manifest.epoch, manifest.metric)
+    files.save(directory, payload, manifest.step, manifest.epoch, manifest.metric, manifest.recipe)
     result = execute(_recipe(tmp_path, "train.epochs=2"), SingleProcessEnv())
     assert result.metrics["epoch"] == 2
 

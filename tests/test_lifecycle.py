@@ -1,0 +1,299 @@
+"""A run's lifecycle as a user meets it: run twice, start fresh, continue with more epochs or
+another lr, change what cannot change, press Ctrl-C, name a checkpoint that is not there.
+
+Each of issue 7's five reports is a test here, on real processes (the CLI, torchrun).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddp.config import Recipe, load_recipe, to_yaml
+from ddp.lifecycle.changes import Policy, POLICIES, flatten, policy_of, recipe_changes
+from ddp.optim import build_optimizer, build_scheduler, lr_factor, schedule_position
+from tests.harness import python_env, run_cli
+
+QUIET = ("log.tensorboard=false", "log.progress=false")
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with a hash of its bytes: a snapshot to compare."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _records(version: Path, kind: str) -> list[dict]:
+    lines = (version / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _train(cwd: Path, *overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return run_cli(["-m", "ddp.train", *QUIET, *overrides], cwd=cwd, timeout=timeout)
+
+
+# --- 1. a fresh start never touches another run's files --------------------------------------
+
+def test_resume_never_starts_a_new_version_and_leaves_the_old_run_byte_for_byte(tmp_path):
+    first = _train(tmp_path, "train.epochs=4")
+    assert first.returncode == 0, first.stderr[-2000:]
+    group = tmp_path / "runs" / "digits"
+    before = _tree(group / "version_0")
+    fresh = _train(tmp_path, "train.epochs=1", "train.resume=never")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "train.resume=never: starting runs/digits/version_1" in fresh.stderr
+    assert _tree(group / "version_0") == before  # not pruned, not re-pointed, no metrics spliced
+    new = group / "version_1"
+    latest = (new / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-00000045.pt" and (new / "checkpoints" / latest).exists()
+    assert [r["step"] for r in _records(new, "epoch")] == [45]
+    again = _train(tmp_path, "train.epochs=4")  # auto: the newest version (1) is unfinished at 4 epochs
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from runs/digits/version_1/checkpoints/step-00000045.pt" in again.stderr
+    assert _tree(group / "version_0") == before
+
+
+# --- 2. continuing with a changed recipe ------------------------------------------------------
+
+def test_more_epochs_and_a_new_lr_follow_the_longer_runs_schedule_and_are_recorded(tmp_path):
+    every = ("log.every_steps=1",)
+    (tmp_path / "a").mkdir()
+    short = _train(tmp_path / "a", "train.epochs=2", *every)
+    assert short.returncode == 0, short.stderr[-2000:]
+    more = _train(tmp_path / "a", "train.epochs=4", "optim.lr=0.01", *every)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "resuming with changes: optim.lr 0.05 → 0.01, train.epochs 2 → 4" in more.stderr
+    (tmp_path / "b").mkdir()
+    straight = _train(tmp_path / "b", "train.epochs=4", "optim.lr=0.01", *every)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    resumed_lr = {r["step"]: r["lr"] for r in _records(tmp_path / "a/runs/digits/version_0", "step")}
+    straight_lr = {r["step"]: r["lr"] for r in _records(tmp_path / "b/runs/digits/version_0", "step")}
+    after = sorted(step for step in straight_lr if step > 90)
+    assert len(after) == 90 and [resumed_lr[s] for s in after] == [straight_lr[s] for s in after]
+    assert max(resumed_lr[s] for s in after) < 0.01 * 0.51  # the second half of a cosine: never climbs again
+    version = tmp_path / "a/runs/digits/version_0"
+    assert load_recipe(version / "recipe.yaml").optim.lr == 0.01  # what runs now
+    assert "resumed at step 90 (epoch 2) on 1 rank with changes: optim.lr 0.05 → 0.01" in (
+        version / "recipe.yaml").read_text()
+    history = [json.loads(line) for line in (version / "history.jsonl").read_text().splitlines()]
+    assert [h["event"] for h in history] == ["start", "resume"]
+    assert history[1]["changes"] == {"optim.lr": [0.05, 0.01], "train.epochs": [2, 4]}
+
+
+def test_a_change_resuming_cannot_honour_is_refused_in_one_line_and_writes_nothing(tmp_path):
+    first = _train(tmp_path, "train.epochs=1")
+    assert first.returncode == 0
+    before = _tree(tmp_path)
+    refused = _train(tmp_path, "train.epochs=3", "train.seed=7")
+    assert refused.returncode == 2
+    assert refused.stderr.count("ERROR") == 1 and "Traceback" not in refused.stderr
+    assert "train.seed=7: it was trained with train.seed=0" in refused.stderr
+    assert "train.resume=never to start a new version" in refused.stderr
+    assert _tree(tmp_path) == before
+
+
+# --- 3. Ctrl-C ------------------------------------------------------------------------------------
+
+def _wait_for_steps(path: Path, proc: subprocess.Popen, count: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().count('"kind": "step"') >= count):
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_on_one_process_checkpoints_exits_130_and_the_rerun_resumes(tmp_path):
+    args = [sys.executable, "-m", "ddp.train", *QUIET, "train.epochs=40", "log.every_steps=5"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=python_env(), stderr=subprocess.PIPE, text=True)
+    version = tmp_path / "runs" / "digits" / "version_0"
+    _wait_for_steps(version / "metrics.jsonl", proc, 3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "interrupted: saving a checkpoint after the current step" in err
+    assert "stopped by SIGINT at step" in err and "Exit code 130: run the same command to resume" in err
+    latest = (version / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.removeprefix("step-").removesuffix(".pt"))
+    assert 15 <= step < 40 * 45
+    rerun = _train(tmp_path, "train.epochs=40", f"train.max_steps={step + 5}")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resumed from runs/digits/version_0/checkpoints/{latest}" in rerun.stderr
+
+
+def test_ctrl_c_on_two_torchrun_ranks_checkpoints_once_and_resumes(tmp_path):
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+            "ddp.train", *QUIET, "train.epochs=40", "log.every_steps=5"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    version = tmp_path / "runs" / "digits" / "version_0"
+    try:
+        _wait_for_steps(version / "metrics.jsonl", proc, 3)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: torchrun and both ranks get it
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun itself ends with its own SignalException traceback (its agent re-raises the signal);
+    # the ranks print no traceback, say once what happened, and checkpoint together.
+    assert "KeyboardInterrupt" not in out and "/ddp/" not in out, out[-3000:]
+    assert out.count("stopped by SIGINT at step") == 1, out[-3000:]
+    for rank in (0, 1):
+        text = (version / "logs" / f"rank{rank}.log").read_text()
+        assert "stopped by SIGINT" in text and "Exit code 130" in text
+    latest = (version / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.removeprefix("step-").removesuffix(".pt"))
+    resumed = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ddp.train",
+                       *QUIET, "train.epochs=40", f"train.max_steps={step + 4}"], cwd=tmp_path, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from runs/digits/version_0/checkpoints/{latest}" in resumed.stderr
+
+
+def test_a_second_ctrl_c_quits_at_once_but_the_same_keypress_forwarded_does_not(monkeypatch):
+    from ddp import signals
+
+    class Quit(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Quit(code)
+
+    clock = iter([100.0, 100.2, 102.0])
+    monkeypatch.setattr(signals.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(signals.os, "_exit", fake_exit)
+    monkeypatch.setattr(signals.os, "write", lambda fd, data: len(data))
+    stop = signals.StopRequest(timeout_s=5)
+    stop._handle(signal.SIGINT, None)
+    assert stop.poll() and stop.exit_code == 130 and stop.name == "SIGINT"
+    stop._handle(signal.SIGINT, None)  # 0.2 s later: torchrun forwarding the same Ctrl-C
+    with pytest.raises(Quit, match="130"):
+        stop._handle(signal.SIGINT, None)  # 2 s later: the user pressed it again
+
+
+def test_a_preemption_signal_after_ctrl_c_makes_it_exit_75_for_a_requeue():
+    from ddp import signals
+
+    stop = signals.StopRequest(timeout_s=5)
+    stop.received, stop.preempted = signal.SIGINT, False
+    assert stop.exit_code == 130
+    stop._handle(signal.SIGTERM, None)
+    assert stop.exit_code == 75 and stop.name == "SIGTERM"
+
+
+# --- 4. the README's commands, run twice --------------------------------------------------------
+
+def test_running_the_same_command_twice_trains_twice_in_two_versions(tmp_path):
+    first = _train(tmp_path, "train.epochs=1")
+    second = _train(tmp_path, "train.epochs=1")
+    assert first.returncode == second.returncode == 0, second.stderr[-2000:]
+    assert ("runs/digits/version_0 finished at epoch 1, step 45, test_acc" in second.stderr
+            and "starting runs/digits/version_1" in second.stderr)
+    assert "train.resume=runs/digits/version_0 train.epochs=<more than 1>" in second.stderr
+    group = tmp_path / "runs" / "digits"
+    for version in ("version_0", "version_1"):
+        assert [r["epoch"] for r in _records(group / version, "epoch")] == [1]
+
+
+# --- 5. refused and no-op runs write nothing ----------------------------------------------------
+
+def test_a_missing_resume_path_is_refused_and_creates_no_directory(tmp_path):
+    done = _train(tmp_path, f"train.resume={tmp_path}/doesnotexist.pt")
+    assert done.returncode == 2
+    assert "doesnotexist.pt does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_naming_a_finished_run_says_so_and_adds_no_file(tmp_path):
+    first = _train(tmp_path, "train.epochs=1", "log.tensorboard=true")
+    assert first.returncode == 0
+    before = _tree(tmp_path)
+    again = _train(tmp_path, "train.epochs=1", "log.tensorboard=true", "train.resume=runs/digits/version_0")
+    assert again.returncode == 0
+    assert "already finished at epoch 1, step 45" in again.stderr and "To train more: raise train.epochs" in again.stderr
+    assert _tree(tmp_path) == before  # no log lines appended, no empty TensorBoard events file
+
+
+def test_an_older_checkpoint_named_explicitly_branches_into_a_new_version(tmp_path):
+    first = _train(tmp_path, "train.epochs=3")
+    assert first.returncode == 0
+    group = tmp_path / "runs" / "digits"
+    before = _tree(group / "version_0")
+    old = group / "version_0" / "checkpoints" / "step-00000090.pt"
+    branch = _train(tmp_path, "train.epochs=4", f"train.resume={old}")
+    assert branch.returncode == 0, branch.stderr[-2000:]
+    assert "starting runs/digits/version_1 from" in branch.stderr and "not its newest checkpoint" in branch.stderr
+    assert _tree(group / "version_0") == before
+    assert [r["epoch"] for r in _records(group / "version_1", "epoch")] == [3, 4]
+
+
+# --- policies and the schedule, in-process ----------------------------------------------------
+
+def test_every_recipe_key_has_an_explicit_resume_policy():
+    keys = flatten(yaml.safe_load(to_yaml(Recipe())))
+    fallback = [key for key in keys if not any(fnmatchcase(key, pattern) for pattern, _, _ in POLICIES)]
+    assert not fallback, f"classify these keys in ddp.lifecycle.changes.POLICIES: {fallback}"
+    assert policy_of("model.name")[0] == Policy.refused and policy_of("optim.lr")[0] == Policy.honoured
+
+
+def test_recipe_changes_name_each_key_with_before_and_after():
+    saved = to_yaml(load_recipe(None, []))
+    now = to_yaml(load_recipe(None, ["optim.lr=0.01", "model.name=mnist_mlp", "run.name=other",
+                                     "train.resume=never"]))
+    changes = {c.key: (c.before, c.after, c.policy) for c in recipe_changes(saved, now)}
+    assert changes == {"optim.lr": (0.05, 0.01, Policy.honoured),
+                       "model.name": ("digits_cnn", "mnist_mlp", Policy.refused)}
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "none"])
+def test_a_scheduler_placed_at_step_k_continues_exactly_like_one_stepped_there(schedule):
+    import torch
+
+    cfg = load_recipe(None, [f"optim.schedule={schedule}", "optim.warmup_steps=5", "optim.step_epochs=1"]).optim
+    model = torch.nn.Linear(2, 2)
+    stepped_opt = build_optimizer(model, cfg)
+    stepped = build_scheduler(stepped_opt, cfg, steps_per_epoch=10, total_steps=40)
+    lrs = []
+    for _ in range(40):
+        lrs.append(stepped_opt.param_groups[0]["lr"])
+        stepped_opt.step()
+        stepped.step()
+    for k in (0, 3, 17, 39):
+        placed_opt = build_optimizer(model, cfg)
+        build_scheduler(placed_opt, cfg, steps_per_epoch=10, total_steps=40, start_step=k)
+        assert placed_opt.param_groups[0]["lr"] == lrs[k]
+    assert lrs[k] == cfg.lr * lr_factor(k, cfg, 10, 40)
+
+
+def test_schedule_position_counts_steps_at_the_new_batch():
+    assert schedule_position(epoch=2, sample_index=0, steps_per_epoch=45, global_batch=32) == 90
+    assert schedule_position(epoch=1, sample_index=320, steps_per_epoch=45, global_batch=32) == 55
+    assert schedule_position(epoch=1, sample_index=320, steps_per_epoch=90, global_batch=16) == 110
+
+
+def test_the_same_command_started_twice_side_by_side_never_shares_a_version(tmp_path):
+    args = [sys.executable, "-m", "ddp.train", *QUIET, "train.epochs=40", "log.every_steps=5"]
+    first = subprocess.Popen(args, cwd=tmp_path, env=python_env(), stderr=subprocess.PIPE, text=True)
+    version = tmp_path / "runs" / "digits" / "version_0"
+    try:
+        _wait_for_steps(version / "metrics.jsonl", first, 2)
+        second = _train(tmp_path, "train.epochs=40")
+        assert second.returncode == 2
+        assert f"{version.relative_to(tmp_path)} is in use by another run (pid {first.pid} on " in second.stderr
+        assert second.stderr.count("ERROR") == 1 and not (version.parent / "version_1").exists()
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 130
+    third = _train(tmp_path, "train.epochs=40", "train.max_steps=1")  # the lock died with its holder
+    assert third.returncode == 0, third.stderr[-2000:]
