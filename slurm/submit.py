@@ -57,7 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="local: the same job through submitit's local executor (no Slurm)")
     parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="key=value | program args",
                         help="recipe overrides, or a program (script.py, -m module, executable) and its arguments")
-    return parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    module_at = argv.index("-m") if "-m" in argv else len(argv)  # argparse cannot start a remainder with "-m"
+    args = parser.parse_args(argv[:module_at])
+    args.rest += argv[module_at:]
+    return args
 
 
 def build_request(args: argparse.Namespace) -> Request:

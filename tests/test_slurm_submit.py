@@ -143,3 +143,10 @@ def test_sbatch_refusing_the_job_is_one_line(in_tmp, monkeypatch, capsys):
     last = capsys.readouterr().err.splitlines()[-1]  # (submitit lets sbatch's own stderr through first)
     assert last == "error: sbatch refused the job: sbatch: error: Batch job submission failed: Invalid account " \
                    "HINT: fix the option it names"
+
+
+def test_a_module_program_is_taken_whole():
+    args = submit.parse_args(["--tasks-per-node", "2", "--time", "5", "-m", "ddp.train", "train.epochs=2"])
+    assert submit.split_rest(args.rest) == ([], ["-m", "ddp.train", "train.epochs=2"])
+    args = submit.parse_args(["--tasks-per-node", "2", "--time", "5", "my.py", "--epochs", "3"])
+    assert submit.split_rest(args.rest) == ([], ["my.py", "--epochs", "3"])
