@@ -2,7 +2,7 @@
 
     checkpoints/
       step-00000120.pt      torch.save of plain data (tensors, dicts, lists, numbers, strings)
-      step-00000120.json    manifest: size and CRC-32 of the .pt, step, epoch, metric
+      step-00000120.json    manifest: size and CRC-32 of the .pt, step, epoch, metric, seconds the save took
       latest                name of the newest checkpoint
       best                  name of the best checkpoint by the recipe's metric
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ class Manifest:
     epoch: int
     metric: float | None
     recipe: str | None = None  # the resolved recipe YAML it was trained with (None: written before 0.2)
+    save_s: float | None = None  # wall time of the save (None in manifests from before it was recorded)
 
 
 class _CrcWriter:
@@ -70,12 +72,14 @@ def checkpoint_name(step: int) -> str:
 def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric: float | None,
          recipe: str | None = None) -> Manifest:
     """Write ``payload`` as ``step-<step>.pt`` plus its manifest, atomically; point ``latest`` at it."""
+    began = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     with atomic_open(directory / name, sync_dir=False) as handle, _without_record_crcs():
         writer = _CrcWriter(handle)
         torch.save(payload, writer)  # type: ignore[arg-type]
-    manifest = Manifest(name, writer.size, writer.crc, step, epoch, metric, recipe)
+    manifest = Manifest(name, writer.size, writer.crc, step, epoch, metric, recipe,
+                        save_s=round(time.perf_counter() - began, 3))
     write_text_atomic(directory / f"{Path(name).stem}.json", json.dumps(asdict(manifest)), sync_dir=False)
     write_text_atomic(directory / "latest", name + "\n")  # this rename's directory fsync covers all three
     return manifest

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ddp.errors import ClusterEnvError
-from ddp.hostlist import expand_hostlist, expand_tasks_per_node
+from ddp.hostlist import expand_tasks_per_node, first_host
 
 Environ = Mapping[str, str]
 
@@ -156,14 +156,23 @@ class TorchrunEnv(ClusterEnv):
 
 @dataclass(frozen=True)
 class SlurmEnv(ClusterEnv):
-    """Tasks started by ``srun`` (one task per GPU/rank)."""
+    """Tasks started by ``srun`` (one task per GPU/rank).
+
+    Not detected in an interactive allocation's shell (``srun --pty bash``: ``SLURM_JOB_NAME`` is
+    ``bash`` or ``interactive``) where ranks were set by hand (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR`` or ``MASTER_IP``): that shell is one Slurm task, but the processes started
+    from it are a hand launch (Lightning's rule). The master is the first node of the *step*
+    (``SLURM_STEP_NODELIST``), which differs from the job's when ``srun -w`` runs on part of it.
+    """
 
     source: ClassVar[str] = "Slurm"
     variables: ClassVar[str] = "SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_TASKS_PER_NODE"
 
     @staticmethod
     def detect(environ: Environ) -> bool:
-        return "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ
+        if "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
+            return False
+        return not (slurm_interactive(environ) and any(name in environ for name in HAND_SET))
 
     @classmethod
     def from_environ(cls, environ: Environ) -> SlurmEnv:
@@ -247,16 +256,28 @@ class _IntReader:
             ) from None
 
 
+INTERACTIVE_JOB_NAMES = ("bash", "interactive")  # what `srun --pty bash` / `salloc` jobs are called
+HAND_SET = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_IP")
+NODELIST_VARIABLES = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")  # step first
+
+
+def slurm_interactive(environ: Environ | None = None) -> bool:
+    """True inside an interactive Slurm allocation (``SLURM_JOB_NAME`` bash or interactive)."""
+    environ = os.environ if environ is None else environ
+    return "SLURM_JOB_ID" in environ and environ.get("SLURM_JOB_NAME", "") in INTERACTIVE_JOB_NAMES
+
+
 def _slurm_first_host(environ: Environ) -> str:
-    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-    if not nodelist:
+    """First host of the step's node list (else the job's), read without expanding the list."""
+    name = next((name for name in NODELIST_VARIABLES if environ.get(name)), None)
+    if name is None:
         return "127.0.0.1"
     try:
-        return expand_hostlist(nodelist)[0]
+        return first_host(environ[name])
     except ValueError as err:
         raise ClusterEnvError(
-            f"Slurm environment: cannot read SLURM_JOB_NODELIST={nodelist!r} ({err}).",
-            "set MASTER_ADDR to the first node's address",
+            f"Slurm environment: cannot read {name}={environ[name]!r} ({err}).",
+            f"fix or unset {name}, or set MASTER_ADDR to the first node's address",
         ) from None
 
 
@@ -269,14 +290,15 @@ def _slurm_port(environ: Environ) -> int:
 def _slurm_local_world_size(environ: Environ, node_rank: int, read: _IntReader) -> int:
     if environ.get("SLURM_NTASKS_PER_NODE"):
         return read("SLURM_NTASKS_PER_NODE")
-    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    name = "SLURM_STEP_TASKS_PER_NODE" if environ.get("SLURM_STEP_TASKS_PER_NODE") else "SLURM_TASKS_PER_NODE"
+    spec = environ.get(name)
     if not spec:
         return read("SLURM_NTASKS")
     try:
         counts = expand_tasks_per_node(spec)
     except ValueError as err:
         raise ClusterEnvError(
-            f"Slurm environment: cannot read SLURM_TASKS_PER_NODE={spec!r} ({err}).",
+            f"Slurm environment: cannot read {name}={spec!r} ({err}).",
             "launch with --ntasks-per-node",
         ) from None
     if node_rank >= len(counts):
@@ -307,6 +329,18 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def child_environ(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment plus ``extra``: for a program started on this rank's behalf."""
+    return {**os.environ, **extra}
+
+
+def torch_variables(env: ClusterEnv) -> dict[str, str]:
+    """The variables torchrun would give a worker in ``env``'s place (for a user's own program)."""
+    return {"RANK": str(env.rank), "LOCAL_RANK": str(env.local_rank), "WORLD_SIZE": str(env.world_size),
+            "LOCAL_WORLD_SIZE": str(env.local_world_size), "GROUP_RANK": str(env.node_rank),
+            "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port)}
 
 
 def hostname() -> str:

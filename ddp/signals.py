@@ -38,10 +38,17 @@ PREEMPTION = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 SIGNALS = (*PREEMPTION, signal.SIGINT)
 MAX_INTERVAL = 1000  # steps between polls, at most
 SAME_KEYPRESS_S = 1.0  # a second SIGINT sooner than this is the first one forwarded by torchrun
+_last_received = 0  # the stop signal this process received (as ``StopRequest.received``), for launchers
 
 
 def exit_code_for(preempted: bool) -> int:
     return EXIT_PREEMPTED if preempted else EXIT_INTERRUPTED
+
+
+def last_received() -> int:
+    """The stop signal this process received (0: none). A job wrapper reads it after the run to
+    choose what follows a stop: ``slurm.job`` requeues only on the scheduler's warning signal."""
+    return _last_received
 
 
 class StopRequest:
@@ -66,10 +73,11 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        global _last_received
         if signum == signal.SIGINT:
             self._interrupt()
         if not self.received or signum in PREEMPTION:
-            self.received = signum
+            self.received = _last_received = signum
         self.preempted = self.preempted or signum in PREEMPTION
 
     def _interrupt(self) -> None:

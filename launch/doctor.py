@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from ddp.backend import probe_devices, choose_backend, choose_device
 from ddp.config import Backend, Parallel
-from ddp.environment import available_cpus, detect_environment, hostname
+from ddp.environment import ClusterEnv, SlurmEnv
+from ddp.environment import available_cpus, detect_environment, hostname, slurm_interactive
 
 
 def gpu_lines() -> list[str]:
@@ -39,6 +40,17 @@ def gpu_lines() -> list[str]:
         pynvml.nvmlShutdown()
 
 
+def interactive_lines(env: ClusterEnv) -> list[str]:
+    """In ``srun --pty bash`` (job name bash/interactive), say which variables win and why."""
+    if not slurm_interactive():
+        return []
+    if isinstance(env, SlurmEnv):
+        return ["slurm: interactive allocation (SLURM_JOB_NAME bash/interactive); no RANK/WORLD_SIZE/MASTER_ADDR "
+                "set by hand, so this shell's own Slurm task (rank 0 of 1) is used"]
+    return ["slurm: interactive allocation (SLURM_JOB_NAME bash/interactive): the hand-set RANK/WORLD_SIZE/"
+            "MASTER_ADDR win over Slurm's variables, as in Lightning; start ranks with srun for a Slurm launch"]
+
+
 def report() -> list[str]:
     env = detect_environment()
     devices = probe_devices()
@@ -47,6 +59,7 @@ def report() -> list[str]:
     return [
         f"host: {hostname()} ({platform.platform()})",
         f"environment: {env.describe()}",
+        *interactive_lines(env),
         f"backend (auto): {backend}; device: {device}",
         f"cuda: {'available' if devices.cuda_available else 'not available'}, {devices.cuda_count} device(s)",
         *gpu_lines(),

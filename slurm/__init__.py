@@ -1,5 +1,7 @@
-"""Slurm submission through submitit (``python -m slurm.submit``): not built yet.
+"""Slurm: submission through submitit with requeue on preemption, and a one-machine test cluster.
 
-Inside a Slurm job, ``ddp.environment.SlurmEnv`` already reads srun's rank variables, so
-``srun python -m ddp.train`` works today; submission and requeue come with their own issue.
+``python -m slurm.submit``   check a request against ``sinfo`` and submit a recipe or a program
+``slurm.job``               what every task runs (submitit ``Checkpointable``; requeue on USR2)
+``python -m slurm.testbed`` a real single-node Slurm from Debian packages, for tests and trying it
+``slurm/train.sbatch``      plain ``sbatch`` + ``srun`` + ``torchrun`` for people who keep job scripts
 """

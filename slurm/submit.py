@@ -1,0 +1,259 @@
+"""``python -m slurm.submit``: submit a recipe (or any program) to Slurm through submitit.
+
+    python -m slurm.submit [--recipe X] --nodes N (--gpus-per-node G | --tasks-per-node T) [--partition P]
+        --time MIN [--account A --qos Q --constraint C --mem 64G --cpus-per-task 8 --signal-lead S]
+        [--sbatch KEY=VALUE ...] [--dry-run] [--wait] [--cluster local] [key=value ... | program.py args ...]
+
+One task per GPU (``--gpus-per-node``) or ``--tasks-per-node`` tasks for a CPU job; each task is
+one rank (``slurm.job``). Everything that can be checked is checked before anything is sent to
+Slurm, and refused with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from ddp.config import Recipe, load_recipe, to_yaml
+from ddp.errors import DDPError
+from slurm import cluster
+from slurm.job import ProgramJob, TrainJob
+from slurm.request import Request, SubmitError, check
+
+DEFAULT_SIGNAL_LEAD_S = 120
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__.split("\n\n")[0],
+                                     epilog="example: python -m slurm.submit --nodes 1 --tasks-per-node 2 "
+                                            "--partition debug --time 10 --wait train.epochs=2")
+    parser.add_argument("--recipe", help="YAML recipe (default: the built-in digits recipe)")
+    parser.add_argument("--nodes", type=int, default=1)
+    per_node = parser.add_mutually_exclusive_group(required=True)
+    per_node.add_argument("--gpus-per-node", type=int, help="GPUs per node; one task (rank) per GPU")
+    per_node.add_argument("--tasks-per-node", type=int, help="tasks (ranks) per node for a CPU job")
+    parser.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
+    parser.add_argument("--time", type=int, required=True, help="time limit in minutes")
+    parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--constraint")
+    parser.add_argument("--mem", help="memory per node, as sbatch takes it (64G)")
+    parser.add_argument("--cpus-per-task", type=int)
+    parser.add_argument("--signal-lead", type=int, default=DEFAULT_SIGNAL_LEAD_S,
+                        help="seconds before the time limit that USR2 asks the job to checkpoint and requeue")
+    parser.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other sbatch option, e.g. --sbatch exclude=node3")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and the recipe; submit nothing")
+    parser.add_argument("--wait", action="store_true", help="stream rank 0's log; exit 0 only if the job COMPLETED")
+    parser.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
+                        help="local: the same job through submitit's local executor (no Slurm)")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="key=value | program args",
+                        help="recipe overrides, or a program (script.py, -m module, executable) and its arguments")
+    argv = sys.argv[1:] if argv is None else argv
+    module_at = argv.index("-m") if "-m" in argv else len(argv)  # argparse cannot start a remainder with "-m"
+    args = parser.parse_args(argv[:module_at])
+    args.rest += argv[module_at:]
+    return args
+
+
+def build_request(args: argparse.Namespace) -> Request:
+    gpus = args.gpus_per_node or 0
+    extra = {}
+    for option in args.sbatch:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise SubmitError(f"--sbatch {option!r} is not KEY=VALUE.", "e.g. --sbatch exclude=node3")
+        extra[key.lstrip("-")] = value
+    return Request(nodes=args.nodes, tasks_per_node=gpus or args.tasks_per_node, gpus_per_node=gpus,
+                   time_min=args.time, signal_lead_s=args.signal_lead, partition=args.partition,
+                   cpus_per_task=args.cpus_per_task, mem=args.mem, account=args.account, qos=args.qos,
+                   constraint=args.constraint, extra=extra)
+
+
+def split_rest(rest: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides, program words): a program starts at the first word that is not ``key=value``."""
+    for index, word in enumerate(rest):
+        if "=" not in word or word.startswith("-"):
+            return rest[:index], rest[index:]
+    return rest, []
+
+
+def program_argv(words: list[str]) -> list[str]:
+    """``script.py ...`` and ``-m module ...`` run with this Python; anything else as an executable."""
+    if words[0].endswith(".py") or words[0] == "-m":
+        return [sys.executable, "-u", *words]
+    return words
+
+
+def executor_parameters(request: Request, partition: str, name: str) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "name": name, "nodes": request.nodes, "tasks_per_node": request.tasks_per_node,
+        "timeout_min": request.time_min, "slurm_partition": partition,
+        "slurm_signal_delay_s": request.signal_lead_s,
+    }
+    if request.gpus_per_node:
+        params["gpus_per_node"] = request.gpus_per_node
+    if request.cpus_per_task:
+        params["cpus_per_task"] = request.cpus_per_task
+    optional = {"slurm_mem": request.mem, "slurm_account": request.account, "slurm_qos": request.qos,
+                "slurm_constraint": request.constraint}
+    params.update({key: value for key, value in optional.items() if value})
+    if request.extra:
+        params["slurm_additional_parameters"] = dict(request.extra)
+    return params
+
+
+def make_job(args: argparse.Namespace) -> tuple[Any, str, Recipe | None]:
+    """(the job callable, the job name, the resolved recipe for a training job)."""
+    overrides, program = split_rest(args.rest)
+    if program and (overrides or args.recipe):
+        raise SubmitError("a program cannot take a recipe or key=value overrides.",
+                          "pass the program's own arguments after its name")
+    cwd = str(Path.cwd())
+    if program:
+        module = program[0] == "-m" and len(program) > 1
+        name = program[1].replace(".", "_") if module else Path(program[0]).stem
+        return ProgramJob(program_argv(program), cwd), name, None
+    recipe = load_recipe(args.recipe, overrides)
+    return TrainJob(to_yaml(recipe), cwd), recipe.run.name, recipe
+
+
+def job_folder(recipe: Recipe | None, name: str) -> Path:
+    """submitit's files and the tasks' stdout/stderr: ``<run dir>/slurm/<job id>``."""
+    base = recipe.run_dir if recipe else Path("runs") / name
+    return (base / "slurm").resolve() / "%j"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        request = build_request(args)
+        job, name, recipe = make_job(args)
+        executor, partition = prepare_executor(args, request, name, recipe)
+        warning = signal_lead_warning(recipe, request.signal_lead_s)
+        if warning:
+            print(warning, file=sys.stderr)
+        if args.dry_run:
+            print_dry_run(executor, recipe)
+            return 0
+        submitted = submit_job(executor, job)
+    except DDPError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    announce(submitted, partition)
+    return wait(submitted, args.cluster) if args.wait else 0
+
+
+def submit_job(executor: submitit.AutoExecutor, job: Any) -> submitit.Job:
+    """``executor.submit``, with sbatch's own refusal (bad account, QOS...) as one line."""
+    try:
+        return executor.submit(job)
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "no output")
+        raise SubmitError(f"sbatch refused the job: {reason.strip()}", "fix the option it names") from None
+
+
+def last_save(recipe: Recipe) -> tuple[Path, float] | None:
+    """(manifest, seconds) of the newest checkpoint save of this run, from its manifest."""
+    manifests = sorted(recipe.run_dir.glob("**/checkpoints/step-*.json"), key=lambda p: p.stat().st_mtime)
+    for manifest in reversed(manifests):
+        try:
+            seconds = json.loads(manifest.read_text()).get("save_s")
+        except (OSError, ValueError):
+            continue
+        if isinstance(seconds, (int, float)):
+            return manifest, float(seconds)
+    return None
+
+
+def signal_lead_warning(recipe: Recipe | None, lead_s: int) -> str | None:
+    """A warning line when the run's last measured save took longer than the signal lead."""
+    found = last_save(recipe) if recipe is not None else None
+    if found is None or found[1] <= lead_s:
+        return None
+    manifest, seconds = found
+    return (f"warning: the last checkpoint save of this run took {seconds:.0f} s ({manifest}) but --signal-lead is "
+            f"{lead_s} s: a preempted job may be killed before its checkpoint is written. "
+            f"HINT: --signal-lead {math.ceil(2 * seconds) + 30}")
+
+
+def prepare_executor(args: argparse.Namespace, request: Request, name: str,
+                     recipe: Recipe | None) -> tuple[submitit.AutoExecutor, str]:
+    if args.cluster == "local":
+        partition = "local"
+    else:
+        cluster.require_sbatch()
+        partition = check(request, cluster.partitions()).name
+    executor = submitit.AutoExecutor(folder=job_folder(recipe, name), cluster=args.cluster)
+    params = executor_parameters(request, partition, name)
+    if args.cluster == "local":
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    executor.update_parameters(**params)
+    return executor, partition
+
+
+def print_dry_run(executor: submitit.AutoExecutor, recipe: Recipe | None) -> None:
+    """The sbatch script submitit would submit (its own text), then the resolved recipe."""
+    inner = executor._executor  # noqa: SLF001 - submitit has no public "render the script" call
+    print(inner._make_submission_file_text(inner._submitit_command_str, "dry-run"))  # noqa: SLF001
+    if recipe is not None:
+        print("# resolved recipe\n" + to_yaml(recipe), end="")
+
+
+def announce(job: submitit.Job, partition: str) -> None:
+    print(f"submitted job {job.job_id} to partition '{partition}'")
+    print(f"logs: {job.paths.stdout} and {job.paths.stderr} (rank 0; rank r writes {job.job_id}_r_log.*)")
+    print(f"follow: tail -F {shlex.quote(str(job.paths.stderr))}   state: squeue -j {job.job_id}")
+
+
+def wait(job: submitit.Job, kind: str) -> int:
+    """Stream rank 0's output until the job ends; 0 when it COMPLETED."""
+    streams = [_Tail(job.paths.stdout, sys.stdout), _Tail(job.paths.stderr, sys.stderr)]
+    while not _ended(job, kind):
+        for stream in streams:
+            stream.pump()
+        time.sleep(1.0)
+    time.sleep(0.5)
+    for stream in streams:
+        stream.pump()
+    state = cluster.final_state(job.job_id) if kind == "slurm" else job.state
+    print(f"job {job.job_id}: {state}", file=sys.stderr)
+    return 0 if state in ("COMPLETED", "FINISHED") else 1
+
+
+def _ended(job: submitit.Job, kind: str) -> bool:
+    if kind == "local":
+        return job.done()
+    return cluster.queue_state(job.job_id) is None
+
+
+class _Tail:
+    """Prints what was appended to a file since the last call."""
+
+    def __init__(self, path: Path, out: Any) -> None:
+        self.path, self.out, self.offset = Path(path), out, 0
+
+    def pump(self) -> None:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return
+        self.offset += len(data)
+        if data:
+            self.out.write(data.decode(errors="replace"))
+            self.out.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""``python -m slurm.testbed start|stop|status``: a real one-machine Slurm cluster.
+
+munged, MariaDB, slurmdbd (accounting: submitit reads job states through ``sacct``), slurmctld and
+one slurmd named ``localhost`` with partition ``debug``, from Debian packages that ``start``
+installs when missing (root only). ``start`` is idempotent: running daemons are left alone and
+restarted only when the generated config changed; a cold start wipes the previous state.
+Daemons are stopped by the pids in their pid files, never by name. Config, state, logs and the
+database live under ``DIR`` (``DDP_SLURM_TESTBED_DIR``); clients find the cluster through the
+``/etc/slurm/slurm.conf`` symlink the start script makes.
+
+The work is done by ``testbed_scripts/start.sh`` and ``stop.sh`` (shell: package installs and
+daemons are shell's home ground); this module runs them and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent / "testbed_scripts"
+DIR = Path("/var/tmp/ddp-slurm-testbed")
+PARTITION = "debug"
+DAEMONS = (("munged", Path("/run/munge/munged.pid")), ("mariadbd", DIR / "mysql" / "mysqld.pid"),
+           ("slurmdbd", DIR / "slurmdbd.pid"), ("slurmctld", DIR / "slurmctld.pid"), ("slurmd", DIR / "slurmd.pid"))
+
+
+def start(fresh: bool = False, quiet: bool = False) -> float:
+    """Start (or keep) the cluster and wait until the node is idle; return the seconds it took."""
+    _require_root("start")
+    began = time.monotonic()
+    _run_script("start.sh", ["--fresh"] if fresh else [], quiet)
+    return time.monotonic() - began
+
+
+def stop(purge: bool = False, quiet: bool = False) -> None:
+    """Cancel the cluster's jobs and stop its daemons by their pid files."""
+    _require_root("stop")
+    _run_script("stop.sh", ["--purge"] if purge else [], quiet)
+
+
+def running() -> dict[str, int | None]:
+    """Each daemon's pid when its pid file names a live process of that name, else None."""
+    return {name: _live_pid(pid_file, name) for name, pid_file in DAEMONS}
+
+
+def is_up() -> bool:
+    """True when every daemon runs and slurmctld answers."""
+    if not all(running().values()) or shutil.which("scontrol") is None:
+        return False
+    return subprocess.run(["scontrol", "ping"], capture_output=True, timeout=10).returncode == 0
+
+
+def _live_pid(pid_file: Path, name: str) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if comm == name and state != "Z" else None
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise SystemExit(f"error: 'python -m slurm.testbed {what}' needs root (it installs packages and starts "
+                         "daemons). HINT: run it with sudo, or point slurm.submit at a real cluster")
+
+
+def _run_script(name: str, args: list[str], quiet: bool) -> None:
+    env = {"DDP_SLURM_TESTBED_DIR": str(DIR), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    out = subprocess.DEVNULL if quiet else None
+    done = subprocess.run(["bash", str(SCRIPTS / name), *args], env=env, stdout=out, stderr=subprocess.PIPE,
+                          text=True, timeout=900)
+    if done.returncode != 0:
+        detail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
+        raise SystemExit(f"error: testbed {name.removesuffix('.sh')} failed: {detail}. HINT: logs are in {DIR}/log")
+    if not quiet and done.stderr:
+        sys.stderr.write(done.stderr)
+
+
+def status_lines() -> list[str]:
+    lines = [f"{name}: {'pid ' + str(pid) if pid else 'not running'}" for name, pid in running().items()]
+    if is_up():
+        sinfo = subprocess.run(["sinfo", "-h", "-o", "%P %D %c %T"], capture_output=True, text=True, timeout=10)
+        lines.append(f"sinfo: {sinfo.stdout.strip()}")
+    lines.append(f"state: {DIR}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m slurm.testbed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("start", "stop", "status"))
+    parser.add_argument("--fresh", action="store_true", help="start: wipe jobs, accounting and logs first")
+    parser.add_argument("--purge", action="store_true", help="stop: also delete the state directory")
+    args = parser.parse_args(argv)
+    if args.command == "start":
+        print(f"testbed up in {start(args.fresh):.1f} s; partition '{PARTITION}'; state in {DIR}")
+    elif args.command == "stop":
+        stop(args.purge)
+    else:
+        print("\n".join(status_lines()))
+        return 0 if is_up() else 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
