@@ -48,12 +48,12 @@ def roll_call(store: dist.Store, rank: int, world: int, wait_s: float = ROLL_CAL
     return missing
 
 
-def peer_lost(err: BaseException, missing: list[int] | None, world: int, store_host_rank: int | None) -> PeerLost:
-    """The one-line error for a communication failure, naming the lost ranks when known."""
+def peer_lost(err: BaseException, missing: list[int] | None, world: int, store_host: str) -> PeerLost:
+    """The one-line error for a communication failure, naming the lost ranks when known.
+    ``store_host`` names who serves the rendezvous store (reported when the store is gone too)."""
     cause = _short(err)
     if missing is None:
-        who = f"rank {store_host_rank}, which serves the rendezvous store," if store_host_rank is not None else \
-            "the rendezvous store's host"
+        who = store_host
         return PeerLost(f"lost contact with {who} after: {cause}.",
                         "check that rank's log (logs/rank0.log) and host; torchrun --max-restarts=N restarts "
                         "the group and resumes from the latest checkpoint")

@@ -97,7 +97,7 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None) -> RunRes
              platform.python_version())
     run_dir = RunDir(recipe.run_dir)
     recipe_yaml = to_yaml(recipe)
-    with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s):
+    with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s, recipe_yaml):
         parts = build_parts(recipe, plan)
         checkpointer = Checkpointer(recipe.checkpoint, run_dir.checkpoints, recipe_yaml)
         state = checkpointer.resume(recipe.train.resume, parts.model, parts.optimizer, parts.scheduler,
