@@ -82,7 +82,8 @@ def _process(pid: int | None) -> str:
         return "another process (run as root to see which)"
     try:
         proc = psutil.Process(pid)
-        return f"pid {pid} ({' '.join(proc.cmdline())[:120] or proc.name()})"
+        command = " ".join(" ".join(proc.cmdline()).split())  # one line, even for python -c "..."
+        return f"pid {pid} ({command[:120] or proc.name()})"
     except psutil.Error:
         return f"pid {pid}"
 
