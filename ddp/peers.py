@@ -43,6 +43,8 @@ def roll_call(store: dist.Store, rank: int, world: int, wait_s: float = ROLL_CAL
             continue
         try:
             store.wait([f"roll_call/{other}"], timedelta(seconds=max(deadline - time.monotonic(), 0.05)))
+        except dist.DistNetworkError:  # the store's host is gone (set() may still have "succeeded")
+            return None
         except Exception:  # noqa: BLE001 - a timeout means no answer
             missing.append(other)
     return missing
