@@ -27,6 +27,7 @@ from ddp.network import NetworkError, route_to
 
 log = logging.getLogger(__name__)
 
+FIRST_LOG_S = 2.0  # a normal start takes less; a longer wait is worth a line
 WAIT_LOG_S = 5.0
 POLL_S = 0.25
 # Keys that may legitimately differ between machines (paths, local parallelism, console).
@@ -71,7 +72,7 @@ def gather(store: dist.Store, env: ClusterEnv, timeout_s: float) -> None:
     """All ranks must call. Returns when every rank has checked in; logs who is missing meanwhile."""
     store.set(f"join/{env.rank}", hostname())
     start = time.monotonic()
-    next_log = start + WAIT_LOG_S
+    next_log = start + FIRST_LOG_S
     while True:
         joined = [r for r in range(env.world_size) if store.check([f"join/{r}"])]
         if len(joined) == env.world_size:
@@ -146,7 +147,9 @@ def _announce_while_waiting(what: str) -> Iterator[None]:
     start = time.monotonic()
 
     def announce() -> None:
-        while not done.wait(WAIT_LOG_S):
+        interval = FIRST_LOG_S
+        while not done.wait(interval):
+            interval = WAIT_LOG_S
             log.warning("%s: still waiting after %.0f s", what, time.monotonic() - start)
 
     thread = threading.Thread(target=announce, name="rendezvous-wait", daemon=True)
