@@ -401,11 +401,6 @@ def child_environ(extra: Mapping[str, str]) -> dict[str, str]:
     return {**os.environ, **extra}
 
 
-def variable(name: str) -> str | None:
-    """One variable of this process's environment (for launch CLIs that honour a user setting)."""
-    return os.environ.get(name)
-
-
 # --- other facts about this process's surroundings -------------------------------------------
 
 

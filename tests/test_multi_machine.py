@@ -110,6 +110,18 @@ def test_plain_user_script_through_launch_node(tmp_path):
         assert f"user script rank={rank} world=4 args=['--epochs', '3', '-x'] sum=10.0" in out, out
 
 
+@pytest.mark.timeout(120)
+def test_c10d_rendezvous_with_a_run_id(tmp_path):
+    script = tmp_path / "user_ddp.py"
+    script.write_text(USER_SCRIPT)
+    with netns.two_hosts() as hosts:
+        procs, logs = _start_both(hosts, tmp_path, lambda r: _node(hosts, r, "--run-id", "job1", str(script), nproc=1))
+        codes = _wait(procs, 90)
+    out = _text(logs)
+    assert codes == [0, 0], out
+    assert "user script rank=0 world=2" in out and "user script rank=1 world=2" in out, out
+
+
 @pytest.mark.timeout(60)
 def test_unreachable_master_fails_preflight_in_one_line(tmp_path):
     with netns.two_hosts() as hosts:
@@ -143,20 +155,22 @@ def test_port_taken_on_the_master_is_named(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_dead_node_ends_the_other_node_promptly(tmp_path):
+@pytest.mark.parametrize("dead, names", [(0, "lost contact with node 0 (ranks 0-1 at "), (1, "lost rank 2, 3 of 4")])
+def test_dead_node_ends_the_other_node_promptly(tmp_path, dead, names):
     long_run = ("train.epochs=200", "log.tensorboard=false", "log.every_steps=1", "checkpoint.every_epochs=0")
+    survivor = 1 - dead
     with netns.two_hosts() as hosts:
         procs, logs = _start_both(hosts, tmp_path, lambda r: _node(hosts, r, *long_run))
         metrics = tmp_path / "h0" / "runs" / "digits" / "metrics.jsonl"
         deadline = time.monotonic() + 120
         while not (metrics.exists() and metrics.read_text().count('"step"') >= 5):
-            assert time.monotonic() < deadline and procs[1].poll() is None, _text(logs)
+            assert time.monotonic() < deadline and procs[survivor].poll() is None, _text(logs)
             time.sleep(0.2)
-        hosts.kill_host(0)
+        hosts.kill_host(dead)
         killed = time.monotonic()
-        code = _wait([procs[1]], 60)[0]
+        code = _wait([procs[survivor]], 60)[0]
         took = time.monotonic() - killed
-    out = logs[1].read_text()
+    out = logs[survivor].read_text()
     assert code not in (0, None) and took <= 30, (code, took, out)
-    assert "lost contact with node 0 (ranks 0-1" in out, out
-    print(f"node 1 exited {code} {took:.1f} s after node 0 was killed")
+    assert names in out, out
+    print(f"node {survivor} exited {code} {took:.1f} s after node {dead} was killed")
