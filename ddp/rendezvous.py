@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 FIRST_LOG_S = 2.0  # a normal start takes less; a longer wait is worth a line
 WAIT_LOG_S = 5.0
-POLL_S = 0.25
+POLL_S = 0.05
 # Keys that may legitimately differ between machines (paths, local parallelism, console).
 PER_MACHINE_KEYS = frozenset({"data.root", "data.num_workers", "dist.threads_per_rank", "log.level", "log.progress"})
 
@@ -71,21 +71,20 @@ def connect(env: ClusterEnv, timeout: timedelta) -> dist.Store:
 def gather(store: dist.Store, env: ClusterEnv, timeout_s: float) -> None:
     """All ranks must call. Returns when every rank has checked in; logs who is missing meanwhile."""
     store.set(f"join/{env.rank}", hostname())
+    store.add("joined", 1)
     start = time.monotonic()
     next_log = start + FIRST_LOG_S
-    while True:
-        joined = [r for r in range(env.world_size) if store.check([f"join/{r}"])]
-        if len(joined) == env.world_size:
-            return
+    while store.add("joined", 0) < env.world_size:  # one request per poll, whatever the world size
         waited = time.monotonic() - start
-        missing = sorted(set(range(env.world_size)) - set(joined))
-        if waited > timeout_s:
-            raise RendezvousTimeout(
-                f"ranks {_ranks(missing)} of {env.world_size} never joined the rendezvous at "
-                f"{env.master_addr}:{env.master_port} within dist.timeout_s={timeout_s:.0f} s.",
-                "start every node with the same --nnodes/--master-addr/--master-port, and check the missing "
-                "nodes' logs and firewalls")
-        if time.monotonic() >= next_log:
+        if waited > timeout_s or time.monotonic() >= next_log:
+            joined = [r for r in range(env.world_size) if store.check([f"join/{r}"])]
+            missing = sorted(set(range(env.world_size)) - set(joined))
+            if waited > timeout_s:
+                raise RendezvousTimeout(
+                    f"ranks {_ranks(missing)} of {env.world_size} never joined the rendezvous at "
+                    f"{env.master_addr}:{env.master_port} within dist.timeout_s={timeout_s:.0f} s.",
+                    "start every node with the same --nnodes/--master-addr/--master-port, and check the missing "
+                    "nodes' logs and firewalls")
             log.warning("rank %d waiting %.0f s at %s:%d: joined %s, missing %s of %d", env.rank, waited,
                         env.master_addr, env.master_port, _ranks(joined), _ranks(missing), env.world_size)
             next_log += WAIT_LOG_S

@@ -71,8 +71,9 @@ def two_hosts() -> Iterator[TwoHosts]:
     names = (f"{tag}h0", f"{tag}h1")
     subnet = 20 + (os.getpid() * 7 + _counter) % 200
     hosts = TwoHosts(names, (f"10.99.{subnet}.1", f"10.99.{subnet}.2"))
+    veth = f"d{os.getpid() % 100000}x{_counter % 100}"
     try:
-        _create(hosts, veth=f"d{os.getpid() % 100000}x{_counter % 100}")
+        _create(hosts, veth)
         yield hosts
     finally:
         for proc in hosts.procs:
@@ -80,6 +81,8 @@ def two_hosts() -> Iterator[TwoHosts]:
                 proc.kill()
         for name in names:
             _delete(name)
+        # only left in the root namespace when creation failed before moving it
+        subprocess.run([IP, "link", "del", f"{veth}a"], capture_output=True, timeout=10)
 
 
 def _run(*args: str) -> None:

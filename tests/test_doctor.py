@@ -64,3 +64,9 @@ def test_a_forgotten_master_export_refuses_instead_of_training_alone(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("error:") == 1 and "MASTER_ADDR" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_doctor_fails_when_the_master_address_does_not_resolve(tmp_path):
+    done = _doctor(tmp_path, "--no-selftest", "--master-addr", "bad..host")
+    assert done.returncode == 1, done.stderr
+    assert "route to bad..host: the master address 'bad..host' does not resolve" in done.stdout

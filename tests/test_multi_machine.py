@@ -95,6 +95,7 @@ def test_seed_style_one_rank_per_host(tmp_path):
     out = _text(logs)
     assert codes == [0, 0], out
     assert "done: test accuracy" in logs[0].read_text(), out
+    assert f"rank 0: set GLOO_SOCKET_IFNAME={netns.IFNAME}" in logs[0].read_text(), out  # the trainer chose it
 
 
 @pytest.mark.timeout(150)
