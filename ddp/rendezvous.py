@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 FIRST_LOG_S = 2.0  # a normal start takes less; a longer wait is worth a line
 WAIT_LOG_S = 5.0
 POLL_S = 0.05
+VERDICT_WAIT_S = 5.0
 # Keys that may legitimately differ between machines (paths, local parallelism, console).
 PER_MACHINE_KEYS = frozenset({"data.root", "data.num_workers", "dist.threads_per_rank", "log.level", "log.progress"})
 
@@ -95,6 +96,7 @@ def agree_on_recipe(store: dist.Store, env: ClusterEnv, recipe_yaml: str, timeou
     """All ranks must call (after ``gather``). Rank 0 publishes its recipe; a rank started with
     another one refuses naming the keys, and rank 0 refuses too. Raises ``ConfigError`` (exit 2)."""
     timeout = timedelta(seconds=timeout_s)
+    hint = "start every node with the same --recipe and key=value overrides"
     if env.rank == 0:
         store.set("recipe", recipe_yaml)
         verdicts = {}
@@ -102,19 +104,31 @@ def agree_on_recipe(store: dist.Store, env: ClusterEnv, recipe_yaml: str, timeou
             store.wait([f"recipe_check/{other}"], timeout)
             verdicts[other] = store.get(f"recipe_check/{other}").decode()
         differing = {r: v for r, v in verdicts.items() if v}
-        if differing:
-            first = min(differing)
-            raise ConfigError(f"rank {_ranks(sorted(differing))} started with a different recipe than rank 0: "
-                              f"{differing[first]} (rank {first} vs here).",
-                              "start every node with the same --recipe and key=value overrides")
+        first = min(differing, default=None)
+        problem = "" if first is None else (
+            f"rank {_ranks(sorted(differing))} started with a different recipe than rank 0: "
+            f"{differing[first]} (rank {first} vs rank 0).")
+        store.set("recipe_verdict", problem)
+        if problem:  # rank 0 may serve the store: let the agreeing ranks read the verdict first
+            _wait_for_count(store, "recipe_verdict_read", env.world_size - 1 - len(differing), VERDICT_WAIT_S)
+            raise ConfigError(problem, hint)
         return
     store.wait(["recipe"], timeout)
-    reference = store.get("recipe").decode()
-    diff = recipe_differences(reference, recipe_yaml)
+    diff = recipe_differences(store.get("recipe").decode(), recipe_yaml)
     store.set(f"recipe_check/{env.rank}", diff)
     if diff:
-        raise ConfigError(f"this rank was started with a different recipe than rank 0: {diff} (here vs rank 0).",
-                          "start every node with the same --recipe and key=value overrides")
+        raise ConfigError(f"this rank was started with a different recipe than rank 0: {diff} (here vs rank 0).", hint)
+    store.wait(["recipe_verdict"], timeout)
+    verdict = store.get("recipe_verdict").decode()
+    store.add("recipe_verdict_read", 1)
+    if verdict:  # another rank differs: nobody trains
+        raise ConfigError(verdict, hint)
+
+
+def _wait_for_count(store: dist.Store, key: str, count: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < count and time.monotonic() < deadline:
+        time.sleep(POLL_S)
 
 
 def recipe_differences(theirs: str, ours: str) -> str:

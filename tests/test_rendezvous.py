@@ -96,3 +96,18 @@ def test_older_launcher_variables_train_together(tmp_path):
     outs = [proc.communicate(timeout=100)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outs
     assert "[rank 0/2" in outs[0] and "× 2 ranks" in outs[0] and "done: test accuracy" in outs[0], outs[0]
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_agrees_still_refuses_when_another_differs(tmp_path):
+    port = free_port()
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="3")
+    procs = []
+    for rank, extra in ((0, ()), (1, ()), (2, ("optim.lr=0.2",))):
+        (tmp_path / str(rank)).mkdir()
+        procs.append(subprocess.Popen([sys.executable, "-m", "ddp.train", *QUICK, *extra], cwd=tmp_path / str(rank),
+                                      env=python_env(**env, RANK=str(rank)), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [proc.communicate(timeout=100)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [2, 2, 2], outs
+    assert "rank 2 started with a different recipe than rank 0: optim.lr=0.2≠0.05" in outs[1], outs[1]
