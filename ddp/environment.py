@@ -196,8 +196,9 @@ class ManualEnv(ClusterEnv):
 
     Without ``LOCAL_RANK`` (the seed scripts' style) it is one rank per machine. With
     ``LOCAL_RANK`` but no ``LOCAL_WORLD_SIZE`` (older ``torch.distributed.launch`` and hand-written
-    launchers) the local world size is unknown: it is taken as the world size when the master is
-    this machine's loopback, else ``LOCAL_RANK + 1`` at least — only threads per rank depend on it.
+    launchers) the local world size is unknown: it is taken as the world size on every rank, so
+    every rank makes the same backend choice (gloo unless there is a GPU per rank of the whole job;
+    ask for ``dist.backend=nccl`` explicitly) and CPU threads are never oversubscribed.
     A world larger than one without a master address is refused, never trained alone.
     """
 
@@ -219,7 +220,7 @@ class ManualEnv(ClusterEnv):
         master = _manual_master(environ, rank, world)
         if "LOCAL_RANK" in environ:
             local_rank = read("LOCAL_RANK")
-            local_world = read("LOCAL_WORLD_SIZE", _guess_local_world(local_rank, world, master))
+            local_world = read("LOCAL_WORLD_SIZE", world)  # unknown: the same guess on every rank
             node_rank = read("GROUP_RANK", read("NODE_RANK", 0))
         else:
             local_rank, local_world, node_rank = 0, 1, rank
@@ -336,12 +337,6 @@ def _torchrun_master(environ: Environ, read: _IntReader) -> str:
             "export MASTER_ADDR=<node 0's address> and MASTER_PORT on every machine (torchrun sets them itself)",
         )
     return "127.0.0.1"
-
-
-def _guess_local_world(local_rank: int, world: int, master: str) -> int:
-    if master in {"127.0.0.1", "localhost", "::1"}:
-        return world
-    return min(world, local_rank + 1)
 
 
 # Variables that say "you are one rank of several" on their own. If SingleProcessEnv would match

@@ -105,7 +105,7 @@ OLD_LAUNCH = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": 
     # older torch.distributed.launch / hand-written launchers: no LOCAL_WORLD_SIZE
     (OLD_LAUNCH, ManualEnv, (1, 1, 2, 2)),
     ({**OLD_LAUNCH, "MASTER_ADDR": "10.0.0.1", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "NODE_RANK": "1"},
-     ManualEnv, (3, 1, 4, 2)),
+     ManualEnv, (3, 1, 4, 4)),
     ({**OLD_LAUNCH, "LOCAL_WORLD_SIZE": "2"}, TorchrunEnv, (1, 1, 2, 2)),
     # the seed style: one rank per machine
     ({"MASTER_IP": "10.0.0.1", "RANK": "1", "WORLD_SIZE": "2"}, ManualEnv, (1, 0, 2, 1)),
