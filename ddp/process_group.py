@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ddp import rendezvous
 from ddp.environment import ClusterEnv
-from ddp.peers import is_comm_failure, peer_lost, roll_call
+from ddp.peers import heartbeat, is_comm_failure, peer_lost, roll_call
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
     On a clean exit every rank passes a barrier first, so no rank tears down while a peer still
     needs it. After an error the barrier is skipped (peers may be stuck in another collective);
     the group is destroyed so the process can exit instead of hanging. A communication failure
-    becomes ``PeerLost`` naming the ranks that no longer answer (``ddp.peers.roll_call``).
+    becomes ``PeerLost`` naming the ranks whose heartbeat stopped (``ddp.peers``).
     """
     if not env.distributed:
         yield
@@ -49,13 +49,15 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
     log.debug("process group up: %s, backend %s", env.describe(), backend)
     clean = False
     try:
-        yield
+        with heartbeat(env.master_addr, env.master_port, env.store_prefix, env.rank):  # beats through the roll call
+            try:
+                yield
+            except Exception as err:
+                if env.world_size > 1 and is_comm_failure(err):
+                    missing = roll_call(store, env.rank, env.world_size)
+                    raise peer_lost(err, missing, env.world_size, _store_host(env)) from err
+                raise
         clean = True
-    except Exception as err:
-        if env.world_size > 1 and is_comm_failure(err):
-            missing = roll_call(store, env.rank, env.world_size)
-            raise peer_lost(err, missing, env.world_size, _store_host(env)) from err
-        raise
     finally:
         _teardown(clean)
 
