@@ -86,7 +86,9 @@ def two_hosts() -> Iterator[TwoHosts]:
 
 
 def _run(*args: str) -> None:
-    subprocess.run([IP, *args], check=True, capture_output=True, timeout=10)
+    done = subprocess.run([IP, *args], capture_output=True, text=True, timeout=10)
+    if done.returncode != 0:
+        raise RuntimeError(f"`ip {' '.join(args)}` failed ({done.returncode}): {done.stderr.strip()}")
 
 
 def _create(hosts: TwoHosts, veth: str) -> None:

@@ -5,7 +5,6 @@ No test sets GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME: choosing the interface is wh
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from pathlib import Path
