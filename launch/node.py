@@ -45,8 +45,16 @@ class NodePlan:
     route: Route
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line with the fix, exit 2 (argparse prints the whole usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message}. HINT: python -m launch node --help", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="python -m launch node",
         description="Start this machine's ranks of a multi-machine job (torchrun underneath). With no program, "
                     "trains a recipe (python -m ddp.train); a first positional that is a .py file or -m module "

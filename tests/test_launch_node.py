@@ -94,6 +94,7 @@ def test_two_nodes_export_the_interface_that_routes_to_the_master(tmp_path):
     ([*BASE, "--recipe", "r.yaml", "train.py"], "a program was given: train.py"),
     (["--nnodes", "1", "--node-rank", "0", "--master-addr", "bad..host"], "does not resolve"),
     ([*BASE, "--master-port", "70000"], "--master-port 70000 is not a TCP port"),
+    (["--nnodes", "2", "--master-addr", "10.0.0.1"], "the following arguments are required: --node-rank"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     done = _node(tmp_path, *args, "--print")
