@@ -7,9 +7,18 @@ Probe order (first match wins), after Lightning's ``_select_cluster_environment`
   1. ``TorchrunEnv``  torchrun / torch.distributed.run (it can run inside a Slurm job, so first);
                       also reads TORCHELASTIC_USE_AGENT_STORE and TORCHELASTIC_RESTART_COUNT
   2. ``SlurmEnv``     ``srun`` tasks: SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_JOB_NODELIST
-  3. ``ManualEnv``    the seed scripts' style: MASTER_IP or MASTER_ADDR, RANK, WORLD_SIZE, and no
-                      LOCAL_RANK; one rank per machine
-  4. ``SingleProcessEnv`` plain ``python -m ddp.train``
+  3. ``ManualEnv``    hand-set RANK and WORLD_SIZE with MASTER_IP or MASTER_ADDR: the seed scripts'
+                      style (one rank per machine), or with LOCAL_RANK and no LOCAL_WORLD_SIZE (older
+                      torch.distributed.launch); a world > 1 without a master address is refused
+  4. ``SingleProcessEnv`` plain ``python -m ddp.train``; refused when a stray RANK/WORLD_SIZE/
+                      LOCAL_RANK/LOCAL_WORLD_SIZE says the world is larger than one
+
+Whenever the variables say the world is larger than one, the process joins it with the stated
+ranks or refuses with one line: it never trains alone.
+
+Writing: ``export_variables`` (this process, before the process group forms) and ``child_environ``
+(a launcher's children) set variables such as GLOO_SOCKET_IFNAME, never overwriting one the user set,
+and return one log line per variable.
 """
 
 from __future__ import annotations
@@ -123,6 +132,7 @@ class SingleProcessEnv(ClusterEnv):
 
     @classmethod
     def from_environ(cls, environ: Environ) -> SingleProcessEnv:
+        _refuse_partial_launch(environ)
         return cls()
 
 
@@ -147,7 +157,7 @@ class TorchrunEnv(ClusterEnv):
             world_size=read("WORLD_SIZE"),
             local_world_size=read("LOCAL_WORLD_SIZE"),
             node_rank=read("GROUP_RANK", 0),
-            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_addr=_torchrun_master(environ, read),
             master_port=read("MASTER_PORT", DEFAULT_MASTER_PORT),
             agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
             restart_count=read("TORCHELASTIC_RESTART_COUNT", 0),
@@ -191,31 +201,40 @@ class SlurmEnv(ClusterEnv):
 
 @dataclass(frozen=True)
 class ManualEnv(ClusterEnv):
-    """The seed scripts' hand-set style: one rank per machine, MASTER_IP or MASTER_ADDR."""
+    """Hand-set ``RANK`` and ``WORLD_SIZE`` with ``MASTER_IP`` or ``MASTER_ADDR``.
+
+    Without ``LOCAL_RANK`` (the seed scripts' style) it is one rank per machine. With
+    ``LOCAL_RANK`` but no ``LOCAL_WORLD_SIZE`` (older ``torch.distributed.launch`` and hand-written
+    launchers) the local world size is unknown: it is taken as the world size on every rank, so
+    every rank makes the same backend choice (gloo unless there is a GPU per rank of the whole job;
+    ask for ``dist.backend=nccl`` explicitly) and CPU threads are never oversubscribed.
+    A world larger than one without a master address is refused, never trained alone.
+    """
 
     source: ClassVar[str] = "manual"
-    variables: ClassVar[str] = "MASTER_IP/MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE"
+    variables: ClassVar[str] = "MASTER_IP/MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE[, LOCAL_RANK]"
 
     @staticmethod
     def detect(environ: Environ) -> bool:
-        has_master = "MASTER_IP" in environ or "MASTER_ADDR" in environ
-        return has_master and "RANK" in environ and "WORLD_SIZE" in environ and (
-            "LOCAL_RANK" not in environ
-        )
+        if "RANK" not in environ or "WORLD_SIZE" not in environ:
+            return False
+        has_master = bool(environ.get("MASTER_IP") or environ.get("MASTER_ADDR"))
+        alone = environ["RANK"].strip() == "0" and environ["WORLD_SIZE"].strip() == "1"
+        return has_master or not alone  # RANK=0 WORLD_SIZE=1 and no master: one process, no group
 
     @classmethod
     def from_environ(cls, environ: Environ) -> ManualEnv:
         read = _IntReader(environ, cls.source)
-        rank = read("RANK")
-        return cls(
-            rank=rank,
-            local_rank=0,
-            world_size=read("WORLD_SIZE"),
-            local_world_size=1,
-            node_rank=rank,
-            master_addr=_manual_master(environ),
-            master_port=read("MASTER_PORT", DEFAULT_MASTER_PORT),
-        )
+        rank, world = read("RANK"), read("WORLD_SIZE")
+        master = _manual_master(environ, rank, world)
+        if "LOCAL_RANK" in environ:
+            local_rank = read("LOCAL_RANK")
+            local_world = read("LOCAL_WORLD_SIZE", world)  # unknown: the same guess on every rank
+            node_rank = read("GROUP_RANK", read("NODE_RANK", 0))
+        else:
+            local_rank, local_world, node_rank = 0, 1, rank
+        return cls(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
+                   node_rank=node_rank, master_addr=master, master_port=read("MASTER_PORT", DEFAULT_MASTER_PORT))
 
 
 PROBE_ORDER: tuple[type[ClusterEnv], ...] = (TorchrunEnv, SlurmEnv, ManualEnv, SingleProcessEnv)
@@ -310,14 +329,93 @@ def _slurm_local_world_size(environ: Environ, node_rank: int, read: _IntReader) 
     return counts[node_rank]
 
 
-def _manual_master(environ: Environ) -> str:
+def _manual_master(environ: Environ, rank: int, world: int) -> str:
     master_ip, master_addr = environ.get("MASTER_IP"), environ.get("MASTER_ADDR")
     if master_ip and master_addr and master_ip != master_addr:
         raise ClusterEnvError(
             f"manual environment: MASTER_IP={master_ip!r} and MASTER_ADDR={master_addr!r} disagree.",
             "set only one of them",
         )
+    if not (master_ip or master_addr) and world > 1:
+        raise ClusterEnvError(
+            f"RANK={rank} and WORLD_SIZE={world} are set but neither MASTER_ADDR nor MASTER_IP is: "
+            "this process cannot find its peers.",
+            "export MASTER_ADDR=<rank 0's address> (and MASTER_PORT) on every machine, or unset RANK and "
+            "WORLD_SIZE to train in one process",
+        )
     return master_ip or master_addr or "127.0.0.1"
+
+
+def _torchrun_master(environ: Environ, read: _IntReader) -> str:
+    """torchrun always exports MASTER_ADDR; hand-set variables may not. Loopback is only right when
+    every rank runs on this machine."""
+    master = environ.get("MASTER_ADDR")
+    if master:
+        return master
+    if read("LOCAL_WORLD_SIZE") < read("WORLD_SIZE"):
+        raise ClusterEnvError(
+            f"WORLD_SIZE={environ['WORLD_SIZE']} but LOCAL_WORLD_SIZE={environ['LOCAL_WORLD_SIZE']}: ranks run on "
+            "other machines, and MASTER_ADDR is not set.",
+            "export MASTER_ADDR=<node 0's address> and MASTER_PORT on every machine (torchrun sets them itself)",
+        )
+    return "127.0.0.1"
+
+
+# Variables that say "you are one rank of several" on their own. If SingleProcessEnv would match
+# while one of these says the world is larger than one, the launch is incomplete: refuse.
+_PARTIAL_LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def _refuse_partial_launch(environ: Environ) -> None:
+    """Called when no launcher matched: train alone only if no variable says otherwise."""
+    present = {name: environ[name] for name in _PARTIAL_LAUNCH if name in environ}
+    says_more = {name: value for name, value in present.items()
+                 if value.strip() not in ({"0", ""} if "RANK" in name else {"1", ""})}
+    if not says_more:
+        return
+    shown = " ".join(f"{name}={value}" for name, value in present.items())
+    missing = [name for name in ("RANK", "WORLD_SIZE") if name not in environ]
+    raise ClusterEnvError(
+        f"{shown} say this is one rank of several, but {' and '.join(missing)} "
+        f"{'is' if len(missing) == 1 else 'are'} not set: refusing to train alone.",
+        "set RANK, WORLD_SIZE and MASTER_ADDR on every process (or launch with torchrun / python -m launch "
+        "node), or unset them to train in one process",
+    )
+
+
+# --- variables this library sets -------------------------------------------------------------
+
+SOCKET_IFNAME_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def plan_variables(wanted: Mapping[str, str], why: str, environ: Environ | None = None
+                   ) -> tuple[dict[str, str], list[str]]:
+    """(the variables to set, one log line per wanted variable). A variable already set is kept
+    and its line says so: the user's choice always wins, never silently."""
+    environ = os.environ if environ is None else environ
+    to_set, lines = {}, []
+    for name, value in wanted.items():
+        current = environ.get(name)
+        if current is None or current == "":
+            to_set[name] = value
+            lines.append(f"set {name}={value} ({why})")
+        elif current == value:
+            lines.append(f"kept {name}={current} (already set, same as ours)")
+        else:
+            lines.append(f"kept {name}={current} (set by you; ours would be {value}: {why})")
+    return to_set, lines
+
+
+def export_variables(wanted: Mapping[str, str], why: str) -> list[str]:
+    """Set ``wanted`` in this process's environment where unset; return the log lines."""
+    to_set, lines = plan_variables(wanted, why)
+    os.environ.update(to_set)
+    return lines
+
+
+def child_environ(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment plus ``extra`` (already filtered by ``plan_variables``)."""
+    return {**os.environ, **extra}
 
 
 # --- other facts about this process's surroundings -------------------------------------------

@@ -1,14 +1,20 @@
 """Naming the rank that vanished when a collective fails.
 
-A Gloo/NCCL error says "Connection reset by peer [10.0.0.7]:41234", not which rank died. After a
-communication failure the surviving ranks hold a roll call in the rendezvous store: each writes its
-own key and waits briefly for the others'. Ranks that never answer are the ones reported.
+A Gloo/NCCL error says "Connection reset by peer [10.0.0.7]:41234", not which rank died. Every
+rank runs a heartbeat while its process group lives: a thread adds 1 to ``beat/<rank>`` in the
+rendezvous store every ``BEAT_S`` seconds on its own store connection, so a rank blocked inside a
+collective (waiting for a peer that itself stopped to investigate) still shows it is alive. After a
+communication failure a survivor reads every counter twice, ``ROLL_CALL_S`` apart: ranks whose
+counter did not move are the ones reported.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -16,6 +22,7 @@ import torch.distributed as dist
 from ddp.errors import DDPError
 
 ROLL_CALL_S = 3.0
+BEAT_S = 0.5
 _COMM_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset|refused)|timed out|timeout|broken pipe|"
                            r"connectFullMesh|socket", re.IGNORECASE)
 
@@ -30,30 +37,51 @@ def is_comm_failure(err: BaseException) -> bool:
     return isinstance(err, dist.DistError) or bool(_COMM_FAILURE.search(str(err)))
 
 
-def roll_call(store: dist.Store, rank: int, world: int, wait_s: float = ROLL_CALL_S) -> list[int] | None:
-    """Ranks that do not check in within ``wait_s``; None when the store itself is unreachable."""
+@contextmanager
+def heartbeat(host: str, port: int, prefix: str, rank: int) -> Iterator[None]:
+    """Every rank enters (after the rendezvous). Beats until the body exits; a lost store ends it."""
+    client = dist.PrefixStore(prefix, dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=30),
+                                                    wait_for_workers=False))
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(BEAT_S):
+            try:
+                client.add(f"beat/{rank}", 1)
+            except Exception:  # noqa: BLE001 - the store is gone: nothing left to tell
+                return
+
+    client.add(f"beat/{rank}", 1)
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
     try:
-        store.set(f"roll_call/{rank}", "here")
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def roll_call(store: dist.Store, rank: int, world: int, wait_s: float = ROLL_CALL_S) -> list[int] | None:
+    """Ranks whose heartbeat did not move within ``wait_s``; None when the store is unreachable."""
+    try:
+        before = _beats(store, world)
+        time.sleep(wait_s)
+        after = _beats(store, world)
     except Exception:  # noqa: BLE001 - the store's host is gone too
         return None
-    deadline = time.monotonic() + wait_s
-    missing = []
-    for other in range(world):
-        if other == rank:
-            continue
-        try:
-            store.wait([f"roll_call/{other}"], timedelta(seconds=max(deadline - time.monotonic(), 0.05)))
-        except Exception:  # noqa: BLE001 - a timeout means no answer
-            missing.append(other)
-    return missing
+    return [other for other in range(world) if other != rank and after[other] <= before[other]]
 
 
-def peer_lost(err: BaseException, missing: list[int] | None, world: int, store_host_rank: int | None) -> PeerLost:
-    """The one-line error for a communication failure, naming the lost ranks when known."""
+def _beats(store: dist.Store, world: int) -> list[int]:
+    return [store.add(f"beat/{other}", 0) for other in range(world)]
+
+
+def peer_lost(err: BaseException, missing: list[int] | None, world: int, store_host: str) -> PeerLost:
+    """The one-line error for a communication failure, naming the lost ranks when known.
+    ``store_host`` names who serves the rendezvous store (reported when the store is gone too)."""
     cause = _short(err)
     if missing is None:
-        who = f"rank {store_host_rank}, which serves the rendezvous store," if store_host_rank is not None else \
-            "the rendezvous store's host"
+        who = store_host
         return PeerLost(f"lost contact with {who} after: {cause}.",
                         "check that rank's log (logs/rank0.log) and host; torchrun --max-restarts=N restarts "
                         "the group and resumes from the latest checkpoint")

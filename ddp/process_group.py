@@ -10,20 +10,27 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ddp import rendezvous
 from ddp.environment import ClusterEnv
-from ddp.peers import is_comm_failure, peer_lost, roll_call
+from ddp.peers import heartbeat, is_comm_failure, peer_lost, roll_call
 
 log = logging.getLogger(__name__)
 
 
 @contextmanager
-def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s: float) -> Iterator[None]:
+def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s: float,
+                  recipe_yaml: str | None = None) -> Iterator[None]:
     """All ranks must enter. Creates the group (when ``env.distributed``) and destroys it on exit.
+
+    Before the group forms: when peers run on other machines the interface that routes to the
+    master is exported for Gloo/NCCL (``rendezvous.choose_interface``); every rank checks in and a
+    waiting rank logs who is missing (``rendezvous.gather``); with ``recipe_yaml`` every rank must
+    hold rank 0's recipe (``rendezvous.agree_on_recipe``).
 
     On a clean exit every rank passes a barrier first, so no rank tears down while a peer still
     needs it. After an error the barrier is skipped (peers may be stuck in another collective);
     the group is destroyed so the process can exit instead of hanging. A communication failure
-    becomes ``PeerLost`` naming the ranks that no longer answer (``ddp.peers.roll_call``).
+    becomes ``PeerLost`` naming the ranks whose heartbeat stopped (``ddp.peers``).
     """
     if not env.distributed:
         yield
@@ -31,29 +38,37 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=timeout_s)
-    store = _rendezvous_store(env, timeout)
+    for line in rendezvous.choose_interface(env):
+        log.info("rank %d: %s", env.rank, line)
+    store = rendezvous.connect(env, timeout)
+    rendezvous.gather(store, env, timeout_s)
+    if recipe_yaml is not None and env.world_size > 1:
+        rendezvous.agree_on_recipe(store, env, recipe_yaml, timeout_s)
     dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
                             timeout=timeout)
     log.debug("process group up: %s, backend %s", env.describe(), backend)
     clean = False
     try:
-        yield
+        with heartbeat(env.master_addr, env.master_port, env.store_prefix, env.rank):  # beats through the roll call
+            try:
+                yield
+            except Exception as err:
+                if env.world_size > 1 and is_comm_failure(err):
+                    missing = roll_call(store, env.rank, env.world_size)
+                    raise peer_lost(err, missing, env.world_size, _store_host(env)) from err
+                raise
         clean = True
-    except Exception as err:
-        if env.world_size > 1 and is_comm_failure(err):
-            missing = roll_call(store, env.rank, env.world_size)
-            raise peer_lost(err, missing, env.world_size, None if env.agent_store else 0) from err
-        raise
     finally:
         _teardown(clean)
 
 
-def _rendezvous_store(env: ClusterEnv, timeout: timedelta) -> dist.Store:
-    """The TCPStore at master_addr:port (hosted by rank 0 unless torchrun's agent serves it),
-    namespaced per restart attempt (see ``ClusterEnv.store_prefix``)."""
-    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
-                          is_master=env.rank == 0 and not env.agent_store, timeout=timeout)
-    return dist.PrefixStore(env.store_prefix, store)
+def _store_host(env: ClusterEnv) -> str:
+    """Who serves the rendezvous store, for the message when it is gone with its host."""
+    if not env.agent_store:
+        return f"rank 0 (at {env.master_addr}), which serves the rendezvous store,"
+    node0 = f"0-{env.local_world_size - 1}" if env.local_world_size > 1 else "0"
+    return (f"node 0 (ranks {node0} at {env.master_addr}:{env.master_port}), whose launcher serves the "
+            "rendezvous store,")
 
 
 def _teardown(clean: bool) -> None:

@@ -126,7 +126,7 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
     and returns the outcome. Nothing is written until the run is sure to start."""
     plan = plan or prepare(recipe, env)
     recipe_yaml = to_yaml(recipe)
-    with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s):
+    with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s, recipe_yaml):
         decision = _decide(recipe, recipe_yaml)
         if decision.done:
             if comm.is_main():

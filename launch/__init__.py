@@ -1,1 +1,1 @@
-"""Launch helpers: ``python -m launch doctor`` (what this process would run as, and why)."""
+"""Launch CLIs: ``python -m launch node`` (one machine of a job) and ``python -m launch doctor``."""

@@ -1,26 +1,30 @@
-"""``python -m launch doctor``."""
+"""``python -m launch node ...`` and ``python -m launch doctor ...``."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ddp.errors import DDPError
+USAGE = """usage: python -m launch {node,doctor} ...
+  node    start this machine's ranks of a (multi-machine) job through torchrun
+  doctor  versions, GPUs, CPUs, network, detected environment and an all_reduce self-test"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("doctor", help="show what a rank started here would detect and use")
-    parser.parse_args(argv)
-    from launch.doctor import report
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "node":
+        from launch.node import main as node_main
 
-    try:
-        print("\n".join(report()))
-    except DDPError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    return 0
+        return node_main(rest)
+    if command == "doctor":
+        from launch.doctor import main as doctor_main
+
+        return doctor_main(rest)
+    print(f"error: unknown command {command!r}. HINT: use 'node' or 'doctor'\n{USAGE}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

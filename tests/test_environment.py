@@ -95,3 +95,51 @@ def test_torchrun_restart_gets_its_own_store_namespace():
     assert env.agent_store and env.restart_count == 2
     assert env.store_prefix == "ddp/attempt_2"
     assert "restart 2" in env.describe()
+
+
+# --- item 6: every combination that says "world > 1" joins with the stated ranks or refuses ---------
+OLD_LAUNCH = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
+
+
+@pytest.mark.parametrize("environ, kind, ranks", [
+    # older torch.distributed.launch / hand-written launchers: no LOCAL_WORLD_SIZE
+    (OLD_LAUNCH, ManualEnv, (1, 1, 2, 2)),
+    ({**OLD_LAUNCH, "MASTER_ADDR": "10.0.0.1", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "NODE_RANK": "1"},
+     ManualEnv, (3, 1, 4, 4)),
+    ({**OLD_LAUNCH, "LOCAL_WORLD_SIZE": "2"}, TorchrunEnv, (1, 1, 2, 2)),
+    # the seed style: one rank per machine
+    ({"MASTER_IP": "10.0.0.1", "RANK": "1", "WORLD_SIZE": "2"}, ManualEnv, (1, 0, 2, 1)),
+    ({"MASTER_ADDR": "10.0.0.1", "RANK": "0", "WORLD_SIZE": "1"}, ManualEnv, (0, 0, 1, 1)),
+    # nothing, or variables that say "alone"
+    ({}, SingleProcessEnv, (0, 0, 1, 1)),
+    ({"RANK": "0", "WORLD_SIZE": "1"}, SingleProcessEnv, (0, 0, 1, 1)),
+    ({"LOCAL_RANK": "0"}, SingleProcessEnv, (0, 0, 1, 1)),
+    ({"WORLD_SIZE": "1"}, SingleProcessEnv, (0, 0, 1, 1)),
+    # torchrun on one node needs no MASTER_ADDR
+    ({k: v for k, v in TORCHRUN.items() if k != "MASTER_ADDR"} | {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                                                                  "RANK": "1"}, TorchrunEnv, (1, 1, 2, 2)),
+])
+def test_launcher_variables_join_with_the_stated_ranks(environ, kind, ranks):
+    env = detect_environment(environ)
+    assert type(env) is kind
+    assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == ranks
+    assert env.distributed == (kind is not SingleProcessEnv)
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "RANK=1 and WORLD_SIZE=2 are set but neither MASTER_ADDR nor MASTER_IP"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "neither MASTER_ADDR nor MASTER_IP"),
+    ({"RANK": "1"}, "RANK=1 say this is one rank of several, but WORLD_SIZE is not set"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 say this is one rank of several, but RANK is not set"),
+    ({"LOCAL_RANK": "1"}, "LOCAL_RANK=1 say this is one rank of several, but RANK and WORLD_SIZE are not set"),
+    ({"LOCAL_WORLD_SIZE": "4"}, "LOCAL_WORLD_SIZE=4 say"),
+    ({"RANK": "1", "WORLD_SIZE": "1"}, "rank 1 is outside world size 1"),
+    ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "a"}, "RANK='x' is not an integer"),
+    ({**OLD_LAUNCH, "LOCAL_RANK": "2"}, "local rank 2 is outside local world size 2"),
+    ({k: v for k, v in TORCHRUN.items() if k != "MASTER_ADDR"}, "ranks run on other machines, and MASTER_ADDR"),
+])
+def test_incomplete_launcher_variables_are_refused_never_trained_alone(environ, message):
+    with pytest.raises(ClusterEnvError, match=message) as info:
+        detect_environment(environ)
+    assert "\n" not in str(info.value) and "HINT:" in str(info.value)
+    assert info.value.exit_code == 2

@@ -86,10 +86,10 @@ def test_first_host_of_a_huge_range_expands_nothing():
 
 
 def test_doctor_says_hand_set_ranks_win_in_an_interactive_shell(monkeypatch):
-    from launch.doctor import report
+    from launch.doctor import collect, human, parse
 
     for name, value in {**SHELL, "SLURM_JOB_NAME": "interactive", **HAND}.items():
         monkeypatch.setenv(name, value)
-    lines = "\n".join(report())
+    lines = "\n".join(human(collect(parse(["--no-selftest"]))))
     assert "environment: manual: rank 1/2" in lines
     assert "hand-set RANK/WORLD_SIZE/MASTER_ADDR win over Slurm's variables" in lines

@@ -1,0 +1,178 @@
+"""``python -m launch node``: start this machine's ranks of a multi-machine job through torchrun.
+
+    python -m launch node --nnodes 2 --node-rank R --master-addr A --nproc 4 [--recipe X] [key=value ...]
+    python -m launch node ... train.py --epochs 3        # any script, arguments untouched
+    python -m launch node ... -m mypkg.train --lr 0.1    # any module
+    python -m launch node ... --print                    # the torchrun command and variables, run nothing
+
+Steps: parse; choose the interface that routes to the master and the CPU threads per rank; plan
+the environment variables (never overwriting one the user set, logging each); preflight
+(``launch.preflight``); then replace this process with torchrun, so signals and the exit code are
+torchrun's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+
+from ddp.environment import SOCKET_IFNAME_VARIABLES, available_cpus, child_environ, plan_variables
+from ddp.errors import DDPError
+from ddp.network import NetworkError, Route, route_to
+from launch import preflight
+
+log = logging.getLogger("launch.node")
+
+_VALUE_OPTIONS = {"--nnodes", "--node-rank", "--master-addr", "--master-port", "--nproc", "--run-id",
+                  "--max-restarts", "--preflight-timeout", "--recipe"}
+
+
+class LaunchError(DDPError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """Everything ``launch node`` decided: the command, the variables, and why."""
+
+    command: list[str]
+    variables: dict[str, str]  # to set for the ranks (the user's own are already excluded)
+    notes: list[str]  # one line per variable: set, or kept because the user set it
+    route: Route
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line with the fix, exit 2 (argparse prints the whole usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message}. HINT: python -m launch node --help", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(
+        prog="python -m launch node",
+        description="Start this machine's ranks of a multi-machine job (torchrun underneath). With no program, "
+                    "trains a recipe (python -m ddp.train); a first positional that is a .py file or -m module "
+                    "is run as torchrun would run it, its arguments passed through untouched.")
+    p.add_argument("--nnodes", type=int, required=True, help="number of machines")
+    p.add_argument("--node-rank", type=int, required=True, help="this machine's index, 0 = the master")
+    p.add_argument("--master-addr", required=True, help="node 0's address, reachable from every node")
+    p.add_argument("--master-port", type=int, default=29500, help="free TCP port on node 0 (default 29500)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (default 1)")
+    p.add_argument("--run-id", help="use c10d rendezvous with this shared id instead of static ranks")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of the worker group")
+    p.add_argument("--print", action="store_true", help="print the torchrun command and variables, run nothing")
+    p.add_argument("--preflight-timeout", type=float, default=15.0,
+                   help="seconds a worker node waits for the master's port (default 15)")
+    p.add_argument("--recipe", help="recipe YAML (recipe mode only)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (recipe mode only)")
+    return p
+
+
+def split_program(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(launcher options, program): the program starts at the first ``-m`` or ``*.py`` positional."""
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in _VALUE_OPTIONS:
+            i += 2
+            continue
+        if token == "-m" or (not token.startswith("-") and token.endswith(".py")):
+            return argv[:i], argv[i:]
+        i += 1
+    return argv, []
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    options, program = split_program(argv)
+    args = parser().parse_args(options)
+    _check(args, program)
+    return args, program
+
+
+def _check(args: argparse.Namespace, program: list[str]) -> None:
+    if args.nnodes < 1 or args.nproc < 1:
+        raise LaunchError(f"--nnodes {args.nnodes} --nproc {args.nproc}: both must be at least 1.",
+                          "count machines with --nnodes and ranks per machine with --nproc")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise LaunchError(f"--node-rank {args.node_rank} is outside --nnodes {args.nnodes}.",
+                          f"node ranks run from 0 to {args.nnodes - 1}; node 0 is the master")
+    if not 0 < args.master_port < 65536:
+        raise LaunchError(f"--master-port {args.master_port} is not a TCP port.", "use 1024-65535, the same on every node")
+    if program and (args.recipe or args.overrides):
+        raise LaunchError(f"--recipe/key=value overrides apply to recipes, but a program was given: {program[0]}.",
+                          "put the program's own arguments after it; they are passed through untouched")
+    if program == ["-m"]:
+        raise LaunchError("-m needs a module name.", "e.g. python -m launch node ... -m mypkg.train")
+
+
+def torchrun_command(args: argparse.Namespace, program: list[str], route: Route) -> list[str]:
+    """The exact torchrun command for this node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={args.nnodes}",
+           f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}"]
+    if args.run_id:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={_host_port(route.master_ip, args.master_port)}",
+                f"--rdzv-id={args.run_id}", f"--local-addr={route.source_ip}",
+                f"--rdzv-conf=is_host={1 if args.node_rank == 0 else 0}"]
+    else:
+        cmd += [f"--node-rank={args.node_rank}", f"--master-addr={route.master_ip}",
+                f"--master-port={args.master_port}", f"--local-addr={route.source_ip}"]
+    if program:
+        return cmd + program
+    recipe = ["--recipe", args.recipe] if args.recipe else []
+    return cmd + ["-m", "ddp.train", *recipe, *args.overrides]
+
+
+def plan(args: argparse.Namespace, program: list[str]) -> NodePlan:
+    """Route, command and variables for this node; raises ``DDPError`` (exit 2) on bad input."""
+    route = route_to(args.master_addr)
+    if args.nnodes > 1 and route.loopback:
+        raise NetworkError(
+            f"--master-addr {args.master_addr} is {route.master_ip}, a loopback address, but --nnodes "
+            f"{args.nnodes}: the other machines cannot reach it.",
+            "pass node 0's address on the network the machines share (python -m launch doctor lists them)")
+    threads = max(1, available_cpus() // args.nproc)
+    wanted = {"OMP_NUM_THREADS": str(threads)}
+    variables, notes = plan_variables(wanted, f"{available_cpus()} cores / {args.nproc} ranks")
+    if args.nnodes > 1:
+        more, more_notes = plan_variables({name: route.interface for name in SOCKET_IFNAME_VARIABLES},
+                                          f"the route to the master {route.describe()}")
+        variables.update(more)
+        notes += more_notes
+    return NodePlan(torchrun_command(args, program, route), variables, notes, route)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def show(node: NodePlan) -> str:
+    """``--print``: the variables as ``export`` lines, then the command, ready to paste."""
+    exports = [f"export {name}={shlex.quote(value)}" for name, value in node.variables.items()]
+    return "\n".join([*(f"# {note}" for note in node.notes), *exports, shlex.join(node.command)])
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s launch node: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    try:
+        args, program = parse(argv)
+        node = plan(args, program)
+        if args.print:
+            print(show(node))
+            return 0
+        for note in node.notes:
+            log.info("%s", note)
+        preflight.check(node.route, args.node_rank, args.master_port, args.preflight_timeout, log)
+    except DDPError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    log.info("node %d of %d: %s", args.node_rank, args.nnodes, shlex.join(node.command))
+    sys.stderr.flush()
+    os.execve(node.command[0], node.command, child_environ(node.variables))
+    return 1  # pragma: no cover - execve does not return
