@@ -13,7 +13,7 @@ import difflib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -63,13 +63,20 @@ class Schedule(str, Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = "digits_cnn"  # see ddp.models.MODELS
+    name: str = "digits_cnn"  # a built-in (ddp.models.MODELS) or your own: mypkg.models:MyNet
+    args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for the model
+    pretrained: bool = False  # built-in torchvision models: weights from the local torch hub cache
+    weights: Optional[str] = None  # or a state_dict file to start from
+    freeze: List[str] = field(default_factory=list)  # parameter-name patterns kept frozen, e.g. ["features.*"]
+    unfreeze_after_epochs: int = _bounded(-1, minimum=-1)  # train the frozen layers from this epoch on; -1 = never
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | mnist | cifar10 | synthetic (see ddp.datasets.DATASETS)
-    root: str = "data"  # where mnist/cifar10 files live (never downloaded)
+    name: str = "digits"  # a built-in (ddp.datasets.DATASETS) or your own: mypkg.data:build → (train, test)
+    args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for your own data function
+    root: str = "data"  # where mnist/fashion_mnist/cifar10/image_folder files live
+    download: bool = False  # let torchvision fetch missing mnist/fashion_mnist/cifar10 files (needs network)
     batch_size: int = _bounded(32, minimum=1)  # per rank; the global batch is this × world size
     eval_batch_size: int = _bounded(512, minimum=1)  # per rank
     test_fraction: float = _bounded(0.2, above=0.0, maximum=0.9)  # digits: held-out share
@@ -102,6 +109,9 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False  # also force deterministic CUDA kernels (slower)
     resume: str = "auto"  # auto: newest valid checkpoint of the run dir | never | <checkpoint file or dir>
+    loss: str = "cross_entropy"  # cross_entropy | mse | your own: mypkg.losses:focal (outputs, targets) → scalar
+    label_smoothing: float = _bounded(0.0, minimum=0.0, maximum=0.99)  # cross_entropy only
+    clip_grad_norm: float = _bounded(0.0, minimum=0.0)  # clip the global gradient norm to this; 0 = off
 
 
 class BestMode(str, Enum):
@@ -269,16 +279,9 @@ def _broken_limit(value: Any, limits: Any) -> str | None:
 
 
 def _check_choices(recipe: Recipe) -> None:
-    from ddp.datasets import DATASETS
-    from ddp.models import MODELS
-
-    for key, value, choices in (
-        ("model.name", recipe.model.name, MODELS),
-        ("data.name", recipe.data.name, DATASETS),
-        ("log.level", recipe.log.level.upper(), LOG_LEVELS),
-    ):
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not known.", f"choose one of: {', '.join(choices)}")
+    """Choices config.py can check alone; model/data/loss names are checked by ``ddp.components``."""
+    if recipe.log.level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log.level={recipe.log.level!r} is not known.", f"choose one of: {', '.join(LOG_LEVELS)}")
     if recipe.checkpoint.best_metric not in BEST_METRICS:
         raise ConfigError(f"checkpoint.best_metric={recipe.checkpoint.best_metric!r} is not an epoch metric.",
                           f"choose one of: {', '.join(BEST_METRICS)}")

@@ -18,8 +18,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from ddp.config import OptimConfig, OptimizerName, Schedule
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
+def build_optimizer(model: nn.Module, cfg: OptimConfig, trainable_only: bool = True) -> torch.optim.Optimizer:
+    """Over the trainable parameters only (frozen layers are not in it), or every parameter when
+    frozen ones will train later (``model.unfreeze_after_epochs``: they get no gradient until then)."""
+    params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
     if cfg.name == OptimizerName.sgd:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == OptimizerName.adam:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import platform
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from ddp import comm
 from ddp.backend import Devices, check_parallel, choose_backend, choose_device, probe_devices
 from ddp.config import Recipe, to_yaml
+from ddp.components import Given, build_components, build_loss, check_recipe, eval_loss
 from ddp.datasets import Splits, build_datasets
 from ddp.environment import ClusterEnv, available_cpus, hostname
 from ddp.errors import DDPError, print_error
@@ -30,7 +32,6 @@ from ddp.lifecycle.decision import Decision, decide
 from ddp.lifecycle.history import record_start
 from ddp.logs import RankLogs, rank_logging
 from ddp.metrics import MetricsWriter
-from ddp.models import build_model
 from ddp.optim import build_optimizer, build_scheduler, schedule_position
 from ddp.parallel import unwrap_model, wrap_model
 from ddp.process_group import process_group
@@ -61,9 +62,10 @@ class Plan:
     devices: Devices
     threads: int
     splits: Splits
+    model: torch.nn.Module | None = None  # built (and checked) before the group; built in build_parts if None
 
 
-def run(recipe: Recipe, env: ClusterEnv) -> int:
+def run(recipe: Recipe, env: ClusterEnv, given: Given | None = None) -> int:
     """Train with rank-aware logging; return the process exit code (0 on success).
 
     A refusal (bad backend, missing dataset, an unusable checkpoint or recipe change) prints one
@@ -71,24 +73,30 @@ def run(recipe: Recipe, env: ClusterEnv) -> int:
     the rank's log file; Ctrl-C before training starts ends the run at once with 130.
     """
     try:
-        plan = prepare(recipe, env)
+        plan = prepare(recipe, env, given=given)
     except DDPError as err:
         print_error(err, env.rank)
         return err.exit_code
+    return execute_logged(recipe, env, plan).exit_code
+
+
+def execute_logged(recipe: Recipe, env: ClusterEnv, plan: Plan) -> RunResult:
+    """All ranks must call. ``execute`` with rank-aware logging; failures become ``exit_code``."""
+    failed = RunResult(metrics={}, state_dict={}, run_dir=recipe.run_dir, exit_code=1)
     with rank_logging(env.rank, env.world_size, hostname(), recipe.log.level) as logs:
         try:
-            return execute(recipe, env, plan, logs).exit_code
+            return execute(recipe, env, plan, logs)
         except DDPError as err:
             _log_refusal(err, env.rank)
-            return err.exit_code
+            failed.exit_code = err.exit_code
         except KeyboardInterrupt:
             if env.rank == 0:
                 log.warning("interrupted before training started: nothing was saved")
-            return EXIT_INTERRUPTED
+            failed.exit_code = EXIT_INTERRUPTED
         except Exception as err:  # noqa: BLE001 - reported, then the process exits non-zero
             where = f" (traceback in {logs.path})" if logs.attached else ""
             log.error("training failed: %s: %s%s", type(err).__name__, err, where, exc_info=logs.attached)
-            return 1
+    return failed
 
 
 def _log_refusal(err: DDPError, rank: int) -> None:
@@ -98,14 +106,18 @@ def _log_refusal(err: DDPError, rank: int) -> None:
         log.error("%s", err)
 
 
-def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) -> Plan:
-    """Every check that can refuse the run, before any file is written or process group formed."""
+def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None, given: Given | None = None) -> Plan:
+    """Every check that can refuse the run, before any file is written or process group formed:
+    the data and the model are built here (``ddp.components``), so a bad name or result is refused."""
+    given = given or Given()
+    check_recipe(recipe, given)
     devices = devices or probe_devices()
     check_parallel(recipe.dist.parallel, env)
     backend = choose_backend(recipe.dist.backend, env, devices)
     device = choose_device(backend, recipe.dist.parallel, env, devices)
-    splits = build_datasets(recipe.data)
-    return Plan(backend, device, devices, _set_threads(recipe, env), splits)
+    seed_everything(recipe.train.seed, recipe.train.deterministic)
+    splits, model = build_components(recipe, given, build_datasets)
+    return Plan(backend, device, devices, _set_threads(recipe, env), splits, model)
 
 
 def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: RankLogs | None = None) -> RunResult:
@@ -203,19 +215,24 @@ def _log_outcome(outcome: FitResult, step: int, run_dir: RunDir, rank: int) -> N
                 "Exit code %d: run the same command to resume", outcome.stopped_by, step, run_dir.checkpoints,
                 outcome.exit_code)
     else:
-        log.info("done: test accuracy %.4f after %d steps; run dir %s",
-                 outcome.last_record.get("test_acc", float("nan")), step, run_dir.root)
+        acc = outcome.last_record.get("test_acc")
+        log.info("done: %s after %d steps; run dir %s", f"test accuracy {acc:.4f}" if acc is not None else
+                 f"test loss {outcome.last_record.get('test_loss', float('nan')):.4f}", step, run_dir.root)
 
 
 def build_parts(recipe: Recipe, plan: Plan) -> TrainParts:
     """All ranks must call (wrapping in DDP broadcasts rank 0's weights)."""
     splits, device = plan.splits, plan.device
-    seed_everything(recipe.train.seed, recipe.train.deterministic)
-    model = wrap_model(build_model(recipe.model.name, splits.shape, splits.classes),
-                       recipe.dist.parallel, device, plan.devices)
+    if plan.model is None:
+        seed_everything(recipe.train.seed, recipe.train.deterministic)
+        plan.splits, plan.model = build_components(recipe, Given(), build_datasets)
+    model = wrap_model(plan.model, recipe.dist.parallel, device, plan.devices)
     train, test, how = _loaders(recipe, plan)
-    optimizer = build_optimizer(unwrap_model(model), recipe.optim)
-    parts = TrainParts(model, optimizer, None, train, test, device)  # type: ignore[arg-type]
+    optimizer = build_optimizer(unwrap_model(model), recipe.optim,
+                                trainable_only=recipe.model.unfreeze_after_epochs < 0)
+    parts = TrainParts(model, optimizer, None, train, test, device,  # type: ignore[arg-type]
+                       loss=build_loss(recipe.train), eval_loss=eval_loss(recipe.train),
+                       rewrap=partial(wrap_model, parallel=recipe.dist.parallel, device=device, devices=plan.devices))
     parts.scheduler = _scheduler(recipe, parts, None)
     log.info("%d train / %d test samples, %d steps per epoch at %d per rank × %d ranks, %s",
              len(splits.train), len(splits.test), len(train), recipe.data.batch_size, comm.world_size(), how)
