@@ -77,6 +77,7 @@ class DataConfig:
     args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for your own data function
     root: str = "data"  # where mnist/fashion_mnist/cifar10/image_folder files live
     download: bool = False  # let torchvision fetch missing mnist/fashion_mnist/cifar10 files (needs network)
+    image_size: int = _bounded(224, minimum=8)  # image_folder: images are resized and cropped to this
     batch_size: int = _bounded(32, minimum=1)  # per rank; the global batch is this × world size
     eval_batch_size: int = _bounded(512, minimum=1)  # per rank
     test_fraction: float = _bounded(0.2, above=0.0, maximum=0.9)  # digits: held-out share

@@ -38,6 +38,7 @@ POLICIES: tuple[tuple[str, Policy, str], ...] = (
     ("data.name", Policy.refused, _OTHER_DATA),
     ("data.args", Policy.refused, _OTHER_DATA),
     ("data.args.*", Policy.refused, _OTHER_DATA),
+    ("data.image_size", Policy.refused, _OTHER_DATA),
     ("data.synthetic_*", Policy.refused, _OTHER_DATA),
     ("data.test_fraction", Policy.refused, "the train/test split would change"),
     ("data.split_seed", Policy.refused, "the train/test split would change"),
