@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import platform
+import resource
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,6 +37,7 @@ from ddp.metrics import MetricsWriter
 from ddp.optim import build_optimizer, build_scheduler, schedule_position
 from ddp.parallel import unwrap_model, wrap_model
 from ddp.process_group import process_group
+from ddp.report import summary
 from ddp.run_dir import RunDir
 from ddp.seeding import seed_everything
 from ddp.checkpointer import Checkpointer, TrainState
@@ -124,6 +127,7 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
     """All ranks must call. Decides the run's directory and checkpoint (``ddp.lifecycle``), trains,
     and returns the outcome. Nothing is written until the run is sure to start."""
     plan = plan or prepare(recipe, env)
+    started = time.perf_counter()
     recipe_yaml = to_yaml(recipe)
     with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s):
         decision = _decide(recipe, recipe_yaml)
@@ -137,6 +141,8 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
             lock.release(decision.run_dir)
     run_dir = RunDir(decision.run_dir)
     _log_outcome(outcome, step, run_dir, env.rank)  # the group is gone: env knows the rank, comm no longer
+    if env.rank == 0:
+        log.info("summary\n%s", summary(run_dir.root, time.perf_counter() - started, peak_memory_mb(plan.device)))
     return RunResult(metrics=outcome.last_record, state_dict=weights, run_dir=run_dir.root,
                      stopped_by=outcome.stopped_by, exit_code=outcome.exit_code)
 
@@ -280,3 +286,11 @@ def _set_threads(recipe: Recipe, env: ClusterEnv) -> int:
         torch.set_num_threads(threads)
     return threads
 
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak resident memory (``getrusage``; psutil reports only the current RSS), or
+    the peak CUDA allocation on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
