@@ -141,3 +141,41 @@ def test_finetune_vgg16_recipe_trains_the_classifier_only(tmp_path, monkeypatch)
     saved = _final_checkpoint(run_dir)
     assert saved["model"]["classifier.6.weight"].shape == (2, 4096)
     assert [len(g["params"]) for g in saved["optimizer"]["param_groups"]] == [6]  # 3 linear layers × (w, b)
+
+
+# ---------------------------------------------------------------- training options
+
+def _one_step_change(in_tmp: Path, *extra: str) -> float:
+    """Norm of the weight change after one SGD step without momentum or weight decay."""
+    from ddp.config import load_recipe
+    from ddp.components import build_model
+    from ddp.datasets import build_datasets
+    from ddp.seeding import seed_everything
+
+    name = "clip" + str(len(list((in_tmp / "runs").glob("*"))) if (in_tmp / "runs").exists() else 0)
+    overrides = ["train.max_steps=1", "train.epochs=1", "optim.momentum=0", "optim.weight_decay=0",
+                 "optim.schedule=none", "optim.lr=0.5", "log.progress=false", "log.tensorboard=false",
+                 f"run.name={name}", *extra]
+    assert main(overrides) == 0
+    recipe = load_recipe(None, overrides)
+    seed_everything(0, False)
+    initial = build_model(recipe.model, build_datasets(recipe.data)).state_dict()
+    trained = _final_checkpoint(in_tmp / "runs" / name)["model"]
+    return torch.sqrt(sum(((trained[k] - initial[k]) ** 2).sum() for k in initial)).item()
+
+
+def test_clip_grad_norm_bounds_the_step(in_tmp):
+    free = _one_step_change(in_tmp)
+    clipped = _one_step_change(in_tmp, "train.clip_grad_norm=0.01")
+    assert clipped == pytest.approx(0.5 * 0.01, rel=1e-3)  # lr × the clipped global norm
+    assert free > 10 * clipped
+
+
+def test_label_smoothing_reaches_the_loss():
+    from ddp.components import build_loss
+    from ddp.config import TrainConfig
+
+    confident = torch.tensor([[20.0, -20.0, -20.0]])
+    target = torch.tensor([0])
+    assert build_loss(TrainConfig())(confident, target).item() < 1e-6
+    assert build_loss(TrainConfig(label_smoothing=0.3))(confident, target).item() > 5  # 0.2 of the mass on -20s
