@@ -101,6 +101,7 @@ class OptimConfig:
     step_epochs: int = _bounded(3, minimum=1)  # schedule=step: decay every N epochs
     gamma: float = _bounded(0.1, above=0.0, maximum=1.0)  # schedule=step: decay factor
     warmup_steps: int = _bounded(0, minimum=0)  # linear warm-up before the schedule
+    decay_norms_and_biases: bool = False  # false: no weight decay on biases and norm weights (1-D parameters)
 
 
 @dataclass

@@ -21,12 +21,24 @@ from ddp.config import OptimConfig, OptimizerName, Schedule
 def build_optimizer(model: nn.Module, cfg: OptimConfig, trainable_only: bool = True) -> torch.optim.Optimizer:
     """Over the trainable parameters only (frozen layers are not in it), or every parameter when
     frozen ones will train later (``model.unfreeze_after_epochs``: they get no gradient until then)."""
-    params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
+    params = param_groups(model, cfg, trainable_only)
     if cfg.name == OptimizerName.sgd:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == OptimizerName.adam:
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, trainable_only: bool = True) -> list[dict]:
+    """One group, or (with ``optim.decay_norms_and_biases=false``, the default) a second group
+    without weight decay for biases and normalisation weights: every 1-D parameter. Empty groups
+    are left out, so the grouping depends on the model only (a changed weight decay still resumes)."""
+    params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
+    if cfg.decay_norms_and_biases:
+        return [{"params": params}]
+    groups = [{"params": [p for p in params if p.ndim > 1]},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,

@@ -110,7 +110,7 @@ def test_finetune_resnet18_freezes_the_backbone_and_trains_a_new_head(tmp_path, 
     seed_everything(0, False)
     initial_head = torchvision_model(load_recipe(RECIPES / "finetune_resnet18.yaml").model, 2).fc.weight
     assert not torch.equal(weights["fc.weight"], initial_head)  # the head trained
-    assert [len(g["params"]) for g in saved["optimizer"]["param_groups"]] == [2]  # fc.weight, fc.bias only
+    assert sum(len(g["params"]) for g in saved["optimizer"]["param_groups"]) == 2  # fc.weight, fc.bias only
 
 
 def test_finetune_resnet18_unfreezes_after_the_configured_epoch(tmp_path, monkeypatch):
@@ -140,7 +140,7 @@ def test_finetune_vgg16_recipe_trains_the_classifier_only(tmp_path, monkeypatch)
     _check_finished(run_dir, "finetune_vgg16.yaml", steps=1)
     saved = _final_checkpoint(run_dir)
     assert saved["model"]["classifier.6.weight"].shape == (2, 4096)
-    assert [len(g["params"]) for g in saved["optimizer"]["param_groups"]] == [6]  # 3 linear layers × (w, b)
+    assert sum(len(g["params"]) for g in saved["optimizer"]["param_groups"]) == 6  # 3 linear layers × (w, b)
 
 
 # ---------------------------------------------------------------- training options
@@ -179,3 +179,25 @@ def test_label_smoothing_reaches_the_loss():
     target = torch.tensor([0])
     assert build_loss(TrainConfig())(confident, target).item() < 1e-6
     assert build_loss(TrainConfig(label_smoothing=0.3))(confident, target).item() > 5  # 0.2 of the mass on -20s
+
+
+@pytest.mark.parametrize("decay_all", [False, True])
+def test_no_weight_decay_on_biases_and_norms_unless_asked(decay_all):
+    from torch import nn
+
+    from ddp.config import OptimConfig
+    from ddp.optim import build_optimizer
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    nn.init.constant_(model[0].bias, 1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(model, OptimConfig(lr=1.0, momentum=0.0, weight_decay=0.5,
+                                                   decay_norms_and_biases=decay_all))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # with zero gradients, only weight decay moves a parameter: p ← p × (1 − lr × wd)
+    after = model.state_dict()
+    assert torch.allclose(after["0.weight"], before["0.weight"] * 0.5)
+    for name in ("0.bias", "1.weight", "1.bias"):
+        expected = before[name] * 0.5 if decay_all else before[name]
+        assert torch.equal(after[name], expected), name

@@ -43,6 +43,7 @@ POLICIES: tuple[tuple[str, Policy, str], ...] = (
     ("data.test_fraction", Policy.refused, "the train/test split would change"),
     ("data.split_seed", Policy.refused, "the train/test split would change"),
     ("optim.name", Policy.refused, "the checkpoint holds another optimizer's state"),
+    ("optim.decay_norms_and_biases", Policy.refused, "the checkpoint's optimizer groups its parameters otherwise"),
     ("train.seed", Policy.refused, "the interrupted epoch's sample order depends on it"),
     ("train.loss", Policy.refused, "its logged losses and best checkpoint would no longer compare"),
     ("data.root", Policy.honoured, ""),
