@@ -114,6 +114,7 @@ class TrainConfig:
     loss: str = "cross_entropy"  # cross_entropy | mse | your own: mypkg.losses:focal (outputs, targets) → scalar
     label_smoothing: float = _bounded(0.0, minimum=0.0, maximum=0.99)  # cross_entropy only
     clip_grad_norm: float = _bounded(0.0, minimum=0.0)  # clip the global gradient norm to this; 0 = off
+    accumulate: int = _bounded(1, minimum=1)  # micro-batches per optimizer step (DDP syncs on the last only)
 
 
 class BestMode(str, Enum):

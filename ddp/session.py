@@ -248,14 +248,14 @@ def build_parts(recipe: Recipe, plan: Plan) -> TrainParts:
 def _scheduler(recipe: Recipe, parts: TrainParts, state: TrainState | None) -> LambdaLR:
     """The recipe's LR schedule, placed where ``state`` stands (a resumed run continues the schedule
     of ITS recipe: more epochs stretch it, a new lr rescales it)."""
-    steps_per_epoch = len(parts.train_loader)
+    steps_per_epoch = -(-len(parts.train_loader) // recipe.train.accumulate)  # optimizer steps
     total = steps_per_epoch * recipe.train.epochs
     if recipe.train.max_steps >= 0:
         total = min(total, recipe.train.max_steps)
     start = 0
     if state is not None:
         start = schedule_position(state.epoch, state.sample_index, steps_per_epoch,
-                                  recipe.data.batch_size * comm.world_size())
+                                  recipe.data.batch_size * comm.world_size() * recipe.train.accumulate)
     return build_scheduler(parts.optimizer, recipe.optim, steps_per_epoch, max(total, 1), start)
 
 

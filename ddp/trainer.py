@@ -8,6 +8,7 @@ preemption signal asks every rank to stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -67,6 +68,7 @@ class Trainer:
         self.state = state or TrainState()
         self._saved_step = self.state.global_step if state else -1
         self._classifies = True  # outputs were class logits in every batch so far: accuracy is reported
+        self._group = (0, 1)  # (micro-batch index, micro-batches in this optimizer step)
 
     def fit(self) -> FitResult:
         """All ranks must call. A run already finished under its recipe never gets here
@@ -94,10 +96,15 @@ class Trainer:
         sums = torch.tensor(state.partial_sums, dtype=torch.float64, device=parts.device)
         started, total, complete = time.perf_counter(), len(parts.train_loader), True
         bar = self._progress_bar(epoch)
+        accumulate = self.cfg.train.accumulate
         for done, (inputs, targets) in enumerate(bar, 1):
+            micro = (done - 1) % accumulate  # micro-batch within its optimizer step
+            self._group = (micro, min(accumulate, total - done + 1 + micro))
             loss = self._run_batch(inputs, targets, sums)
-            state.global_step += 1
             state.sample_index += targets.shape[0] * comm.world_size()
+            if micro + 1 < self._group[1]:
+                continue  # gradients accumulate; no step, no save, no stop between micro-batches
+            state.global_step += 1
             if state.global_step % self.cfg.log.every_steps == 0:
                 self._log_step(epoch, loss, bar)
             if self.stop.poll():
@@ -122,20 +129,29 @@ class Trainer:
         parts = self.parts
         inputs = inputs.to(parts.device, non_blocking=True)
         targets = targets.to(parts.device, non_blocking=True)
-        logits = parts.model(inputs)
-        loss = parts.loss(logits, targets)
-        parts.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.train.clip_grad_norm > 0:
-            nn.utils.clip_grad_norm_(parts.model.parameters(), self.cfg.train.clip_grad_norm)
-        parts.optimizer.step()
-        parts.scheduler.step()
+        micro, size = self._group
+        if micro == 0:
+            parts.optimizer.zero_grad(set_to_none=True)
+        last = micro + 1 == size
+        with contextlib.nullcontext() if last else _no_sync(parts.model):  # DDP all-reduces on the last only
+            logits = parts.model(inputs)
+            loss = parts.loss(logits, targets)
+            (loss / size if size > 1 else loss).backward()
+        if last:
+            self._step()
         with torch.no_grad():
             self._classifies = self._classifies and classifies(logits, targets)
             correct = (logits.argmax(dim=1) == targets).sum() if self._classifies else loss.new_zeros(())
             count = targets.shape[0]
             sums += torch.stack((loss.double() * count, correct.double(), sums.new_tensor(count)))
         return loss.detach()
+
+    def _step(self) -> None:
+        parts = self.parts
+        if self.cfg.train.clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(parts.model.parameters(), self.cfg.train.clip_grad_norm)
+        parts.optimizer.step()
+        parts.scheduler.step()
 
     def _step_save_due(self, done: int, total: int) -> bool:
         every = self.cfg.checkpoint.every_steps
@@ -204,3 +220,8 @@ class Trainer:
 
 def _acc(value: float | None) -> str:
     return "" if value is None else f" acc {value:.4f}"
+
+
+def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync()`` (gradients stay local until the group's last micro-batch); a no-op otherwise."""
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()

@@ -1,0 +1,113 @@
+"""Training options: accumulation, clipping, label smoothing, weight-decay groups."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddp.session import execute
+from ddp.train import main
+from tests.harness import spawn_ranks
+from tests.test_recipes import _final_checkpoint
+
+
+# ---------------------------------------------------------------- training options
+
+def _one_step_change(in_tmp: Path, *extra: str) -> float:
+    """Norm of the weight change after one SGD step without momentum or weight decay."""
+    from ddp.config import load_recipe
+    from ddp.components import build_model
+    from ddp.datasets import build_datasets
+    from ddp.seeding import seed_everything
+
+    name = "clip" + str(len(list((in_tmp / "runs").glob("*"))) if (in_tmp / "runs").exists() else 0)
+    overrides = ["train.max_steps=1", "train.epochs=1", "optim.momentum=0", "optim.weight_decay=0",
+                 "optim.schedule=none", "optim.lr=0.5", "log.progress=false", "log.tensorboard=false",
+                 f"run.name={name}", *extra]
+    assert main(overrides) == 0
+    recipe = load_recipe(None, overrides)
+    seed_everything(0, False)
+    initial = build_model(recipe.model, build_datasets(recipe.data)).state_dict()
+    trained = _final_checkpoint(in_tmp / "runs" / name)["model"]
+    return torch.sqrt(sum(((trained[k] - initial[k]) ** 2).sum() for k in initial)).item()
+
+
+def test_clip_grad_norm_bounds_the_step(in_tmp):
+    free = _one_step_change(in_tmp)
+    clipped = _one_step_change(in_tmp, "train.clip_grad_norm=0.01")
+    assert clipped == pytest.approx(0.5 * 0.01, rel=1e-3)  # lr × the clipped global norm
+    assert free > 10 * clipped
+
+
+def test_label_smoothing_reaches_the_loss():
+    from ddp.components import build_loss
+    from ddp.config import TrainConfig
+
+    confident = torch.tensor([[20.0, -20.0, -20.0]])
+    target = torch.tensor([0])
+    assert build_loss(TrainConfig())(confident, target).item() < 1e-6
+    assert build_loss(TrainConfig(label_smoothing=0.3))(confident, target).item() > 5  # 0.2 of the mass on -20s
+
+
+@pytest.mark.parametrize("decay_all", [False, True])
+def test_no_weight_decay_on_biases_and_norms_unless_asked(decay_all):
+    from torch import nn
+
+    from ddp.config import OptimConfig
+    from ddp.optim import build_optimizer
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    nn.init.constant_(model[0].bias, 1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(model, OptimConfig(lr=1.0, momentum=0.0, weight_decay=0.5,
+                                                   decay_norms_and_biases=decay_all))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # with zero gradients, only weight decay moves a parameter: p ← p × (1 − lr × wd)
+    after = model.state_dict()
+    assert torch.allclose(after["0.weight"], before["0.weight"] * 0.5)
+    for name in ("0.bias", "1.weight", "1.bias"):
+        expected = before[name] * 0.5 if decay_all else before[name]
+        assert torch.equal(after[name], expected), name
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+def _accumulated(env, tmp: str, batch: int, accumulate: int):
+    """Train 3 optimizer steps; return the final weights and how many gradient all-reduces DDP made."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from ddp import session
+    from ddp.config import load_recipe
+
+    calls = []
+    original = session.wrap_model
+
+    def counting(model, *args, **kwargs):
+        wrapped = original(model, *args, **kwargs)
+        if hasattr(wrapped, "register_comm_hook"):
+            wrapped.register_comm_hook(None, lambda state, bucket: calls.append(1) or allreduce_hook(None, bucket))
+        return wrapped
+
+    session.wrap_model = counting
+    recipe = load_recipe(None, [f"data.batch_size={batch}", f"train.accumulate={accumulate}", "train.max_steps=3",
+                                f"run.dir={tmp}", "log.tensorboard=false", "log.progress=false"])
+    try:
+        result = execute(recipe, env)
+    finally:
+        session.wrap_model = original
+    return {k: v.numpy() for k, v in result.state_dict.items()}, len(calls)
+
+
+def test_k_micro_steps_on_n_ranks_equal_one_step_with_the_full_batch(tmp_path):
+    """2 ranks × 4 samples × 2 micro-steps == 1 process × 16 samples, for 3 optimizer steps; DDP
+    all-reduces once per optimizer step (digits_cnn fits one gradient bucket), not per micro-step."""
+    from ddp.environment import SingleProcessEnv
+
+    ranks = spawn_ranks(_accumulated, 2, str(tmp_path / "acc"), 4, 2, init_group=False)
+    single, _ = _accumulated(SingleProcessEnv(), str(tmp_path / "single"), 16, 1)
+    for name, expected in single.items():
+        np.testing.assert_allclose(ranks[0][0][name], expected, rtol=0, atol=1e-6, err_msg=name)
+        assert np.array_equal(ranks[1][0][name], ranks[0][0][name]), name
+    assert [syncs for _, syncs in ranks] == [3, 3]
