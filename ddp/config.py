@@ -61,6 +61,12 @@ class Schedule(str, Enum):
     cosine = "cosine"
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 @dataclass
 class ModelConfig:
     name: str = "digits_cnn"  # a built-in (ddp.models.MODELS) or your own: mypkg.models:MyNet
@@ -115,6 +121,7 @@ class TrainConfig:
     label_smoothing: float = _bounded(0.0, minimum=0.0, maximum=0.99)  # cross_entropy only
     clip_grad_norm: float = _bounded(0.0, minimum=0.0)  # clip the global gradient norm to this; 0 = off
     accumulate: int = _bounded(1, minimum=1)  # micro-batches per optimizer step (DDP syncs on the last only)
+    precision: Precision = Precision.fp32  # bf16: autocast (CPU or GPU); fp16: autocast + GradScaler (CUDA only)
 
 
 class BestMode(str, Enum):

@@ -36,6 +36,7 @@ from ddp.logs import RankLogs, rank_logging
 from ddp.metrics import MetricsWriter
 from ddp.optim import build_optimizer, build_scheduler, schedule_position
 from ddp.parallel import unwrap_model, wrap_model
+from ddp.precision import check_precision, make_scaler
 from ddp.process_group import process_group
 from ddp.report import summary
 from ddp.run_dir import RunDir
@@ -118,6 +119,7 @@ def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None, giv
     check_parallel(recipe.dist.parallel, env)
     backend = choose_backend(recipe.dist.backend, env, devices)
     device = choose_device(backend, recipe.dist.parallel, env, devices)
+    check_precision(recipe.train.precision, device)
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     splits, model = build_components(recipe, given, build_datasets)
     return Plan(backend, device, devices, _set_threads(recipe, env), splits, model)
@@ -190,7 +192,7 @@ def _start(recipe: Recipe, plan: Plan, decision: Decision, recipe_yaml: str
     try:
         parts = build_parts(recipe, plan)
         checkpointer = Checkpointer(recipe.checkpoint, RunDir(decision.run_dir).checkpoints, recipe_yaml)
-        state = checkpointer.resume(decision.checkpoint, parts.model, parts.optimizer, plan.device)
+        state = checkpointer.resume(decision.checkpoint, parts.model, parts.optimizer, plan.device, parts.scaler)
     except BaseException:
         if comm.is_main():
             decision.abandon()
@@ -238,7 +240,8 @@ def build_parts(recipe: Recipe, plan: Plan) -> TrainParts:
                                 trainable_only=recipe.model.unfreeze_after_epochs < 0)
     parts = TrainParts(model, optimizer, None, train, test, device,  # type: ignore[arg-type]
                        loss=build_loss(recipe.train), eval_loss=eval_loss(recipe.train),
-                       rewrap=partial(wrap_model, parallel=recipe.dist.parallel, device=device, devices=plan.devices))
+                       rewrap=partial(wrap_model, parallel=recipe.dist.parallel, device=device, devices=plan.devices),
+                       scaler=make_scaler(recipe.train.precision, device))
     parts.scheduler = _scheduler(recipe, parts, None)
     log.info("%d train / %d test samples, %d steps per epoch at %d per rank × %d ranks, %s",
              len(splits.train), len(splits.test), len(train), recipe.data.batch_size, comm.world_size(), how)

@@ -30,6 +30,7 @@ from ddp.evaluation import evaluate
 from ddp.finetune import unfreeze
 from ddp.metrics import MetricsWriter
 from ddp.parallel import unwrap_model
+from ddp.precision import autocast
 from ddp.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class TrainParts:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy  # batch mean
     eval_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # None: exact cross entropy
     rewrap: Callable[[nn.Module], nn.Module] | None = None  # wraps the plain model again (after unfreezing)
+    scaler: Any = None  # torch.amp.GradScaler for train.precision=fp16 (CUDA); None otherwise
 
 
 @dataclass
@@ -134,9 +136,11 @@ class Trainer:
             parts.optimizer.zero_grad(set_to_none=True)
         last = micro + 1 == size
         with contextlib.nullcontext() if last else _no_sync(parts.model):  # DDP all-reduces on the last only
-            logits = parts.model(inputs)
-            loss = parts.loss(logits, targets)
-            (loss / size if size > 1 else loss).backward()
+            with autocast(self.cfg.train.precision, parts.device):
+                logits = parts.model(inputs)
+                loss = parts.loss(logits, targets)
+            scaled = loss / size if size > 1 else loss
+            (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
         if last:
             self._step()
         with torch.no_grad():
@@ -148,9 +152,15 @@ class Trainer:
 
     def _step(self) -> None:
         parts = self.parts
+        if parts.scaler is not None:
+            parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the scaled ones
         if self.cfg.train.clip_grad_norm > 0:
             nn.utils.clip_grad_norm_(parts.model.parameters(), self.cfg.train.clip_grad_norm)
-        parts.optimizer.step()
+        if parts.scaler is not None:
+            parts.scaler.step(parts.optimizer)  # skipped when the gradients overflowed
+            parts.scaler.update()
+        else:
+            parts.optimizer.step()
         parts.scheduler.step()
 
     def _step_save_due(self, done: int, total: int) -> bool:
@@ -209,7 +219,8 @@ class Trainer:
     def _save(self) -> None:
         """All ranks must call."""
         metric = self.state.last_record.get(self.cfg.checkpoint.best_metric) if self.state.sample_index == 0 else None
-        self.checkpointer.save(self.parts.model, self.parts.optimizer, self.parts.scheduler, self.state, metric)
+        self.checkpointer.save(self.parts.model, self.parts.optimizer, self.parts.scheduler, self.state, metric,
+                               self.parts.scaler)
         self._saved_step = self.state.global_step
 
     def _progress_bar(self, epoch: int) -> tqdm:

@@ -59,7 +59,8 @@ POLICIES: tuple[tuple[str, Policy, str], ...] = (
     ("train.deterministic", Policy.honoured, ""),
     ("train.label_smoothing", Policy.honoured, ""),
     ("train.clip_grad_norm", Policy.honoured, ""),
-    ("train.accumulate", Policy.honoured, ""),  # the schedule continues at the same global sample
+    ("train.accumulate", Policy.honoured, ""),
+    ("train.precision", Policy.honoured, ""),  # weights stay fp32; a new GradScaler starts from its default scale  # the schedule continues at the same global sample
     ("checkpoint.*", Policy.honoured, ""),
     ("dist.*", Policy.honoured, ""),
     ("log.*", Policy.honoured, ""),
