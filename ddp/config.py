@@ -145,6 +145,7 @@ class DistConfig:
     parallel: Parallel = Parallel.ddp
     timeout_s: float = _bounded(300.0, above=0.0)  # collective timeout: a dead peer → error
     threads_per_rank: int = _bounded(0, minimum=0)  # CPU threads per rank; 0 = cores ÷ local ranks
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
 
 
 @dataclass

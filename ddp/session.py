@@ -35,7 +35,7 @@ from ddp.lifecycle.history import record_start
 from ddp.logs import RankLogs, rank_logging
 from ddp.metrics import MetricsWriter
 from ddp.optim import build_optimizer, build_scheduler, schedule_position
-from ddp.parallel import unwrap_model, wrap_model
+from ddp.parallel import check_sync_bn, convert_sync_bn, unwrap_model, wrap_model
 from ddp.precision import check_precision, make_scaler
 from ddp.process_group import process_group
 from ddp.report import summary
@@ -120,6 +120,7 @@ def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None, giv
     backend = choose_backend(recipe.dist.backend, env, devices)
     device = choose_device(backend, recipe.dist.parallel, env, devices)
     check_precision(recipe.train.precision, device)
+    check_sync_bn(recipe.dist.sync_bn, device, env.world_size)
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     splits, model = build_components(recipe, given, build_datasets)
     return Plan(backend, device, devices, _set_threads(recipe, env), splits, model)
@@ -234,7 +235,8 @@ def build_parts(recipe: Recipe, plan: Plan) -> TrainParts:
     if plan.model is None:
         seed_everything(recipe.train.seed, recipe.train.deterministic)
         plan.splits, plan.model = build_components(recipe, Given(), build_datasets)
-    model = wrap_model(plan.model, recipe.dist.parallel, device, plan.devices)
+    model = wrap_model(convert_sync_bn(plan.model, recipe.dist.sync_bn, comm.world_size()),
+                       recipe.dist.parallel, device, plan.devices)
     train, test, how = _loaders(recipe, plan)
     optimizer = build_optimizer(unwrap_model(model), recipe.optim,
                                 trainable_only=recipe.model.unfreeze_after_epochs < 0)

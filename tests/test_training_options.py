@@ -184,3 +184,30 @@ def test_fp16_steps_go_through_the_scaler_unscaled_before_clipping(monkeypatch):
     expected = model.weight.grad.clone()
     trainer._run_batch(inputs, targets, torch.zeros(3, dtype=torch.float64))
     assert torch.allclose(model.weight.grad, expected, atol=1e-6)  # unscaled: the true gradient
+
+
+# ---------------------------------------------------------------- SyncBatchNorm
+
+def test_sync_bn_converts_every_batchnorm_and_keeps_the_checkpoint_keys():
+    from torch import nn
+
+    from ddp.models import cifar_resnet18
+    from ddp.parallel import convert_sync_bn
+
+    model = cifar_resnet18((3, 32, 32), 10)
+    keys = list(model.state_dict())
+    converted = convert_sync_bn(model, True, world_size=2)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == 20
+    assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
+    assert list(converted.state_dict()) == keys  # checkpoints load either way
+    assert convert_sync_bn(model, True, world_size=1) is model  # one rank: nothing to synchronise
+
+
+def test_sync_bn_on_cpu_ranks_is_refused_before_the_group_forms(tmp_path):
+    """DDP itself refuses SyncBatchNorm on CPU modules ("only work with GPU modules"): say so up front."""
+    from tests.harness import run_torchrun
+
+    done = run_torchrun(2, ["-m", "ddp.train", "dist.sync_bn=true", "train.max_steps=1"], cwd=tmp_path, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.count("dist.sync_bn=true needs CUDA devices") == 1, done.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
