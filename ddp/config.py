@@ -59,6 +59,7 @@ class Schedule(str, Enum):
     none = "none"
     step = "step"
     cosine = "cosine"
+    onecycle = "onecycle"
 
 
 class Precision(str, Enum):

@@ -63,7 +63,27 @@ def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: in
         return 0.5 * (1.0 + math.cos(math.pi * min(after, span) / span))
     if cfg.schedule == Schedule.step:
         return cfg.gamma ** (after // (cfg.step_epochs * steps_per_epoch))
+    if cfg.schedule == Schedule.onecycle:
+        return onecycle_factor(after, max(total_steps - warmup, 1))
     return 1.0
+
+
+ONECYCLE_PCT, ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 0.3, 25.0, 1e4  # torch.optim.lr_scheduler.OneCycleLR's defaults
+
+
+def onecycle_factor(step: int, total_steps: int) -> float:
+    """OneCycleLR (cosine, no momentum cycling) as a closed form: lr/25 up to lr over the first 30%
+    of the steps, then down to lr/25/1e4 at the last step."""
+    initial, final = 1 / ONECYCLE_DIV, 1 / ONECYCLE_DIV / ONECYCLE_FINAL_DIV
+    peak = float(ONECYCLE_PCT * total_steps) - 1
+    if step <= peak:
+        return _cos_between(initial, 1.0, step / peak if peak > 0 else 1.0)
+    span = total_steps - 1 - peak
+    return _cos_between(1.0, final, min((step - peak) / span, 1.0) if span > 0 else 1.0)
+
+
+def _cos_between(start: float, end: float, fraction: float) -> float:
+    return end + (start - end) / 2.0 * (math.cos(math.pi * fraction) + 1)
 
 
 def schedule_position(epoch: int, sample_index: int, steps_per_epoch: int, global_batch: int) -> int:

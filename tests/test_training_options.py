@@ -211,3 +211,19 @@ def test_sync_bn_on_cpu_ranks_is_refused_before_the_group_forms(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("dist.sync_bn=true needs CUDA devices") == 1, done.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- one-cycle schedule
+
+def test_onecycle_follows_torchs_one_cycle_lr():
+    from ddp.config import OptimConfig, Schedule
+    from ddp.optim import build_scheduler
+
+    total = 50
+    ours_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
+    ours = build_scheduler(ours_opt, OptimConfig(lr=0.4, schedule=Schedule.onecycle), 10, total)
+    ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.4, total_steps=total, cycle_momentum=False)
+    for _ in range(total):
+        assert ours_opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12)
+        ours_opt.step(), ref_opt.step(), ours.step(), ref.step()
