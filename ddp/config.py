@@ -123,6 +123,8 @@ class TrainConfig:
     clip_grad_norm: float = _bounded(0.0, minimum=0.0)  # clip the global gradient norm to this; 0 = off
     accumulate: int = _bounded(1, minimum=1)  # micro-batches per optimizer step (DDP syncs on the last only)
     precision: Precision = Precision.fp32  # bf16: autocast (CPU or GPU); fp16: autocast + GradScaler (CUDA only)
+    compile: bool = False  # torch.compile the (wrapped) model for training; evaluation runs it uncompiled
+    channels_last: bool = False  # NHWC memory format for the model and 4-D inputs (faster convs on recent GPUs)
 
 
 class BestMode(str, Enum):

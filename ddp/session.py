@@ -235,19 +235,28 @@ def build_parts(recipe: Recipe, plan: Plan) -> TrainParts:
     if plan.model is None:
         seed_everything(recipe.train.seed, recipe.train.deterministic)
         plan.splits, plan.model = build_components(recipe, Given(), build_datasets)
-    model = wrap_model(convert_sync_bn(plan.model, recipe.dist.sync_bn, comm.world_size()),
-                       recipe.dist.parallel, device, plan.devices)
+    wrap = partial(_wrap, recipe=recipe, plan=plan)
+    model = convert_sync_bn(plan.model, recipe.dist.sync_bn, comm.world_size())
+    if recipe.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = wrap(model)
     train, test, how = _loaders(recipe, plan)
     optimizer = build_optimizer(unwrap_model(model), recipe.optim,
                                 trainable_only=recipe.model.unfreeze_after_epochs < 0)
     parts = TrainParts(model, optimizer, None, train, test, device,  # type: ignore[arg-type]
                        loss=build_loss(recipe.train), eval_loss=eval_loss(recipe.train),
-                       rewrap=partial(wrap_model, parallel=recipe.dist.parallel, device=device, devices=plan.devices),
+                       rewrap=wrap,
                        scaler=make_scaler(recipe.train.precision, device))
     parts.scheduler = _scheduler(recipe, parts, None)
     log.info("%d train / %d test samples, %d steps per epoch at %d per rank × %d ranks, %s",
              len(splits.train), len(splits.test), len(train), recipe.data.batch_size, comm.world_size(), how)
     return parts
+
+
+def _wrap(model: torch.nn.Module, recipe: Recipe, plan: Plan) -> torch.nn.Module:
+    """All ranks must call. DDP (or DP) around the model, then ``torch.compile`` when asked."""
+    wrapped = wrap_model(model, recipe.dist.parallel, plan.device, plan.devices)
+    return torch.compile(wrapped) if recipe.train.compile else wrapped
 
 
 def _scheduler(recipe: Recipe, parts: TrainParts, state: TrainState | None) -> LambdaLR:

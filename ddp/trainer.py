@@ -131,6 +131,8 @@ class Trainer:
         parts = self.parts
         inputs = inputs.to(parts.device, non_blocking=True)
         targets = targets.to(parts.device, non_blocking=True)
+        if self.cfg.train.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         micro, size = self._group
         if micro == 0:
             parts.optimizer.zero_grad(set_to_none=True)

@@ -227,3 +227,27 @@ def test_onecycle_follows_torchs_one_cycle_lr():
     for _ in range(total):
         assert ours_opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12)
         ours_opt.step(), ref_opt.step(), ours.step(), ref.step()
+
+
+# ---------------------------------------------------------------- torch.compile and channels_last opt-ins
+
+def test_compile_and_channels_last_reach_the_model(in_tmp, monkeypatch):
+    """torch.compile is faked (compiling on this CPU takes minutes): called once on the wrapped model;
+    with channels_last the conv weights and every training batch are NHWC."""
+    from torch import nn
+
+    compiled, layouts = [], []
+
+    def fake_compile(model, *args, **kwargs):
+        compiled.append(model)
+        model.register_forward_pre_hook(
+            lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert main(["train.compile=true", "train.channels_last=true", "train.max_steps=3", "train.epochs=1",
+                 "log.progress=false", "log.tensorboard=false", "run.name=cl"]) == 0
+    assert len(compiled) == 1 and isinstance(compiled[0], nn.Module)
+    conv = next(m for m in compiled[0].modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert layouts[:3] == [True, True, True]  # the 3 training batches (evaluation runs uncompiled)

@@ -60,7 +60,9 @@ POLICIES: tuple[tuple[str, Policy, str], ...] = (
     ("train.label_smoothing", Policy.honoured, ""),
     ("train.clip_grad_norm", Policy.honoured, ""),
     ("train.accumulate", Policy.honoured, ""),
-    ("train.precision", Policy.honoured, ""),  # weights stay fp32; a new GradScaler starts from its default scale  # the schedule continues at the same global sample
+    ("train.precision", Policy.honoured, ""),
+    ("train.compile", Policy.honoured, ""),
+    ("train.channels_last", Policy.honoured, ""),  # weights stay fp32; a new GradScaler starts from its default scale  # the schedule continues at the same global sample
     ("checkpoint.*", Policy.honoured, ""),
     ("dist.*", Policy.honoured, ""),
     ("log.*", Policy.honoured, ""),
