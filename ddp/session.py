@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import platform
 import resource
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -98,9 +100,18 @@ def execute_logged(recipe: Recipe, env: ClusterEnv, plan: Plan) -> RunResult:
                 log.warning("interrupted before training started: nothing was saved")
             failed.exit_code = EXIT_INTERRUPTED
         except Exception as err:  # noqa: BLE001 - reported, then the process exits non-zero
-            where = f" (traceback in {logs.path})" if logs.attached else ""
-            log.error("training failed: %s: %s%s", type(err).__name__, err, where, exc_info=logs.attached)
+            _log_failure(err, logs)
     return failed
+
+
+def _log_failure(err: Exception, logs: RankLogs) -> None:
+    """One console line; the traceback goes to the rank's log file, or to stderr when the failure
+    came before the run had a directory (there is no file to hold it then)."""
+    if logs.attached:
+        log.error("training failed: %s: %s (traceback in %s)", type(err).__name__, err, logs.path, exc_info=True)
+        return
+    log.error("training failed before it started: %s: %s", type(err).__name__, err)
+    traceback.print_exc(file=sys.stderr)
 
 
 def _log_refusal(err: DDPError, rank: int) -> None:

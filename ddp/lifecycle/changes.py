@@ -78,7 +78,7 @@ class Change:
     reason: str = ""
 
     def __str__(self) -> str:
-        return f"{self.key} {_show(self.before)} → {_show(self.after)}"
+        return f"{self.key} {show_value(self.before)} → {show_value(self.after)}"
 
 
 def policy_of(key: str) -> tuple[Policy, str]:
@@ -109,9 +109,9 @@ def check_resumable(changes: list[Change], checkpoint: str) -> None:
         first = refused[0]
         others = f" (also: {', '.join(c.key for c in refused[1:])})" if refused[1:] else ""
         raise CheckpointError(
-            f"cannot resume {checkpoint} with {first.key}={_show(first.after)}: it was trained with "
-            f"{first.key}={_show(first.before)} and {first.reason}{others}.",
-            f"keep {first.key}={_show(first.before)} to resume, or train.resume=never to start a new version")
+            f"cannot resume {checkpoint} with {first.key}={show_value(first.after)}: it was trained with "
+            f"{first.key}={show_value(first.before)} and {first.reason}{others}.",
+            f"keep {first.key}={show_value(first.before)} to resume, or train.resume=never to start a new version")
 
 
 def describe(changes: list[Change]) -> str:
@@ -129,5 +129,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A recipe value as a user would type it."""
     return "null" if value is None else str(value)

@@ -63,7 +63,7 @@ def decide(recipe: Recipe, recipe_yaml: str) -> Decision:
 def _fresh(group: Path, why: str, checkpoint: Path | None = None) -> Decision:
     path, created = claim_next(group)
     lock.acquire(path)
-    notice = why.format(new=path) if why else ""
+    notice = why.replace("{new}", str(path))  # not str.format: paths may hold braces
     return Decision(path, checkpoint, tuple(created), notice)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ddp.atomic import write_text_atomic
-from ddp.lifecycle.changes import Change, Policy
+from ddp.lifecycle.changes import Change, Policy, show_value
 from ddp.run_dir import RunDir
 
 
@@ -43,10 +43,6 @@ def _header(root: Path, entries: list[dict[str, Any]]) -> str:
         if entry["event"] == "start":
             lines.append(f"#   {entry['time']} started at {where}")
             continue
-        changes = ", ".join(f"{k} {_show(b)} → {_show(a)}" for k, (b, a) in entry["changes"].items())
+        changes = ", ".join(f"{k} {show_value(b)} → {show_value(a)}" for k, (b, a) in entry["changes"].items())
         lines.append(f"#   {entry['time']} resumed at {where}" + (f" with changes: {changes}" if changes else ""))
     return "\n".join(lines) + "\n"
-
-
-def _show(value: Any) -> str:
-    return "null" if value is None else str(value)
