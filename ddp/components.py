@@ -64,7 +64,7 @@ def check_recipe(recipe: Recipe, given: Given | None = None) -> None:
                           "data.args is for your own data function (data.name=mypkg.data:build); remove it")
 
 
-PRETRAINABLE = ("resnet18", "vgg16")
+PRETRAINABLE = tuple(finetune.HEADS)  # built-in models with torchvision ImageNet weights
 
 
 def _check_name(key: str, name: str, builtins: Mapping[str, Any] | tuple[str, ...], args: Mapping[str, Any],
@@ -157,9 +157,10 @@ def build_model(cfg: ModelConfig, splits: Splits) -> nn.Module:
     if cfg.pretrained or (cfg.weights and cfg.name in PRETRAINABLE):
         return finetune.torchvision_model(cfg, splits.classes)
     if not is_import_path(cfg.name):
-        if splits.classes is None:
-            raise ConfigError(f"model.name={cfg.name!r} needs the number of classes, but data.name="
-                              "does not say it.", "give your train Dataset a 'classes' list, or use your own model")
+        if splits.classes is None or len(splits.shape) != 3:
+            raise ConfigError(f"model.name={cfg.name!r} needs images (channels, height, width) and a class count, "
+                              f"but the data gives shape {splits.shape} and classes {splits.classes}.",
+                              "give your train Dataset a 'classes' list and (C, H, W) tensor inputs, or use your own model")
         return MODELS[cfg.name](splits.shape, splits.classes)
     model = _call("model.name", cfg.name, cfg.args)
     _check_module(f"what model.name={cfg.name!r} returned", model)
@@ -178,8 +179,7 @@ def _splits_of(result: Any, what: str) -> Splits:
         raise ConfigError(f"{what} gave {got}, not (train, test) Datasets.",
                           "return a pair of map-style Datasets (with __len__ and __getitem__)")
     train, test = result
-    first = train[0][0] if len(train) else None
-    shape = tuple(first.shape) if isinstance(first, torch.Tensor) else ()
+    shape = _sample_shape(train)
     classes = getattr(train, "classes", None)
     return Splits(train, test, shape, len(classes) if classes is not None else None,  # type: ignore[arg-type]
                   in_memory=False)
@@ -213,6 +213,15 @@ def _call(key: str, name: str, args: Mapping[str, Any]) -> Any:
     except TypeError as err:
         raise ConfigError(f"{key}={name!r} failed when called with {dict(args)}: {_first_line(err)}.",
                           f"fix {key.split('.')[0]}.args to match what {name} takes") from None
+
+
+def _sample_shape(dataset: Any) -> tuple[int, ...]:
+    """The input shape of the first sample, when it is an (input tensor, target) pair; else ()."""
+    try:
+        first = dataset[0][0] if len(dataset) else None
+    except Exception:  # noqa: BLE001 - any layout is allowed for your own model; built-ins check the shape
+        return ()
+    return tuple(first.shape) if isinstance(first, torch.Tensor) else ()
 
 
 def _is_dataset(value: Any) -> bool:

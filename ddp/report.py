@@ -32,8 +32,10 @@ def version_dir(path: Path) -> Path:
 
 def read_records(version: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(epoch records, step records) of ``metrics.jsonl`` (a line torn by a kill is skipped)."""
-    epochs, steps = [], []
-    for line in (version / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+    epochs: list[dict[str, Any]] = []
+    steps: list[dict[str, Any]] = []
+    path = version / "metrics.jsonl"
+    for line in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else []):
         try:
             record = json.loads(line)
         except ValueError:

@@ -169,3 +169,10 @@ def test_fit_refuses_a_bad_override_in_one_line(user_pkg, capsys):
     with pytest.raises(SystemExit) as info:
         ddp.fit(None, train__epochs=0)
     assert info.value.code == 2 and "train.epochs=0 is invalid" in capsys.readouterr().err
+
+
+def test_a_built_in_model_on_your_data_without_classes_says_what_is_missing(user_pkg, capsys):
+    assert main(["model.name=mnist_mlp", "data.name=usercode:blobs", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "model.name='mnist_mlp' needs images (channels, height, width) and a class count" in err
+    assert "shape (4,) and classes None" in err and err.count("\n") == 1
