@@ -5,6 +5,7 @@ fine-tuning recipes freeze, replace the head and unfreeze as they say."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -142,3 +143,33 @@ def test_finetune_vgg16_recipe_trains_the_classifier_only(tmp_path, monkeypatch)
     assert saved["model"]["classifier.6.weight"].shape == (2, 4096)
     assert sum(len(g["params"]) for g in saved["optimizer"]["param_groups"]) == 6  # 3 linear layers × (w, b)
 
+
+
+def _unfreeze_on_rank(env, tmp: str, images: str, torch_home: str):
+    import os
+
+    from ddp.config import load_recipe
+    from ddp.session import execute
+
+    os.environ["TORCH_HOME"] = torch_home  # the spawned rank's own environment (a test process)
+    recipe = load_recipe(RECIPES / "finetune_resnet18.yaml", [
+        f"data.root={images}", "data.image_size=32", "data.batch_size=2", "model.unfreeze_after_epochs=1",
+        "train.epochs=2", f"run.dir={tmp}", "log.progress=false", "log.tensorboard=false", "data.eval_batch_size=8"])
+    return {k: v.numpy() for k, v in execute(recipe, env).state_dict.items()}
+
+
+def test_unfrozen_layers_stay_identical_across_ranks(tmp_path):
+    """DDP only synchronises parameters that required grad when it was built: after unfreezing, the
+    rebuilt DDP must average the backbone's gradients too, or the ranks' weights drift apart."""
+    from tests.harness import spawn_ranks
+
+    imagenet = fake_hub_weights(tmp_path / "torch_home")
+    images = write_image_folder(tmp_path / "images", per_class=4, size=20)
+    ranks = spawn_ranks(_unfreeze_on_rank, 2, str(tmp_path / "run"), str(images), str(tmp_path / "torch_home"),
+                        init_group=False, timeout=180)
+    name = "layer1.0.conv1.weight"
+    assert not np.array_equal(ranks[0][name], imagenet[name].numpy())  # it trained in epoch 2
+    parameters = [k for k in ranks[0] if "running_" not in k and "num_batches" not in k]
+    assert len(parameters) == 62  # BatchNorm statistics differ per rank by design (DDP broadcasts them per forward)
+    for key in parameters:
+        assert np.array_equal(ranks[0][key], ranks[1][key]), key
