@@ -13,7 +13,7 @@ import difflib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -59,17 +59,32 @@ class Schedule(str, Enum):
     none = "none"
     step = "step"
     cosine = "cosine"
+    onecycle = "onecycle"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 @dataclass
 class ModelConfig:
-    name: str = "digits_cnn"  # see ddp.models.MODELS
+    name: str = "digits_cnn"  # a built-in (ddp.models.MODELS) or your own: mypkg.models:MyNet
+    args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for the model
+    pretrained: bool = False  # built-in torchvision models: weights from the local torch hub cache
+    weights: Optional[str] = None  # or a state_dict file to start from
+    freeze: List[str] = field(default_factory=list)  # parameter-name patterns kept frozen, e.g. ["features.*"]
+    unfreeze_after_epochs: int = _bounded(-1, minimum=-1)  # train the frozen layers from this epoch on; -1 = never
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | mnist | cifar10 | synthetic (see ddp.datasets.DATASETS)
-    root: str = "data"  # where mnist/cifar10 files live (never downloaded)
+    name: str = "digits"  # a built-in (ddp.datasets.DATASETS) or your own: mypkg.data:build → (train, test)
+    args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for your own data function
+    root: str = "data"  # where mnist/fashion_mnist/cifar10/image_folder files live
+    download: bool = False  # let torchvision fetch missing mnist/fashion_mnist/cifar10 files (needs network)
+    image_size: int = _bounded(224, minimum=8)  # image_folder: images are resized and cropped to this
     batch_size: Any = 32  # per rank (int ≥ 1, or auto: probed, see ddp.memory); global = this × world size
     eval_batch_size: Any = 512  # per rank (int ≥ 1, or auto)
     test_fraction: float = _bounded(0.2, above=0.0, maximum=0.9)  # digits: held-out share
@@ -93,6 +108,7 @@ class OptimConfig:
     step_epochs: int = _bounded(3, minimum=1)  # schedule=step: decay every N epochs
     gamma: float = _bounded(0.1, above=0.0, maximum=1.0)  # schedule=step: decay factor
     warmup_steps: int = _bounded(0, minimum=0)  # linear warm-up before the schedule
+    decay_norms_and_biases: bool = False  # false: no weight decay on biases and norm weights (1-D parameters)
 
 
 @dataclass
@@ -102,6 +118,13 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False  # also force deterministic CUDA kernels (slower)
     resume: str = "auto"  # auto: newest valid checkpoint of the run dir | never | <checkpoint file or dir>
+    loss: str = "cross_entropy"  # cross_entropy | mse | your own: mypkg.losses:focal (outputs, targets) → scalar
+    label_smoothing: float = _bounded(0.0, minimum=0.0, maximum=0.99)  # cross_entropy only
+    clip_grad_norm: float = _bounded(0.0, minimum=0.0)  # clip the global gradient norm to this; 0 = off
+    accumulate: int = _bounded(1, minimum=1)  # micro-batches per optimizer step (DDP syncs on the last only)
+    precision: Precision = Precision.fp32  # bf16: autocast (CPU or GPU); fp16: autocast + GradScaler (CUDA only)
+    compile: bool = False  # torch.compile the (wrapped) model for training; evaluation runs it uncompiled
+    channels_last: bool = False  # NHWC memory format for the model and 4-D inputs (faster convs on recent GPUs)
 
 
 class BestMode(str, Enum):
@@ -125,6 +148,7 @@ class DistConfig:
     parallel: Parallel = Parallel.ddp
     timeout_s: float = _bounded(300.0, above=0.0)  # collective timeout: a dead peer → error
     threads_per_rank: int = _bounded(0, minimum=0)  # CPU threads per rank; 0 = cores ÷ local ranks
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
 
 
 @dataclass
@@ -302,16 +326,9 @@ def _check_batch_sizes(recipe: Recipe) -> None:
 
 
 def _check_choices(recipe: Recipe) -> None:
-    from ddp.datasets import DATASETS
-    from ddp.models import MODELS
-
-    for key, value, choices in (
-        ("model.name", recipe.model.name, MODELS),
-        ("data.name", recipe.data.name, DATASETS),
-        ("log.level", recipe.log.level.upper(), LOG_LEVELS),
-    ):
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not known.", f"choose one of: {', '.join(choices)}")
+    """Choices config.py can check alone; model/data/loss names are checked by ``ddp.components``."""
+    if recipe.log.level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log.level={recipe.log.level!r} is not known.", f"choose one of: {', '.join(LOG_LEVELS)}")
     if recipe.checkpoint.best_metric not in BEST_METRICS:
         raise ConfigError(f"checkpoint.best_metric={recipe.checkpoint.best_metric!r} is not an epoch metric.",
                           f"choose one of: {', '.join(BEST_METRICS)}")

@@ -1,7 +1,9 @@
 """Datasets by name: ``data.name`` → train and test splits plus their shape and class count.
 
-Nothing is downloaded: digits ships inside scikit-learn; MNIST and CIFAR-10 are read by
-torchvision from files already under ``data.root``; synthetic is generated from a seed.
+Digits ships inside scikit-learn; MNIST, FashionMNIST, CIFAR-10 and ImageFolder are read by
+torchvision's own classes from files under ``data.root`` (fetched by torchvision only when
+``data.download=true``); synthetic is generated from a seed. Your own data function is named in
+the recipe instead (``ddp.components``).
 """
 
 from __future__ import annotations
@@ -89,23 +91,71 @@ def load_synthetic(cfg: DataConfig) -> Splits:
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-MNIST_FILES = ("MNIST/raw/ with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-               "t10k-labels-idx1-ubyte")
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IDX_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
+MNIST_FILES = f"MNIST/raw/ with {IDX_FILES}"
 
 
 def load_mnist(cfg: DataConfig) -> Splits:
     """torchvision's MNIST reader on ``<root>/MNIST/raw`` (the four uncompressed idx files)."""
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MNIST_MEAN, MNIST_STD)])
-    train, test = (_torchvision_split(datasets.MNIST, cfg, MNIST_FILES,
+    return _idx_dataset(datasets.MNIST, cfg, MNIST_MEAN, MNIST_STD)
+
+
+def load_fashion_mnist(cfg: DataConfig) -> Splits:
+    """torchvision's FashionMNIST reader on ``<root>/FashionMNIST/raw`` (the same four idx file names)."""
+    from torchvision import datasets
+
+    return _idx_dataset(datasets.FashionMNIST, cfg, FASHION_MEAN, FASHION_STD)
+
+
+def _idx_dataset(dataset_class: type, cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> Splits:
+    from torchvision import transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    expected = f"{dataset_class.__name__}/raw/ with {IDX_FILES}"
+    train, test = (_torchvision_split(dataset_class, cfg, expected,
                                       train=flag, transform=transform) for flag in (True, False))
 
     def materialise() -> Tensors:  # ToTensor + Normalize on the whole uint8 array at once
-        images = [_normalise(split.data[:, None], MNIST_MEAN, MNIST_STD) for split in (train, test)]
+        images = [_normalise(split.data[:, None], mean, std) for split in (train, test)]
         return Tensors(images[0], train.targets.clone(), images[1], test.targets.clone())
 
     return Splits(train, test, (1, 28, 28), 10, in_memory=False, materialise=materialise)
+
+
+def load_image_folder(cfg: DataConfig) -> Splits:
+    """torchvision's ImageFolder on ``<root>/train/<class>/*`` and ``<root>/test/<class>/*`` (or ``val``),
+    resized to ``data.image_size`` and normalised with ImageNet statistics (what pretrained weights expect)."""
+    from torchvision import datasets, transforms
+
+    size = cfg.image_size
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    test_tf = transforms.Compose([transforms.Resize(size * 8 // 7), transforms.CenterCrop(size),
+                                  transforms.ToTensor(), normalize])
+    root = Path(cfg.root)
+    test_dir = next((root / name for name in ("test", "val") if (root / name).is_dir()), root / "test")
+    expected = "train/<class>/<image> and test/<class>/<image> (or val/), e.g. train/cat/001.png"
+    train = _image_folder(datasets.ImageFolder, root / "train", cfg, expected, train_tf)
+    test = _image_folder(datasets.ImageFolder, test_dir, cfg, expected, test_tf)
+    if test.classes != train.classes:
+        raise DataError(f"data.name=image_folder: train classes {train.classes} differ from test classes "
+                        f"{test.classes} under '{root.resolve()}'.", "give train/ and test/ the same class folders")
+    return Splits(train, test, (3, size, size), len(train.classes), in_memory=False)
+
+
+def _image_folder(dataset_class: type, folder: Path, cfg: DataConfig, expected: str, transform: object) -> Dataset:
+    try:
+        return dataset_class(str(folder), transform=transform)
+    except (FileNotFoundError, OSError) as err:
+        reason = " ".join(str(err).split())
+        raise DataError(f"data.name=image_folder: no images in '{folder.resolve()}' ({reason}; expected {expected}"
+                        f" under data.root='{Path(cfg.root).resolve()}').",
+                        "put the class folders there or set data.root= to where they are") from None
 
 
 def load_cifar10(cfg: DataConfig) -> Splits:
@@ -139,21 +189,25 @@ def _normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, 
 
 def _torchvision_split(dataset_class: type, cfg: DataConfig, expected: str, **kwargs: object) -> Dataset:
     try:
-        return dataset_class(root=cfg.root, download=False, **kwargs)
-    # torchvision: RuntimeError when missing or failing md5; damaged files fail while parsing
+        return dataset_class(root=cfg.root, download=cfg.download, **kwargs)
+    # torchvision: RuntimeError when missing or failing md5; damaged files fail while parsing;
+    # with data.download=true and no network: URLError (an OSError)
     except (RuntimeError, AssertionError, ValueError, OSError, EOFError, pickle.UnpicklingError) as err:
         reason = " ".join(str(err).split()) or "unreadable"
         raise DataError(
             f"data.name={cfg.name}: no readable {dataset_class.__name__} files under "
             f"data.root='{Path(cfg.root).resolve()}' ({type(err).__name__}: {reason}; expected {expected}).",
-            "copy the dataset files there (this tool never downloads) or set data.root=",
+            "copy the files there, or set data.download=true on a machine with network access, or set data.root= "
+            "to where they are",
         ) from None
 
 
 DATASETS: dict[str, Callable[[DataConfig], Splits]] = {
     "digits": load_digits,
     "mnist": load_mnist,
+    "fashion_mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
+    "image_folder": load_image_folder,
     "synthetic": load_synthetic,
 }
 

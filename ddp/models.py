@@ -47,13 +47,46 @@ def resnet18(shape: Shape, classes: int) -> nn.Module:
     return build(weights=None, num_classes=classes)
 
 
+def cifar10_cnn(shape: Shape, classes: int) -> nn.Module:
+    """The PyTorch CIFAR-10 tutorial's net: conv(6,5x5)-pool-conv(16,5x5)-pool, 120-84-classes (62k params)."""
+    channels, height, width = shape
+    out_h, out_w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2  # two 5×5 convs, two 2×2 pools
+    return nn.Sequential(
+        nn.Conv2d(channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(16 * out_h * out_w, 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, classes),
+    )
+
+
+def cifar_resnet18(shape: Shape, classes: int) -> nn.Module:
+    """ResNet-18 adapted to 32×32 images: a 3×3 stride-1 stem and no max-pool (11.2M params)."""
+    from torchvision.models import resnet18 as build
+
+    model = build(weights=None, num_classes=classes)
+    model.conv1 = nn.Conv2d(shape[0], 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def vgg16(shape: Shape, classes: int) -> nn.Module:
+    """torchvision's VGG-16, randomly initialised (138M params; pretrained via model.pretrained)."""
+    from torchvision.models import vgg16 as build
+
+    return build(weights=None, num_classes=classes)
+
+
 MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
     "digits_cnn": digits_cnn,
     "mnist_mlp": mnist_mlp,
     "mnist_cnn": mnist_cnn,
+    "cifar10_cnn": cifar10_cnn,
+    "cifar_resnet18": cifar_resnet18,
     "resnet18": resnet18,
+    "vgg16": vgg16,
 }
 
 
 def build_model(name: str, shape: Shape, classes: int) -> nn.Module:
+    """A built-in model by name (``ddp.components.build_model`` also takes your own)."""
     return MODELS[name](shape, classes)

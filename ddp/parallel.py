@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ddp import comm
 from ddp.backend import Devices
 from ddp.config import Parallel
+from ddp.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,24 @@ def wrap_model(model: nn.Module, parallel: Parallel, device: torch.device, devic
             return model
         return nn.DataParallel(model, device_ids=list(range(devices.cuda_count)))
     return model
+
+
+def check_sync_bn(enabled: bool, device: torch.device, world_size: int) -> None:
+    """``dist.sync_bn`` needs CUDA (DDP refuses SyncBatchNorm on CPU modules): refuse it up front."""
+    if enabled and world_size > 1 and device.type != "cuda":
+        raise BackendError(f"dist.sync_bn=true needs CUDA devices, but the ranks train on {device.type} "
+                           "(DDP runs SyncBatchNorm only on GPU modules).",
+                           "set dist.sync_bn=false on CPU (each rank then normalises with its own batch statistics)")
+
+
+def convert_sync_bn(model: nn.Module, enabled: bool, world_size: int) -> nn.Module:
+    """Every BatchNorm as SyncBatchNorm (statistics over the global batch) when asked and distributed."""
+    if not enabled or world_size < 2:
+        return model
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    count = sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
+    log.info("dist.sync_bn: %d BatchNorm layers synchronise their statistics across ranks", count)
+    return converted
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

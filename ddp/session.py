@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import platform
+import resource
 import sys
+import time
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from ddp import comm
 from ddp.backend import Devices, check_parallel, choose_backend, choose_device, probe_devices
 from ddp.config import Recipe, to_yaml
+from ddp.components import Given, build_components, build_loss, check_recipe, eval_loss
 from ddp.datasets import Splits, build_datasets
 from ddp.environment import ClusterEnv, available_cpus, hostname
 from ddp.errors import DDPError, print_error
@@ -33,10 +37,11 @@ from ddp.lifecycle.decision import Decision, decide
 from ddp.lifecycle.history import record_start
 from ddp.logs import RankLogs, rank_logging
 from ddp.metrics import MetricsWriter
-from ddp.models import build_model
 from ddp.optim import build_optimizer, build_scheduler, schedule_position
-from ddp.parallel import unwrap_model, wrap_model
+from ddp.parallel import check_sync_bn, convert_sync_bn, unwrap_model, wrap_model
+from ddp.precision import check_precision, make_scaler
 from ddp.process_group import process_group
+from ddp.report import summary
 from ddp.run_dir import RunDir
 from ddp.seeding import seed_everything
 from ddp.checkpointer import Checkpointer, TrainState
@@ -64,9 +69,10 @@ class Plan:
     devices: Devices
     threads: int
     splits: Splits
+    model: torch.nn.Module | None = None  # built (and checked) before the group; built in build_parts if None
 
 
-def run(recipe: Recipe, env: ClusterEnv) -> int:
+def run(recipe: Recipe, env: ClusterEnv, given: Given | None = None) -> int:
     """Train with rank-aware logging; return the process exit code (0 on success).
 
     A refusal (bad backend, missing dataset, an unusable checkpoint or recipe change) prints one
@@ -74,23 +80,29 @@ def run(recipe: Recipe, env: ClusterEnv) -> int:
     the rank's log file; Ctrl-C before training starts ends the run at once with 130.
     """
     try:
-        plan = prepare(recipe, env)
+        plan = prepare(recipe, env, given=given)
     except DDPError as err:
         print_error(err, env.rank)
         return err.exit_code
+    return execute_logged(recipe, env, plan).exit_code
+
+
+def execute_logged(recipe: Recipe, env: ClusterEnv, plan: Plan) -> RunResult:
+    """All ranks must call. ``execute`` with rank-aware logging; failures become ``exit_code``."""
+    failed = RunResult(metrics={}, state_dict={}, run_dir=recipe.run_dir, exit_code=1)
     with rank_logging(env.rank, env.world_size, hostname(), recipe.log.level) as logs:
         try:
-            return execute(recipe, env, plan, logs).exit_code
+            return execute(recipe, env, plan, logs)
         except DDPError as err:
             _log_refusal(err, env.rank)
-            return err.exit_code
+            failed.exit_code = err.exit_code
         except KeyboardInterrupt:
             if env.rank == 0:
                 log.warning("interrupted before training started: nothing was saved")
-            return EXIT_INTERRUPTED
+            failed.exit_code = EXIT_INTERRUPTED
         except Exception as err:  # noqa: BLE001 - reported, then the process exits non-zero
             _log_failure(err, logs)
-            return 1
+    return failed
 
 
 def _log_failure(err: Exception, logs: RankLogs) -> None:
@@ -110,21 +122,28 @@ def _log_refusal(err: DDPError, rank: int) -> None:
         log.error("%s", err)
 
 
-def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) -> Plan:
-    """Every check that can refuse the run, before any file is written or process group formed."""
+def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None, given: Given | None = None) -> Plan:
+    """Every check that can refuse the run, before any file is written or process group formed:
+    the data and the model are built here (``ddp.components``), so a bad name or result is refused."""
+    given = given or Given()
+    check_recipe(recipe, given)
     devices = devices or probe_devices()
     check_parallel(recipe.dist.parallel, env)
     backend = choose_backend(recipe.dist.backend, env, devices)
     device = choose_device(backend, recipe.dist.parallel, env, devices)
-    splits = build_datasets(recipe.data)
+    check_precision(recipe.train.precision, device)
+    check_sync_bn(recipe.dist.sync_bn, device, env.world_size)
+    seed_everything(recipe.train.seed, recipe.train.deterministic)
+    splits, model = build_components(recipe, given, build_datasets)
     check_budget(recipe, env, splits, device)  # data.batch_size=auto: the model state must fit the budget
-    return Plan(backend, device, devices, _set_threads(recipe, env), splits)
+    return Plan(backend, device, devices, _set_threads(recipe, env), splits, model)
 
 
 def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: RankLogs | None = None) -> RunResult:
     """All ranks must call. Decides the run's directory and checkpoint (``ddp.lifecycle``), trains,
     and returns the outcome. Nothing is written until the run is sure to start."""
     plan = plan or prepare(recipe, env)
+    started = time.perf_counter()
     recipe_yaml = to_yaml(recipe)
     with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s, recipe_yaml):
         decision = _decide(recipe, recipe_yaml)
@@ -138,6 +157,8 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
             lock.release(decision.run_dir)
     run_dir = RunDir(decision.run_dir)
     _log_outcome(outcome, step, run_dir, env.rank)  # the group is gone: env knows the rank, comm no longer
+    if env.rank == 0:
+        log.info("summary\n%s", summary(run_dir.root, time.perf_counter() - started, peak_memory_mb(plan.device)))
     return RunResult(metrics=outcome.last_record, state_dict=weights, run_dir=run_dir.root,
                      stopped_by=outcome.stopped_by, exit_code=outcome.exit_code)
 
@@ -200,7 +221,7 @@ def _start(recipe: Recipe, plan: Plan, decision: Decision, recipe_yaml: str
     try:
         parts = build_parts(recipe, plan)
         checkpointer = Checkpointer(recipe.checkpoint, RunDir(decision.run_dir).checkpoints, recipe_yaml)
-        state = checkpointer.resume(decision.checkpoint, parts.model, parts.optimizer, plan.device)
+        state = checkpointer.resume(decision.checkpoint, parts.model, parts.optimizer, plan.device, parts.scaler)
     except BaseException:
         if comm.is_main():
             decision.abandon()
@@ -231,36 +252,52 @@ def _log_outcome(outcome: FitResult, step: int, run_dir: RunDir, rank: int) -> N
                 "Exit code %d: run the same command to resume", outcome.stopped_by, step, run_dir.checkpoints,
                 outcome.exit_code)
     else:
-        log.info("done: test accuracy %.4f after %d steps; run dir %s",
-                 outcome.last_record.get("test_acc", float("nan")), step, run_dir.root)
+        acc = outcome.last_record.get("test_acc")
+        log.info("done: %s after %d steps; run dir %s", f"test accuracy {acc:.4f}" if acc is not None else
+                 f"test loss {outcome.last_record.get('test_loss', float('nan')):.4f}", step, run_dir.root)
 
 
 def build_parts(recipe: Recipe, plan: Plan) -> TrainParts:
     """All ranks must call (wrapping in DDP broadcasts rank 0's weights)."""
     splits, device = plan.splits, plan.device
-    seed_everything(recipe.train.seed, recipe.train.deterministic)
-    model = wrap_model(build_model(recipe.model.name, splits.shape, splits.classes),
-                       recipe.dist.parallel, device, plan.devices)
+    if plan.model is None:
+        seed_everything(recipe.train.seed, recipe.train.deterministic)
+        plan.splits, plan.model = build_components(recipe, Given(), build_datasets)
+    wrap = partial(_wrap, recipe=recipe, plan=plan)
+    model = convert_sync_bn(plan.model, recipe.dist.sync_bn, comm.world_size())
+    if recipe.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = wrap(model)
     train, test, how = _loaders(recipe, plan)
-    optimizer = build_optimizer(unwrap_model(model), recipe.optim)
-    parts = TrainParts(model, optimizer, None, train, test, device)  # type: ignore[arg-type]
+    optimizer = build_optimizer(unwrap_model(model), recipe.optim,
+                                trainable_only=recipe.model.unfreeze_after_epochs < 0)
+    parts = TrainParts(model, optimizer, None, train, test, device,  # type: ignore[arg-type]
+                       loss=build_loss(recipe.train), eval_loss=eval_loss(recipe.train),
+                       rewrap=wrap,
+                       scaler=make_scaler(recipe.train.precision, device))
     parts.scheduler = _scheduler(recipe, parts, None)
     log.info("%d train / %d test samples, %d steps per epoch at %d per rank × %d ranks, %s",
              len(splits.train), len(splits.test), len(train), recipe.data.batch_size, comm.world_size(), how)
     return parts
 
 
+def _wrap(model: torch.nn.Module, recipe: Recipe, plan: Plan) -> torch.nn.Module:
+    """All ranks must call. DDP (or DP) around the model, then ``torch.compile`` when asked."""
+    wrapped = wrap_model(model, recipe.dist.parallel, plan.device, plan.devices)
+    return torch.compile(wrapped) if recipe.train.compile else wrapped
+
+
 def _scheduler(recipe: Recipe, parts: TrainParts, state: TrainState | None) -> LambdaLR:
     """The recipe's LR schedule, placed where ``state`` stands (a resumed run continues the schedule
     of ITS recipe: more epochs stretch it, a new lr rescales it)."""
-    steps_per_epoch = len(parts.train_loader)
+    steps_per_epoch = -(-len(parts.train_loader) // recipe.train.accumulate)  # optimizer steps
     total = steps_per_epoch * recipe.train.epochs
     if recipe.train.max_steps >= 0:
         total = min(total, recipe.train.max_steps)
     start = 0
     if state is not None:
         start = schedule_position(state.epoch, state.sample_index, steps_per_epoch,
-                                  recipe.data.batch_size * comm.world_size())
+                                  recipe.data.batch_size * comm.world_size() * recipe.train.accumulate)
     return build_scheduler(parts.optimizer, recipe.optim, steps_per_epoch, max(total, 1), start)
 
 
@@ -291,3 +328,11 @@ def _set_threads(recipe: Recipe, env: ClusterEnv) -> int:
         torch.set_num_threads(threads)
     return threads
 
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak resident memory (``getrusage``; psutil reports only the current RSS), or
+    the peak CUDA allocation on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

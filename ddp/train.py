@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ddp.components import check_recipe
 from ddp.config import load_recipe, to_yaml
 from ddp.environment import detect_environment
 from ddp.errors import DDPError, print_error
@@ -36,6 +37,7 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        check_recipe(recipe)  # model/data/loss names resolve and their args fit: before any rank waits
         env = detect_environment()
     except DDPError as err:
         _report(err)

@@ -8,8 +8,10 @@ preemption signal asks every rank to stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +24,13 @@ from tqdm import tqdm
 
 from ddp import comm
 from ddp.checkpointer import Checkpointer, TrainState
+from ddp.components import classifies
 from ddp.config import Recipe
 from ddp.evaluation import evaluate
+from ddp.finetune import unfreeze
 from ddp.metrics import MetricsWriter
 from ddp.parallel import unwrap_model
+from ddp.precision import autocast
 from ddp.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,10 @@ class TrainParts:
     train_loader: DataLoader
     test_loader: DataLoader
     device: torch.device
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy  # batch mean
+    eval_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # None: exact cross entropy
+    rewrap: Callable[[nn.Module], nn.Module] | None = None  # wraps the plain model again (after unfreezing)
+    scaler: Any = None  # torch.amp.GradScaler for train.precision=fp16 (CUDA); None otherwise
 
 
 @dataclass
@@ -60,6 +69,8 @@ class Trainer:
         self.stop = stop
         self.state = state or TrainState()
         self._saved_step = self.state.global_step if state else -1
+        self._classifies = True  # outputs were class logits in every batch so far: accuracy is reported
+        self._group = (0, 1)  # (micro-batch index, micro-batches in this optimizer step)
 
     def fit(self) -> FitResult:
         """All ranks must call. A run already finished under its recipe never gets here
@@ -81,15 +92,21 @@ class Trainer:
     def _run_epoch(self, epoch: int) -> bool:
         """One epoch (or its remainder after a resume). True when a stop signal interrupted it."""
         parts, state = self.parts, self.state
+        self._maybe_unfreeze(epoch)
         parts.train_loader.sampler.set_epoch(epoch, state.sample_index)  # type: ignore[attr-defined]
         parts.model.train()
         sums = torch.tensor(state.partial_sums, dtype=torch.float64, device=parts.device)
         started, total, complete = time.perf_counter(), len(parts.train_loader), True
         bar = self._progress_bar(epoch)
+        accumulate = self.cfg.train.accumulate
         for done, (inputs, targets) in enumerate(bar, 1):
+            micro = (done - 1) % accumulate  # micro-batch within its optimizer step
+            self._group = (micro, min(accumulate, total - done + 1 + micro))
             loss = self._run_batch(inputs, targets, sums)
-            state.global_step += 1
             state.sample_index += targets.shape[0] * comm.world_size()
+            if micro + 1 < self._group[1]:
+                continue  # gradients accumulate; no step, no save, no stop between micro-batches
+            state.global_step += 1
             if state.global_step % self.cfg.log.every_steps == 0:
                 self._log_step(epoch, loss, bar)
             if self.stop.poll():
@@ -114,17 +131,39 @@ class Trainer:
         parts = self.parts
         inputs = inputs.to(parts.device, non_blocking=True)
         targets = targets.to(parts.device, non_blocking=True)
-        logits = parts.model(inputs)
-        loss = F.cross_entropy(logits, targets)
-        parts.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        parts.optimizer.step()
-        parts.scheduler.step()
+        if self.cfg.train.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        micro, size = self._group
+        if micro == 0:
+            parts.optimizer.zero_grad(set_to_none=True)
+        last = micro + 1 == size
+        with contextlib.nullcontext() if last else _no_sync(parts.model):  # DDP all-reduces on the last only
+            with autocast(self.cfg.train.precision, parts.device):
+                logits = parts.model(inputs)
+                loss = parts.loss(logits, targets)
+            scaled = loss / size if size > 1 else loss
+            (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
+        if last:
+            self._step()
         with torch.no_grad():
-            correct = (logits.argmax(dim=1) == targets).sum()
-            sums += torch.stack((loss.double() * targets.numel(), correct.double(),
-                                 sums.new_tensor(targets.numel())))
+            self._classifies = self._classifies and classifies(logits, targets)
+            correct = (logits.argmax(dim=1) == targets).sum() if self._classifies else loss.new_zeros(())
+            count = targets.shape[0]
+            sums += torch.stack((loss.double() * count, correct.double(), sums.new_tensor(count)))
         return loss.detach()
+
+    def _step(self) -> None:
+        parts = self.parts
+        if parts.scaler is not None:
+            parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the scaled ones
+        if self.cfg.train.clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(parts.model.parameters(), self.cfg.train.clip_grad_norm)
+        if parts.scaler is not None:
+            parts.scaler.step(parts.optimizer)  # skipped when the gradients overflowed
+            parts.scaler.update()
+        else:
+            parts.optimizer.step()
+        parts.scheduler.step()
 
     def _step_save_due(self, done: int, total: int) -> bool:
         every = self.cfg.checkpoint.every_steps
@@ -143,10 +182,11 @@ class Trainer:
         """Evaluate and record. An epoch cut short by ``train.max_steps`` is recorded as partial and
         stays open, so a later run with more steps resumes inside it."""
         loss_sum, correct, count = totals
-        result = evaluate(unwrap_model(self.parts.model), self.parts.test_loader, self.parts.device)
+        result = evaluate(unwrap_model(self.parts.model), self.parts.test_loader, self.parts.device,
+                          self.parts.eval_loss)
         record = {
             "kind": "epoch", "epoch": epoch + 1, "step": self.state.global_step,
-            "train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1),
+            "train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1) if self._classifies else None,
             "test_loss": result.loss, "test_acc": result.accuracy, "test_count": result.count,
             "lr": self.parts.optimizer.param_groups[0]["lr"],
             "samples_per_s": count / seconds if seconds > 0 else 0.0, "epoch_time_s": seconds,
@@ -154,10 +194,10 @@ class Trainer:
         if not complete:
             record["partial"] = True
         self.metrics.write(record)
-        log.info("epoch %d/%d step %d%s: train loss %.4f acc %.4f | test loss %.4f acc %.4f (%d samples)"
+        log.info("epoch %d/%d step %d%s: train loss %.4f%s | test loss %.4f%s (%d samples)"
                  " | %.0f samples/s, %.2f s", epoch + 1, self.cfg.train.epochs, self.state.global_step,
-                 "" if complete else " (max_steps)", record["train_loss"], record["train_acc"], result.loss,
-                 result.accuracy, result.count, record["samples_per_s"], seconds)
+                 "" if complete else " (max_steps)", record["train_loss"], _acc(record["train_acc"]),
+                 result.loss, _acc(result.accuracy), result.count, record["samples_per_s"], seconds)
         self.state.last_record = record
         if not complete:
             return
@@ -166,13 +206,35 @@ class Trainer:
         if every and (self.state.epoch % every == 0 or self.finished()):
             self._save()
 
+    def _maybe_unfreeze(self, epoch: int) -> None:
+        """All ranks must call. From epoch ``model.unfreeze_after_epochs`` on, the frozen layers train:
+        DDP is rebuilt, since it only synchronises parameters that required grad when it was made."""
+        after = self.cfg.model.unfreeze_after_epochs
+        if after < 0 or epoch < after:
+            return
+        model = unwrap_model(self.parts.model)
+        if unfreeze(model) and self.parts.rewrap is not None:
+            self.parts.model = self.parts.rewrap(model)
+            if comm.is_main():
+                log.info("epoch %d: model.unfreeze_after_epochs=%d, every layer trains from now on", epoch + 1, after)
+
     def _save(self) -> None:
         """All ranks must call."""
         metric = self.state.last_record.get(self.cfg.checkpoint.best_metric) if self.state.sample_index == 0 else None
-        self.checkpointer.save(self.parts.model, self.parts.optimizer, self.parts.scheduler, self.state, metric)
+        self.checkpointer.save(self.parts.model, self.parts.optimizer, self.parts.scheduler, self.state, metric,
+                               self.parts.scaler)
         self._saved_step = self.state.global_step
 
     def _progress_bar(self, epoch: int) -> tqdm:
         show = self.cfg.log.progress and comm.is_main()
         return tqdm(self.parts.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
                     leave=False, dynamic_ncols=True, disable=None if show else True)
+
+
+def _acc(value: float | None) -> str:
+    return "" if value is None else f" acc {value:.4f}"
+
+
+def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync()`` (gradients stay local until the group's last micro-batch); a no-op otherwise."""
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()

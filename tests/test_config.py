@@ -44,7 +44,6 @@ BAD = [
     (["data.batch_size=0"], "data.batch_size=0 is invalid: it must be ≥ 1", "data.batch_size"),
     (["optim.lr=-0.1"], "optim.lr=-0.1 is invalid: it must be > 0.0", "optim.lr"),
     (["dist.backend=mpi"], "bad value for 'dist.backend'", "auto, nccl, gloo"),
-    (["model.name=vgg"], "model.name='vgg' is not known", "digits_cnn"),
     (["epochs"], "cannot read override 'epochs'", "key=value"),
 ]
 

@@ -303,3 +303,88 @@ def test_cifar_materialised_test_tensors_equal_torchvision_samples(cifar_root):
         image, label = splits.test[i]
         assert torch.equal(tensors.test_x[i], image) and tensors.test_y[i] == label
     assert tensors.augment is not None  # crop + flip happen per batch on the device
+
+
+# ---------------------------------------------------------------- FashionMNIST, ImageFolder, download
+
+def test_fashion_mnist_reads_its_own_idx_files(tmp_path):
+    from torchvision.datasets import FashionMNIST
+
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    _write_idx_images(raw / "train-images-idx3-ubyte", _mnist_images(6, offset=30))
+    _write_idx_labels(raw / "train-labels-idx1-ubyte", np.arange(6) % 10)
+    _write_idx_images(raw / "t10k-images-idx3-ubyte", _mnist_images(3, offset=60))
+    _write_idx_labels(raw / "t10k-labels-idx1-ubyte", np.array([4, 5, 6]))
+
+    splits = build_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+
+    assert isinstance(splits.train, FashionMNIST) and (len(splits.train), len(splits.test)) == (6, 3)
+    image, label = splits.test[1]
+    assert label == 5 and image.shape == (1, 28, 28)
+    assert image[0, 0, 0].item() == pytest.approx(((60 + 7) / 255 - 0.2860) / 0.3530, abs=1e-5)
+    assert image[0, 3, 5].item() == pytest.approx((201 / 255 - 0.2860) / 0.3530, abs=1e-5)
+    assert torch.allclose(splits.materialise().test_x[1], image)  # the in-memory path agrees
+
+
+def test_fashion_mnist_missing_says_where_and_which_files_and_how_to_get_them(tmp_path):
+    with pytest.raises(DataError) as info:
+        build_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+    message = str(info.value)
+    assert str(tmp_path) in message and "FashionMNIST/raw/ with train-images-idx3-ubyte" in message
+    assert "data.download=true" in message and "\n" not in message
+
+
+def write_image_folder(root, per_class=3, size=12):
+    """root/{train,test}/{blue,red}/<i>.png: solid colours with noise, so the classes are learnable."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name, colour in (("blue", (0, 0, 220)), ("red", (220, 0, 0))):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(np.array(colour) + rng.integers(0, 30, size=(size, size, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_image_folder_reads_pngs_with_classes_from_folder_names(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    write_image_folder(tmp_path, per_class=3)
+    splits = build_datasets(DataConfig(name="image_folder", root=str(tmp_path), image_size=16))
+
+    assert isinstance(splits.train, ImageFolder) and splits.train.classes == ["blue", "red"]
+    assert (len(splits.train), len(splits.test), splits.classes, splits.shape) == (6, 6, 2, (3, 16, 16))
+    image, label = splits.test[4]
+    assert label == 1 and image.shape == (3, 16, 16)
+    assert image[0].mean() > image[2].mean()  # red: the red channel is brighter than the blue one
+
+
+def test_image_folder_without_images_names_the_folder_and_the_layout(tmp_path):
+    with pytest.raises(DataError) as info:
+        build_datasets(DataConfig(name="image_folder", root=str(tmp_path)))
+    message = str(info.value)
+    assert str(tmp_path / "train") in message and "train/<class>/<image>" in message and "HINT:" in message
+
+
+def test_download_true_is_handed_to_torchvision(tmp_path, monkeypatch):
+    """No network here: the flag is checked at torchvision's boundary, never by a real download."""
+    import torchvision.datasets as tv
+
+    seen = []
+
+    def fake_download(self):
+        seen.append(type(self).__name__)
+        raise OSError("no network")  # what an offline urllib raises (URLError is an OSError)
+
+    monkeypatch.setattr(tv.MNIST, "download", fake_download)
+    with pytest.raises(DataError) as info:
+        build_datasets(DataConfig(name="mnist", root=str(tmp_path), download=True))
+    assert seen == ["MNIST"] and "no network" in str(info.value)
+    seen.clear()
+    with pytest.raises(DataError):
+        build_datasets(DataConfig(name="mnist", root=str(tmp_path)))  # download=false: never called
+    assert seen == []

@@ -254,7 +254,7 @@ def test_recipe_changes_name_each_key_with_before_and_after():
                        "model.name": ("digits_cnn", "mnist_mlp", Policy.refused)}
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "step", "none"])
+@pytest.mark.parametrize("schedule", ["cosine", "step", "none", "onecycle"])
 def test_a_scheduler_placed_at_step_k_continues_exactly_like_one_stepped_there(schedule):
     import torch
 

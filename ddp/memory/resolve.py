@@ -29,7 +29,7 @@ from ddp.memory.agree import agree
 from ddp.memory.estimate import MB, Estimate, estimate_state
 from ddp.memory.probe import ProbeResult, budget_error, probe_model
 from ddp.memory.readers import MemoryReader, reader_for
-from ddp.models import build_model
+from ddp.components import build_model as build_recipe_model
 from ddp.optim import build_optimizer
 from ddp.rng import capture_rng, restore_rng
 
@@ -97,7 +97,7 @@ def check_budget(recipe: Recipe, env: Any, splits: Splits, device: torch.device)
         return
     rng = capture_rng()
     try:
-        model = build_model(recipe.model.name, splits.shape, splits.classes)
+        model = _throwaway_model(recipe, splits)
     finally:
         restore_rng(rng)
     ddp_ranks = env.world_size if recipe.dist.parallel == Parallel.ddp else 1
@@ -114,7 +114,7 @@ def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: in
     reader = reader or reader_for(device, ranks_on_host)
     rng = capture_rng()
     try:
-        model = build_model(recipe.model.name, splits.shape, splits.classes).to(device)
+        model = _throwaway_model(recipe, splits).to(device)
         optimizer = build_optimizer(model, recipe.optim)
         ddp_ranks = world if recipe.dist.parallel == Parallel.ddp else 1
         estimate = estimate_state(model, recipe.optim.name.value, recipe.optim.momentum, torch.float32, ddp_ranks)
@@ -127,6 +127,11 @@ def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: in
         model = optimizer = None  # noqa: F841 - the throwaway copy goes before the training model comes
         reader.recover()
         restore_rng(rng)
+
+
+def _throwaway_model(recipe: Recipe, splits: Splits) -> torch.nn.Module:
+    """A fresh copy of the recipe's model (built-in or your own, ``ddp.components``) to size."""
+    return build_recipe_model(recipe.model, splits)
 
 
 def _budget(recipe: Recipe, reader: MemoryReader, resident: int) -> float:
@@ -151,7 +156,7 @@ def _probe_or_cache(recipe: Recipe, splits: Splits, device: torch.device, world:
                     ranks_on_host: int) -> tuple[dict[str, int], dict[str, Any], str]:
     reader = reader_for(device, ranks_on_host)
     path = Path(recipe.memory.cache) if recipe.memory.cache else None
-    architecture = build_model(recipe.model.name, splits.shape, splits.classes)  # on the CPU, for the key
+    architecture = _throwaway_model(recipe, splits)  # on the CPU, for the key
     key = _key(recipe, splits, reader, world, str(architecture))
     budget_mb = _budget(recipe, reader, sum(p.numel() * 4 for p in architecture.parameters())) / MB
     del architecture
