@@ -11,6 +11,7 @@ class DDPError(Exception):
     """Base of all user-facing errors: a problem, a hint, and a process exit code."""
 
     exit_code = 1
+    said_by_every_rank = False  # a refusal (exit 2) is otherwise said once, by rank 0
 
     def __init__(self, problem: str, hint: str = "") -> None:
         self.problem = problem

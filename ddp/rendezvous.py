@@ -35,6 +35,13 @@ VERDICT_WAIT_S = 5.0
 PER_MACHINE_KEYS = frozenset({"data.root", "data.num_workers", "dist.threads_per_rank", "log.level", "log.progress"})
 
 
+class RecipeMismatch(ConfigError):
+    """Ranks were started with different recipes. Every rank says so (they may be on different
+    machines, each with its own console), unlike other refusals, which rank 0 says once."""
+
+    said_by_every_rank = True
+
+
 class RendezvousTimeout(DDPError):
     """Some ranks never joined within ``dist.timeout_s``."""
 
@@ -94,7 +101,7 @@ def gather(store: dist.Store, env: ClusterEnv, timeout_s: float) -> None:
 
 def agree_on_recipe(store: dist.Store, env: ClusterEnv, recipe_yaml: str, timeout_s: float) -> None:
     """All ranks must call (after ``gather``). Rank 0 publishes its recipe; a rank started with
-    another one refuses naming the keys, and rank 0 refuses too. Raises ``ConfigError`` (exit 2)."""
+    another one refuses naming the keys, and rank 0 refuses too. Raises ``RecipeMismatch`` (exit 2)."""
     timeout = timedelta(seconds=timeout_s)
     hint = "start every node with the same --recipe and key=value overrides"
     if env.rank == 0:
@@ -111,18 +118,18 @@ def agree_on_recipe(store: dist.Store, env: ClusterEnv, recipe_yaml: str, timeou
         store.set("recipe_verdict", problem)
         if problem:  # rank 0 may serve the store: let the agreeing ranks read the verdict first
             _wait_for_count(store, "recipe_verdict_read", env.world_size - 1 - len(differing), VERDICT_WAIT_S)
-            raise ConfigError(problem, hint)
+            raise RecipeMismatch(problem, hint)
         return
     store.wait(["recipe"], timeout)
     diff = recipe_differences(store.get("recipe").decode(), recipe_yaml)
     store.set(f"recipe_check/{env.rank}", diff)
     if diff:
-        raise ConfigError(f"this rank was started with a different recipe than rank 0: {diff} (here vs rank 0).", hint)
+        raise RecipeMismatch(f"this rank was started with a different recipe than rank 0: {diff} (here vs rank 0).", hint)
     store.wait(["recipe_verdict"], timeout)
     verdict = store.get("recipe_verdict").decode()
     store.add("recipe_verdict_read", 1)
     if verdict:  # another rank differs: nobody trains
-        raise ConfigError(verdict, hint)
+        raise RecipeMismatch(verdict, hint)
 
 
 def _wait_for_count(store: dist.Store, key: str, count: int, timeout_s: float) -> None:

@@ -118,7 +118,7 @@ def _log_failure(err: Exception, logs: RankLogs) -> None:
 def _log_refusal(err: DDPError, rank: int) -> None:
     """A refusal (exit 2) is the same on every rank: said once, by rank 0. Other errors (a lost
     peer) are said by every rank that saw them."""
-    if err.exit_code != 2 or rank == 0:
+    if err.exit_code != 2 or rank == 0 or err.said_by_every_rank:
         log.error("%s", err)
 
 

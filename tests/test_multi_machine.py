@@ -161,7 +161,7 @@ def test_dead_node_ends_the_other_node_promptly(tmp_path, dead, names):
     survivor = 1 - dead
     with netns.two_hosts() as hosts:
         procs, logs = _start_both(hosts, tmp_path, lambda r: _node(hosts, r, *long_run))
-        metrics = tmp_path / "h0" / "runs" / "digits" / "metrics.jsonl"
+        metrics = tmp_path / "h0" / "runs" / "digits" / "version_0" / "metrics.jsonl"
         deadline = time.monotonic() + 120
         while not (metrics.exists() and metrics.read_text().count('"step"') >= 5):
             assert time.monotonic() < deadline and procs[survivor].poll() is None, _text(logs)
