@@ -149,6 +149,15 @@ def load(pt_file: Path, device: torch.device) -> dict[str, Any]:
                               "only checkpoints written by ddp.train (plain tensors and data) are accepted") from None
 
 
+def saved_recipe(pt_file: Path) -> str:
+    """The recipe YAML ``pt_file`` was trained with: from its manifest, or (manifests written
+    before they carried it) from the file itself."""
+    recipe = read_manifest(pt_file).recipe
+    if recipe is None:
+        recipe = str(load(pt_file, torch.device("cpu")).get("recipe", ""))
+    return recipe
+
+
 def candidates(directory: Path) -> list[Path]:
     """Every ``step-*.pt`` in ``directory``, newest (highest step) first."""
     if not directory.is_dir():

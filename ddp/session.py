@@ -12,6 +12,8 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -190,13 +192,21 @@ def _resolve_batch_sizes(recipe: Recipe, env: ClusterEnv, plan: Plan, decision: 
                          ) -> tuple[Recipe, str]:
     """All ranks must call. ``data.batch_size: auto`` → the agreed integers (``ddp.memory``): from
     the checkpoint this run resumes, the probe cache, or trial steps; the recipe then records them."""
-    try:
+    with _abandoned_if_refused(decision):
         resolved = resolve_batch_sizes(recipe, env, plan, RunDir(decision.run_dir), checkpoint=decision.checkpoint)
+    return (recipe, recipe_yaml) if resolved is recipe else (resolved, to_yaml(resolved))
+
+
+@contextmanager
+def _abandoned_if_refused(decision: Decision) -> Iterator[None]:
+    """If the block fails, rank 0 removes the directories the decision created (and unlocks), so a
+    run refused after deciding leaves nothing behind."""
+    try:
+        yield
     except BaseException:
         if comm.is_main():
             decision.abandon()
         raise
-    return (recipe, recipe_yaml) if resolved is recipe else (resolved, to_yaml(resolved))
 
 
 def _decide(recipe: Recipe, recipe_yaml: str) -> Decision:
@@ -216,16 +226,11 @@ def _decide(recipe: Recipe, recipe_yaml: str) -> Decision:
 
 def _start(recipe: Recipe, plan: Plan, decision: Decision, recipe_yaml: str
            ) -> tuple[TrainParts, Checkpointer, TrainState | None]:
-    """All ranks must call. Builds the parts and loads the checkpoint; if that refuses the run,
-    rank 0 removes the directories the decision created, so nothing is left behind."""
-    try:
+    """All ranks must call. Builds the parts and loads the checkpoint."""
+    with _abandoned_if_refused(decision):
         parts = build_parts(recipe, plan)
         checkpointer = Checkpointer(recipe.checkpoint, RunDir(decision.run_dir).checkpoints, recipe_yaml)
         state = checkpointer.resume(decision.checkpoint, parts.model, parts.optimizer, plan.device, parts.scaler)
-    except BaseException:
-        if comm.is_main():
-            decision.abandon()
-        raise
     if state is not None:
         parts.scheduler = _scheduler(recipe, parts, state)
     return parts, checkpointer, state

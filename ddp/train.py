@@ -50,21 +50,21 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _report_interrupt() -> None:
-    try:
-        rank = detect_environment().rank
-    except DDPError:
-        rank = 0
-    if rank == 0:
+    if _rank_or_0() == 0:
         print("interrupted before training started: nothing was saved", file=sys.stderr)
 
 
 def _report(err: DDPError) -> None:
     """One line on stderr, from one rank only when the launcher started several."""
+    print_error(err, _rank_or_0())
+
+
+def _rank_or_0() -> int:
+    """This process's rank, or 0 when the launcher variables themselves are the problem."""
     try:
-        rank = detect_environment().rank
+        return detect_environment().rank
     except DDPError:
-        rank = 0
-    print_error(err, rank)
+        return 0
 
 
 if __name__ == "__main__":

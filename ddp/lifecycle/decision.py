@@ -15,10 +15,8 @@ with the key named; a run already finished under this recipe trains nothing and 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import torch
 
 from ddp import checkpoint_files as files
 from ddp.checkpoint_files import CheckpointError, Manifest
@@ -89,32 +87,25 @@ def _explicit(path: Path, group: Path, recipe: Recipe, recipe_yaml: str) -> Deci
     owner = owning_version(checkpoint)
     if owner is not None and _is_newest(checkpoint):
         return _continue(owner, checkpoint, manifest, recipe, recipe_yaml)
-    changes = _check_changes(checkpoint, manifest, recipe_yaml)
+    changes = _check_changes(checkpoint, recipe_yaml)
     if finished(manifest, recipe):
         return Decision(checkpoint.parent, done=_done_line(checkpoint, manifest, recipe))
     kept = f" ({owner} is left as it is: that is not its newest checkpoint)" if owner is not None else ""
-    decision = _fresh(group, f"starting {{new}} from {checkpoint}{kept}", checkpoint)
-    return Decision(decision.run_dir, checkpoint, decision.created, decision.notice, tuple(changes))
+    return replace(_fresh(group, f"starting {{new}} from {checkpoint}{kept}", checkpoint), changes=tuple(changes))
 
 
 def _continue(version: Path, checkpoint: Path, manifest: Manifest, recipe: Recipe, recipe_yaml: str) -> Decision:
-    changes = _check_changes(checkpoint, manifest, recipe_yaml)
+    changes = _check_changes(checkpoint, recipe_yaml)
     if finished(manifest, recipe):
         return Decision(version, done=_done_line(version, manifest, recipe))
     lock.acquire(version)
     return Decision(version, checkpoint, changes=tuple(changes))
 
 
-def _check_changes(checkpoint: Path, manifest: Manifest, recipe_yaml: str) -> list[Change]:
-    saved = manifest.recipe if manifest.recipe is not None else _recipe_in_file(checkpoint)
-    changes = recipe_changes(saved, recipe_yaml)
+def _check_changes(checkpoint: Path, recipe_yaml: str) -> list[Change]:
+    changes = recipe_changes(files.saved_recipe(checkpoint), recipe_yaml)
     check_resumable(changes, str(checkpoint))
     return changes
-
-
-def _recipe_in_file(checkpoint: Path) -> str:
-    """Checkpoints written before manifests carried the recipe: read it from the file itself."""
-    return str(files.load(checkpoint, torch.device("cpu")).get("recipe", ""))
 
 
 def finished(manifest: Manifest, recipe: Recipe) -> bool:

@@ -58,15 +58,12 @@ def auto_kinds(recipe: Recipe) -> list[str]:
     return [kind for kind, key in KEYS.items() if is_auto(getattr(recipe.data, key))]
 
 
-SEARCH = "search"  # resolve_batch_sizes(checkpoint=...): find it by train.resume in the run dir
 
 
-def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any, checkpoint: Path | str | None = SEARCH
-                        ) -> Recipe:
+def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any, checkpoint: Path | None) -> Recipe:
     """All ranks must call (one collective when a batch size is ``auto``, none otherwise).
 
-    ``checkpoint``: the file this run resumes from when the caller already knows it (None: a fresh
-    start); by default it is looked up from ``train.resume`` in ``run_dir.checkpoints``.
+    ``checkpoint``: the file this run resumes from, as ``ddp.lifecycle`` decided (None: a fresh start).
 
     ``env``: the ClusterEnv; ``plan``: the session's Plan (splits, device); ``run_dir``: the
     RunDir (files go under its ``root``)."""
@@ -76,7 +73,7 @@ def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any, check
     world = comm.world_size()
     sizes, error, report, source = None, None, {}, "probe"
     try:
-        sizes = _from_checkpoint(recipe, run_dir, kinds, checkpoint)
+        sizes = _from_checkpoint(kinds, checkpoint)
         source = "checkpoint"
         if sizes is None:
             sizes, report, source = _probe_or_cache(recipe, plan.splits, plan.device, world, kinds,
@@ -174,17 +171,13 @@ def _key(recipe: Recipe, splits: Splits, reader: MemoryReader, world: int, archi
                            optimizer, world)
 
 
-def _from_checkpoint(recipe: Recipe, run_dir: Any, kinds: list[str], checkpoint: Path | str | None
-                     ) -> dict[str, int] | None:
-    """The sizes the checkpoint this run will resume from was trained with (None: no checkpoint)."""
-    if checkpoint == SEARCH:
-        path = _resume_candidate(recipe.train.resume, Path(run_dir.checkpoints))
-    else:
-        path = Path(checkpoint) if checkpoint else None
+def _from_checkpoint(kinds: list[str], path: Path | None) -> dict[str, int] | None:
+    """The sizes the checkpoint this run will resume from was trained with (None: no checkpoint).
+    Read from its manifest (``checkpoint_files.saved_recipe``), not by loading the checkpoint."""
     if path is None:
         return None
     try:
-        saved = OmegaConf.create(files.load(path, torch.device("cpu"))["recipe"])
+        saved = OmegaConf.create(files.saved_recipe(path))
     except (files.CheckpointError, KeyError, TypeError):
         return None  # not a usable checkpoint: the Checkpointer refuses it, with its own message
     sizes = {kind: OmegaConf.select(saved, f"data.{KEYS[kind]}") for kind in kinds}
@@ -193,26 +186,6 @@ def _from_checkpoint(recipe: Recipe, run_dir: Any, kinds: list[str], checkpoint:
     log.info("data.%s=auto: keeping %s from checkpoint %s", "/".join(KEYS[k] for k in kinds),
              ", ".join(str(sizes[k]) for k in kinds), path)
     return sizes  # type: ignore[return-value]
-
-
-def _resume_candidate(spec: str, directory: Path) -> Path | None:
-    """The checkpoint ``train.resume`` points at, by the Checkpointer's rules; None when there is
-    none or it is unusable (the Checkpointer reports that itself, later)."""
-    if spec == "never":
-        return None
-    if spec != "auto":
-        path = Path(spec)
-        if path.is_dir():
-            directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        else:
-            return path if path.is_file() else None
-    for path in files.candidates(directory):
-        try:
-            files.verify(path)
-            return path
-        except files.CheckpointError:
-            continue
-    return None
 
 
 def _publish(recipe: Recipe, run_dir: Any, agreed: dict[str, int], reports: list[dict[str, Any]], source: str,
