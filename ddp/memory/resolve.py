@@ -234,12 +234,13 @@ def table_lines(report: dict[str, Any], agreed: dict[str, int] | None = None) ->
         total = None
         if est.get("per_sample") is not None and kind == "train":
             total = probe["state_mb"] + est["fixed"] + est["per_sample"] * pick
+        own = "" if pick == probe["pick"] else f"; this rank picked {probe['pick']}, another rank less"
         lines.append(f"  {kind}: {probe['trial_steps']} trial steps in {probe['seconds']:.2f} s → {KEYS[kind]}={pick}"
-                     + (f" (estimated {total:,.1f} MB)" if total is not None else ""))
+                     + (f" (estimated {total:,.1f} MB{own})" if total is not None else f" ({own[2:]})" if own else ""))
         lines.append(f"    {'batch':>8} {'phase':>8} {'predicted MB':>13} {'peak MB':>10}  result")
         for row in probe["table"]:
             predicted = "-" if row["predicted_mb"] is None else f"{row['predicted_mb']:,.1f}"
             peak = "-" if row["peak_mb"] is None else f"{row['peak_mb']:,.1f}"
-            mark = "  ← pick" if row["batch"] == pick and row["result"] == "fits" else ""
+            mark = "  ← pick" if row["batch"] == probe["pick"] and row["result"] == "fits" else ""  # this rank's
             lines.append(f"    {row['batch']:>8} {row['phase']:>8} {predicted:>13} {peak:>10}  {row['result']}{mark}")
     return lines
