@@ -80,3 +80,37 @@ def test_auto_trains_the_default_recipe_to_97_percent_on_2_ranks(tmp_path):
     last = [e for e in epochs if e["kind"] == "epoch"][-1]
     print(f"auto batch size {size} per rank: test accuracy {last['test_acc']:.4f}")
     assert last["test_acc"] >= 0.97
+
+
+def _publish_fails_on_rank_0(env, root, cache):
+    """Both ranks probe and agree; rank 0 then cannot write memory_probe.json (the run dir lies
+    under a regular file). Each rank reports what happened, and when."""
+    import time
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from ddp import comm
+    from ddp.datasets import load_digits
+    from ddp.memory.resolve import resolve_batch_sizes
+    from ddp.models import digits_cnn
+    from ddp.run_dir import RunDir
+
+    recipe = load_recipe(None, ["data.batch_size=auto", "memory.budget_mb=40", f"memory.cache={cache}"])
+    splits = load_digits(recipe.data)
+    plan = SimpleNamespace(splits=splits, device=torch.device("cpu"), model=digits_cnn(splits.shape, splits.classes))
+    try:
+        resolve_batch_sizes(recipe, env, plan, RunDir(Path(root)), checkpoint=None)
+        comm.barrier()  # the session's next collective
+        outcome = "returned"
+    except Exception as err:  # noqa: BLE001 - compared across ranks
+        outcome = f"{type(err).__name__}: {err}"
+    return {"outcome": outcome, "at": time.time()}
+
+
+def test_a_publish_failure_on_rank_0_is_raised_on_every_rank_at_once(tmp_path):
+    (tmp_path / "not_a_dir").write_text("")
+    out = spawn_ranks(_publish_fails_on_rank_0, 2, str(tmp_path / "not_a_dir" / "run"), str(tmp_path / "cache.json"),
+                      timeout=120)
+    assert out[0]["outcome"] == out[1]["outcome"], out
+    assert "memory probe's results failed on rank 0" in out[1]["outcome"] and "not_a_dir" in out[1]["outcome"]
+    assert abs(out[1]["at"] - out[0]["at"]) < 10  # at once, not after the 60 s collective timeout

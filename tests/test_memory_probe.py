@@ -217,6 +217,16 @@ def test_cache_reuses_only_while_the_budget_matches(tmp_path):
     assert cache.lookup(path, other, ["train"], 1000.0) is None
 
 
+
+def test_a_bad_cache_entry_costs_a_probe_not_the_run(tmp_path):
+    path = tmp_path / ".probe_cache.json"
+    key = cache.cache_key("cpu", "digits_cnn", "Sequential(...)", (1, 8, 8), "float32", "sgd+momentum", 2)
+    path.write_text(json.dumps({key: {"train": 300}}))  # edited by hand: no need_mb, no budget_mb
+    assert cache.lookup(path, key, ["train"], 1000.0) is None
+    path.write_text(json.dumps({key: [1, 2]}))
+    cache.store(path, key, {"train": {"pick": 300, "need_mb": 800.0, "budget_mb": 1000.0}})
+    assert cache.lookup(path, key, ["train"], 1000.0) == {"train": 300}
+
 def _train(tmp_path, overrides):
     recipe = load_recipe(None, ["log.tensorboard=false", f"run.dir={tmp_path / 'run'}",
                                 f"memory.cache={tmp_path / 'cache.json'}", *overrides])

@@ -34,11 +34,14 @@ def lookup(path: Path | None, key: str, kinds: list[str], budget_mb: float) -> d
     entry = _read(path).get(key) if path else None
     if not entry or any(kind not in entry for kind in kinds):
         return None
-    for kind in kinds:
-        item = entry[kind]
-        if item["need_mb"] > budget_mb or budget_mb > item["budget_mb"] * GROWTH:
-            return None
-    return {kind: int(entry[kind]["pick"]) for kind in kinds}
+    try:
+        for kind in kinds:
+            item = entry[kind]
+            if item["need_mb"] > budget_mb or budget_mb > item["budget_mb"] * GROWTH:
+                return None
+        return {kind: int(entry[kind]["pick"]) for kind in kinds}
+    except (KeyError, TypeError, ValueError):  # an entry edited by hand or by another version: probe again
+        return None
 
 
 def store(path: Path | None, key: str, results: dict[str, dict[str, Any]]) -> None:
@@ -56,6 +59,8 @@ def store(path: Path | None, key: str, results: dict[str, dict[str, Any]]) -> No
 def _read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: entry for key, entry in data.items() if isinstance(entry, dict)}  # a bad entry is dropped

@@ -24,6 +24,7 @@ from ddp import comm
 from ddp.atomic import write_text_atomic
 from ddp.config import Parallel, Recipe, is_auto
 from ddp.datasets import Splits
+from ddp.errors import DDPError
 from ddp.memory import cache
 from ddp.memory.agree import agree
 from ddp.memory.estimate import MB, Estimate, estimate_state
@@ -61,7 +62,8 @@ def auto_kinds(recipe: Recipe) -> list[str]:
 
 
 def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any, checkpoint: Path | None) -> Recipe:
-    """All ranks must call (one collective when a batch size is ``auto``, none otherwise).
+    """All ranks must call (two collectives when a batch size is ``auto``, none otherwise): the
+    agreement, then rank 0's outcome of writing the results (a failure there is raised on every rank).
 
     ``checkpoint``: the file this run resumes from, as ``ddp.lifecycle`` decided (None: a fresh start).
 
@@ -81,8 +83,7 @@ def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any, check
     except Exception as err:  # noqa: BLE001 - every rank must hear about it (see agree)
         error = err
     agreed, reports = agree(sizes, error, {"source": source, **report})
-    if comm.is_main():
-        _publish(recipe, run_dir, agreed, reports, source, world)
+    _publish_from_rank_0(recipe, run_dir, agreed, reports, source, world)
     data = dataclasses.replace(recipe.data, **{KEYS[kind]: agreed[kind] for kind in kinds})
     return dataclasses.replace(recipe, data=data)
 
@@ -186,6 +187,22 @@ def _from_checkpoint(kinds: list[str], path: Path | None) -> dict[str, int] | No
     log.info("data.%s=auto: keeping %s from checkpoint %s", "/".join(KEYS[k] for k in kinds),
              ", ".join(str(sizes[k]) for k in kinds), path)
     return sizes  # type: ignore[return-value]
+
+
+def _publish_from_rank_0(recipe: Recipe, run_dir: Any, agreed: dict[str, int], reports: list[dict[str, Any]],
+                         source: str, world: int) -> None:
+    """All ranks must call (one broadcast). Rank 0 publishes; if that fails (an unwritable run dir),
+    every rank raises the same error, so none goes on into a collective rank 0 has left."""
+    failure = None
+    if comm.is_main():
+        try:
+            _publish(recipe, run_dir, agreed, reports, source, world)
+        except Exception as err:  # noqa: BLE001 - every rank must hear about it
+            failure = f"{type(err).__name__}: {err}"
+    failure = comm.broadcast_object(failure)
+    if failure is not None:
+        raise DDPError(f"data.batch_size=auto: writing the memory probe's results failed on rank 0: {failure}",
+                       "check free disk space and permissions of the run dir (and of memory.cache)")
 
 
 def _publish(recipe: Recipe, run_dir: Any, agreed: dict[str, int], reports: list[dict[str, Any]], source: str,
