@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import resource
 import sys
 import time
 import traceback
@@ -30,6 +29,7 @@ from ddp.datasets import Splits, build_datasets
 from ddp.environment import ClusterEnv, available_cpus, hostname
 from ddp.errors import DDPError, print_error
 from ddp.loaders import ResumableSampler, ShardSampler, auto_workers, eval_loader, train_loader
+from ddp.memory.readers import peak_memory_mb as device_peak_mb, reset_peak_memory
 from ddp.memory.resolve import check_budget, resolve_batch_sizes
 from ddp.memory_loader import MemoryLoader, choose_loader
 from ddp.checkpoint_files import CheckpointError
@@ -170,6 +170,7 @@ def _train(recipe: Recipe, env: ClusterEnv, plan: Plan, logs: RankLogs | None, d
     """All ranks must call. Sizes ``auto`` batches, builds, resumes, records the start, trains:
     (outcome, step, weights)."""
     recipe, recipe_yaml = _resolve_batch_sizes(recipe, env, plan, decision, recipe_yaml)
+    reset_peak_memory(plan.device)  # the summary's peak memory leaves out the probe's trial steps
     log.info("%s | backend %s, device %s, %d CPU threads per rank | torch %s, python %s",
              env.describe(), plan.backend, plan.device, plan.threads, torch.__version__,
              platform.python_version())
@@ -336,8 +337,6 @@ def _set_threads(recipe: Recipe, env: ClusterEnv) -> int:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """This process's peak resident memory (``getrusage``; psutil reports only the current RSS), or
-    the peak CUDA allocation on a GPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak memory since its batch sizes were settled (so without the memory probe's
+    trial steps): the peak CUDA allocation on a GPU, the peak resident memory on the CPU."""
+    return device_peak_mb(device)

@@ -26,6 +26,11 @@ One small interface, two devices:
 Readings are absolute (bytes the process holds); the probe subtracts its own baseline. Freed
 memory that the C allocator keeps can make a later reading too high, never too low, so errors
 are on the safe side.
+
+``reset_peak_memory`` / ``peak_memory_mb``: the peak the run reports at its end. The probe's trial
+steps go close to the budget on purpose, so the session resets the peak once the batch sizes are
+settled (CUDA's peak counters; the kernel's ``VmHWM`` on Linux) and the reported peak is the
+training's own. Where ``VmHWM`` cannot be reset or read, ``ru_maxrss`` (the whole process) is used.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import platform
+import resource
+import sys
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -237,6 +244,30 @@ class _RssSampler:
         self._done.set()
         self._thread.join()
         return max(self._peak, self._process.memory_info().rss)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this process's peak memory on ``device`` afresh (not collective). The session calls it
+    once the batch sizes are settled, so ``peak_memory_mb`` leaves out the probe's trial steps."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        _CLEAR_REFS.write_text("5")  # VmHWM := the current RSS
+    except OSError:
+        pass  # not Linux, or not writable here: the peak stays the whole process's
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory on ``device`` in MB since ``reset_peak_memory``: CUDA's peak
+    allocation, or the peak resident memory (``VmHWM``; ``ru_maxrss`` where there is no /proc)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        return _read_hwm() / 2**20
+    except (OSError, ValueError):
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB elsewhere
 
 
 def reader_for(device: torch.device, ranks_on_host: int = 1) -> MemoryReader:
