@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ddp.checkpoint_files import read_pointer
 from ddp.checkpointer import Checkpointer, TrainState
 from ddp.config import CheckpointConfig, load_recipe, to_yaml
 from ddp.models import resnet18
@@ -66,7 +67,7 @@ def measure(rounds: int, directory: Path) -> dict[str, tuple[list[float], list[f
                     "scheduler": scheduler.state_dict()}, plain_path)
 
     def ours_resume() -> None:
-        keeper.resume("auto", model, optimizer, scheduler, torch.device("cpu"))
+        keeper.resume(keeper.directory / str(read_pointer(keeper.directory, "latest")), model, optimizer)
 
     def plain_resume() -> None:
         payload = torch.load(plain_path, map_location="cpu", weights_only=True)

@@ -137,10 +137,15 @@ def _crc32(path: Path, chunk: int = 1 << 22) -> int:
     return crc
 
 
-def load(pt_file: Path, device: torch.device) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` onto ``device``: a file holding code objects is refused."""
+def load(pt_file: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` into host memory: a file holding code objects is refused.
+
+    Always onto the CPU: ``load_state_dict`` then copies each tensor to where its parameter lives,
+    one at a time, so a resume never holds a second copy of the model on the GPU; RNG states stay
+    host tensors; and the optimizer's ``step`` counters stay on the CPU, where torch's optimizers
+    keep them (on a GPU, Adam would read each back with ``.item()`` every step)."""
     try:
-        return torch.load(pt_file, map_location=device, weights_only=True)
+        return torch.load(pt_file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError (unsafe globals) or RuntimeError (bad zip)
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         reason = (f"it holds a pickled {unsafe.group(1)} object, which weights_only loading refuses" if unsafe
@@ -154,7 +159,7 @@ def saved_recipe(pt_file: Path) -> str:
     before they carried it) from the file itself."""
     recipe = read_manifest(pt_file).recipe
     if recipe is None:
-        recipe = str(load(pt_file, torch.device("cpu")).get("recipe", ""))
+        recipe = str(load(pt_file).get("recipe", ""))
     return recipe
 
 

@@ -3,8 +3,9 @@
 Only rank 0 writes; the other ranks' RNG states and partial epoch sums are gathered to it. Every
 save ends with a broadcast of rank 0's outcome, which doubles as the barrier: no rank races ahead
 of a save, and a failed save stops every rank with the same error. Which checkpoint to resume is
-decided beforehand (``ddp.lifecycle.decision``); every rank loads it onto its own device with
-``weights_only=True``. The recipe's hyperparameters win over the checkpoint's, and the LR schedule
+decided beforehand (``ddp.lifecycle.decision``); every rank loads it into host memory with
+``weights_only=True`` and copies it into its model and optimizer on its own device. The recipe's
+hyperparameters win over the checkpoint's, and the LR schedule
 is rebuilt from the recipe (``ddp.optim.build_scheduler(start_step=...)``), not loaded.
 """
 
@@ -115,13 +116,13 @@ class Checkpointer:
     # --- resuming -------------------------------------------------------------------------
 
     def resume(self, path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer,
-               device: torch.device, scaler: Any = None) -> TrainState | None:
+               scaler: Any = None) -> TrainState | None:
         """All ranks must call, with the same ``path`` (None: nothing to resume). Loads weights,
         optimizer state and this rank's RNG and epoch sums; the optimizer keeps the recipe's
         hyperparameters (lr, momentum, weight decay...), only its state comes from the file."""
         if path is None:
             return None
-        payload = files.load(path, device)
+        payload = files.load(path)  # onto the CPU; load_state_dict moves each tensor to its parameter
         weights = _strip_prefixes(payload["model"])
         check_compatible(payload, weights, self.recipe_yaml, unwrap_model(model), path)
         unwrap_model(model).load_state_dict(weights)

@@ -54,6 +54,10 @@ class ClusterEnv:
 
     source: ClassVar[str] = "explicit"
     variables: ClassVar[str] = "RANK/WORLD_SIZE"
+    # False where every rank on a machine inherits one environment (torchrun): then more ranks than
+    # visible GPUs means ranks would share a GPU. True where a launcher may give each rank its own
+    # GPUs (srun --gpus-per-task, --gpu-bind, a pod per rank): sharing is checked at the rendezvous.
+    binds_devices: ClassVar[bool] = True
 
     @property
     def distributed(self) -> bool:
@@ -118,6 +122,7 @@ class SingleProcessEnv(ClusterEnv):
     """No launcher: one process, no process group."""
 
     source: ClassVar[str] = "single process"
+    binds_devices: ClassVar[bool] = False
 
     @property
     def distributed(self) -> bool:
@@ -141,6 +146,7 @@ class TorchrunEnv(ClusterEnv):
     """torchrun / torch.distributed.run / torchelastic."""
 
     source: ClassVar[str] = "torchrun"
+    binds_devices: ClassVar[bool] = False
     variables: ClassVar[str] = "RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK"
     REQUIRED: ClassVar[tuple[str, ...]] = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
@@ -385,9 +391,6 @@ def _refuse_partial_launch(environ: Environ) -> None:
 
 # --- variables this library sets -------------------------------------------------------------
 
-SOCKET_IFNAME_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
-
-
 def plan_variables(wanted: Mapping[str, str], why: str, environ: Environ | None = None
                    ) -> tuple[dict[str, str], list[str]]:
     """(the variables to set, one log line per wanted variable). A variable already set is kept
@@ -406,16 +409,16 @@ def plan_variables(wanted: Mapping[str, str], why: str, environ: Environ | None 
     return to_set, lines
 
 
+def environment_value(name: str) -> str | None:
+    """One variable of this process's environment (None or '' when unset)."""
+    return os.environ.get(name)
+
+
 def export_variables(wanted: Mapping[str, str], why: str) -> list[str]:
     """Set ``wanted`` in this process's environment where unset; return the log lines."""
     to_set, lines = plan_variables(wanted, why)
     os.environ.update(to_set)
     return lines
-
-
-def child_environ(extra: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment plus ``extra`` (already filtered by ``plan_variables``)."""
-    return {**os.environ, **extra}
 
 
 # --- other facts about this process's surroundings -------------------------------------------
@@ -446,3 +449,26 @@ def hostname() -> str:
     return socket.gethostname().split(".")[0]
 
 
+
+
+def cuda_visible_devices(environ: Environ | None = None) -> list[str] | None:
+    """``CUDA_VISIBLE_DEVICES`` as the CUDA runtime reads it: the entries before the first invalid
+    one (an index, ``GPU-<uuid>`` or ``MIG-<uuid>``), so ``"2,-1,3"`` is ``["2"]`` and ``""`` or
+    ``"-1"`` hide every GPU. None when the variable is unset (every GPU is visible)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    entries = []
+    for entry in (part.strip() for part in raw.split(",")):
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+            break
+        entries.append(entry)
+    return entries
+
+
+def cuda_visible_entries(environ: Environ | None = None) -> list[str] | None:
+    """The raw comma-separated entries of ``CUDA_VISIBLE_DEVICES`` (stripped, in order; CUDA index i
+    is entry i), or None when it is unset. Not validated: ``ddp.memory.nvml`` maps them to NVML."""
+    raw = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+    return None if raw is None else [entry.strip() for entry in raw.split(",")]

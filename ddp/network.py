@@ -99,3 +99,11 @@ def interfaces() -> dict[str, list[str]]:
     return {name: [entry.address.split("%")[0] for entry in addresses
                    if entry.family in (socket.AF_INET, socket.AF_INET6)]
             for name, addresses in psutil.net_if_addrs().items()}
+
+
+def nccl_interface_line(current: str | None, master_route: str) -> str:
+    """What NCCL will use, for the log."""
+    if current:
+        return f"kept NCCL_SOCKET_IFNAME={current} (set by you)"
+    return (f"NCCL_SOCKET_IFNAME unset: NCCL chooses its interfaces itself (the master's route is "
+            f"{master_route}; export NCCL_SOCKET_IFNAME={master_route} to force it)")

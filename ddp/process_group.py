@@ -6,12 +6,15 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ddp import rendezvous
+from ddp import comm, rendezvous
+from ddp.nccl import DUMP_SUBDIR, export_nccl_defaults
 from ddp.environment import ClusterEnv
+from ddp.errors import DDPError
 from ddp.peers import heartbeat, is_comm_failure, peer_lost, roll_call
 
 log = logging.getLogger(__name__)
@@ -19,13 +22,17 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s: float,
-                  recipe_yaml: str | None = None) -> Iterator[None]:
+                  recipe_yaml: str | None = None, gpu: str | None = None,
+                  nccl_dumps: Path | None = None) -> Iterator[None]:
     """All ranks must enter. Creates the group (when ``env.distributed``) and destroys it on exit.
 
     Before the group forms: when peers run on other machines the interface that routes to the
-    master is exported for Gloo/NCCL (``rendezvous.choose_interface``); every rank checks in and a
+    master is exported for Gloo (``rendezvous.choose_interface``); every rank checks in and a
     waiting rank logs who is missing (``rendezvous.gather``); with ``recipe_yaml`` every rank must
-    hold rank 0's recipe (``rendezvous.agree_on_recipe``).
+    hold rank 0's recipe (``rendezvous.agree_on_recipe``); under NCCL, ``gpu`` (this rank's GPU
+    identity) must not be another rank's too (``rendezvous.check_gpus``), and NCCL's failure
+    handling is set (``ddp.nccl``, flight-recorder dumps under ``nccl_dumps``). Under NCCL, object
+    collectives use a Gloo side group (``comm.open_control_group``).
 
     On a clean exit every rank passes a barrier first, so no rank tears down while a peer still
     needs it. After an error the barrier is skipped (peers may be stuck in another collective);
@@ -35,30 +42,37 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
     if not env.distributed:
         yield
         return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     timeout = timedelta(seconds=timeout_s)
-    for line in rendezvous.choose_interface(env):
+    for line in rendezvous.choose_interface(env, backend):
         log.info("rank %d: %s", env.rank, line)
     store = rendezvous.connect(env, timeout)
     rendezvous.gather(store, env, timeout_s)
     if recipe_yaml is not None and env.world_size > 1:
         rendezvous.agree_on_recipe(store, env, recipe_yaml, timeout_s)
+    if backend == "nccl":
+        if gpu is not None and env.world_size > 1:
+            rendezvous.check_gpus(store, env, gpu, timeout_s)
+        for line in export_nccl_defaults(nccl_dumps or Path(DUMP_SUBDIR)):
+            log.debug("rank %d: %s", env.rank, line)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
                             timeout=timeout)
     log.debug("process group up: %s, backend %s", env.describe(), backend)
     clean = False
     try:
+        comm.open_control_group(backend, timeout_s)
         with heartbeat(env.master_addr, env.master_port, env.store_prefix, env.rank):  # beats through the roll call
             try:
                 yield
             except Exception as err:
-                if env.world_size > 1 and is_comm_failure(err):
+                if env.world_size > 1 and not isinstance(err, DDPError) and is_comm_failure(err):
                     missing = roll_call(store, env.rank, env.world_size)
                     raise peer_lost(err, missing, env.world_size, _store_host(env)) from err
                 raise
         clean = True
     finally:
+        comm.close_control_group()
         _teardown(clean)
 
 

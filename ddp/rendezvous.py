@@ -21,9 +21,9 @@ from datetime import timedelta
 import torch.distributed as dist
 import yaml
 
-from ddp.environment import SOCKET_IFNAME_VARIABLES, ClusterEnv, export_variables, hostname
-from ddp.errors import ConfigError, DDPError
-from ddp.network import NetworkError, route_to
+from ddp.environment import ClusterEnv, environment_value, export_variables, hostname
+from ddp.errors import BackendError, ConfigError, DDPError
+from ddp.network import NetworkError, nccl_interface_line, route_to
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,26 @@ class RecipeMismatch(ConfigError):
     said_by_every_rank = True
 
 
+class GpuShared(BackendError):
+    """Two ranks would share one GPU under NCCL (exit 2, said once by rank 0)."""
+
+
 class RendezvousTimeout(DDPError):
     """Some ranks never joined within ``dist.timeout_s``."""
 
     exit_code = 1
 
 
-def choose_interface(env: ClusterEnv) -> list[str]:
-    """Export GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (unless set) when peers run on other machines.
+def choose_interface(env: ClusterEnv, backend: str = "gloo") -> list[str]:
+    """Export GLOO_SOCKET_IFNAME (unless set) when peers run on other machines.
 
     Call before the process group forms, on every rank. Returns the log lines (what was set or
-    kept). When every rank runs on this machine nothing is needed and nothing is set.
+    kept). Gloo takes its address from the host name, which often resolves to loopback, so it
+    needs the interface that routes to the master. NCCL is left to choose its own interfaces
+    (InfiniBand first, then every interface but loopback and docker, per NCCL's documentation):
+    forcing the master's route could put its traffic on a management network of a multi-NIC
+    cluster. A NCCL_SOCKET_IFNAME the user set is kept and said. When every rank runs on this
+    machine nothing is needed and nothing is set.
     """
     if env.world_size <= env.local_world_size:
         return []
@@ -61,7 +70,43 @@ def choose_interface(env: ClusterEnv) -> list[str]:
     except NetworkError as err:
         raise NetworkError(f"{env.source} environment: {err.problem}", err.hint) from None
     why = f"the route to the master {route.describe()}"
-    return export_variables({name: route.interface for name in SOCKET_IFNAME_VARIABLES}, why)
+    lines = export_variables({"GLOO_SOCKET_IFNAME": route.interface}, why)
+    if backend == "nccl":
+        lines.append(nccl_interface_line(environment_value("NCCL_SOCKET_IFNAME"), route.interface))
+    return lines
+
+
+def check_gpus(store: dist.Store, env: ClusterEnv, gpu: str, timeout_s: float) -> None:
+    """All ranks must call under NCCL (after ``gather``). Every rank publishes its host and GPU; when
+    two ranks hold the same GPU, every rank refuses with ``GpuShared`` naming them, before the NCCL
+    group forms (NCCL cannot run two ranks on one GPU: it fails with "Duplicate GPU detected")."""
+    store.set(f"gpu/{env.rank}", f"{hostname()}\t{gpu}")
+    keys = [f"gpu/{rank}" for rank in range(env.world_size)]
+    store.wait(keys, timedelta(seconds=timeout_s))
+    table = [tuple(store.get(key).decode().split("\t", 1)) for key in keys]
+    store.add("gpu_read", 1)
+    shared = shared_gpus(table)  # type: ignore[arg-type]
+    if not shared:
+        return
+    if env.rank == 0:  # rank 0 may serve the store: let the others read the table first
+        _wait_for_count(store, "gpu_read", env.world_size, VERDICT_WAIT_S)
+    gpu_name, ranks = next(iter(shared.items()))
+    host = table[ranks[0]][0]
+    raise GpuShared(
+        f"ranks {_ranks(ranks)} on {host} share GPU {gpu_name}: NCCL cannot run two ranks on one GPU"
+        + (f" ({len(shared) - 1} more GPU(s) shared likewise)." if len(shared) > 1 else "."),
+        "give each rank its own GPU (srun --gpus-per-task=1, or one rank per GPU per machine), or use "
+        "dist.backend=gloo to train on the CPU")
+
+
+def shared_gpus(table: list[tuple[str, str]]) -> dict[str, list[int]]:
+    """{GPU: ranks} for every GPU that more than one rank holds. ``table[rank]`` is (host, GPU); a
+    UUID names one GPU anywhere, an index only on its host."""
+    holders: dict[str, list[int]] = {}
+    for rank, (host, gpu) in enumerate(table):
+        key = gpu if gpu.startswith(("GPU-", "MIG-")) else f"{gpu} of {host}"
+        holders.setdefault(key, []).append(rank)
+    return {gpu: ranks for gpu, ranks in holders.items() if len(ranks) > 1}
 
 
 def connect(env: ClusterEnv, timeout: timedelta) -> dist.Store:

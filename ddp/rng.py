@@ -22,11 +22,12 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of ``capture_rng`` (CUDA states only for the devices both runs have)."""
+    """Inverse of ``capture_rng`` (CUDA states only for the devices both runs have). The states may
+    sit on any device (a checkpoint mapped onto a GPU): each is read back to the CPU first."""
     version, python_state, python_gauss = state["python"]
     random.setstate((version, tuple(python_state), python_gauss))
     kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state((kind, key.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         count = min(len(state["cuda"]), torch.cuda.device_count())

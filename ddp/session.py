@@ -22,7 +22,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ddp import comm
-from ddp.backend import Devices, check_parallel, choose_backend, choose_device, probe_devices
+from ddp.backend import Devices, Placement, check_parallel, choose_backend, place, probe_devices
 from ddp.config import Recipe, to_yaml
 from ddp.components import Given, build_components, build_loss, check_recipe, eval_loss
 from ddp.datasets import Splits, build_datasets
@@ -32,20 +32,20 @@ from ddp.loaders import ResumableSampler, ShardSampler, auto_workers, eval_loade
 from ddp.memory.readers import peak_memory_mb as device_peak_mb, reset_peak_memory
 from ddp.memory.resolve import check_budget, resolve_batch_sizes
 from ddp.memory_loader import MemoryLoader, choose_loader
-from ddp.checkpoint_files import CheckpointError
 from ddp.lifecycle import lock
 from ddp.lifecycle.changes import Policy, describe
 from ddp.lifecycle.decision import Decision, decide
 from ddp.lifecycle.history import record_start
 from ddp.logs import RankLogs, rank_logging
 from ddp.metrics import MetricsWriter
+from ddp.nccl import DUMP_SUBDIR, make_dump_dir
 from ddp.optim import build_optimizer, build_scheduler, schedule_position
 from ddp.parallel import check_sync_bn, convert_sync_bn, unwrap_model, wrap_model
 from ddp.precision import check_precision, make_scaler
 from ddp.process_group import process_group
 from ddp.report import summary
 from ddp.run_dir import RunDir
-from ddp.seeding import seed_everything
+from ddp.seeding import not_deterministic, seed_everything
 from ddp.checkpointer import Checkpointer, TrainState
 from ddp.signals import EXIT_INTERRUPTED, stop_request
 from ddp.trainer import FitResult, Trainer, TrainParts
@@ -66,12 +66,19 @@ class RunResult:
 class Plan:
     """What ``prepare`` settled: the run can start."""
 
-    backend: str
-    device: torch.device
+    placement: Placement  # backend, device and why (``ddp.backend``)
     devices: Devices
     threads: int
     splits: Splits
     model: torch.nn.Module | None = None  # built (and checked) before the group; built in build_parts if None
+
+    @property
+    def backend(self) -> str:
+        return self.placement.backend
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
 
 
 def run(recipe: Recipe, env: ClusterEnv, given: Given | None = None) -> int:
@@ -103,7 +110,12 @@ def execute_logged(recipe: Recipe, env: ClusterEnv, plan: Plan) -> RunResult:
                 log.warning("interrupted before training started: nothing was saved")
             failed.exit_code = EXIT_INTERRUPTED
         except Exception as err:  # noqa: BLE001 - reported, then the process exits non-zero
-            _log_failure(err, logs)
+            refusal = not_deterministic(err)
+            if refusal is None:
+                _log_failure(err, logs)
+            else:
+                _log_refusal(refusal, env.rank)
+                failed.exit_code = refusal.exit_code
     return failed
 
 
@@ -131,14 +143,14 @@ def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None, giv
     check_recipe(recipe, given)
     devices = devices or probe_devices()
     check_parallel(recipe.dist.parallel, env)
-    backend = choose_backend(recipe.dist.backend, env, devices)
-    device = choose_device(backend, recipe.dist.parallel, env, devices)
+    placement = place(choose_backend(recipe.dist.backend, env, devices), recipe.dist.parallel, env, devices)
+    device = placement.device
     check_precision(recipe.train.precision, device)
     check_sync_bn(recipe.dist.sync_bn, device, env.world_size)
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     splits, model = build_components(recipe, given, build_datasets)
     check_budget(recipe, env, splits, device)  # data.batch_size=auto: the model state must fit the budget
-    return Plan(backend, device, devices, _set_threads(recipe, env), splits, model)
+    return Plan(placement, devices, _set_threads(recipe, env), splits, model)
 
 
 def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: RankLogs | None = None) -> RunResult:
@@ -147,8 +159,12 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
     plan = plan or prepare(recipe, env)
     started = time.perf_counter()
     recipe_yaml = to_yaml(recipe)
-    with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s, recipe_yaml):
+    gpu = plan.devices.identity(plan.placement.gpu) if plan.placement.gpu is not None else None
+    dumps = recipe.run_dir / DUMP_SUBDIR
+    with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s, recipe_yaml, gpu=gpu, nccl_dumps=dumps):
         decision = _decide(recipe, recipe_yaml)
+        if plan.backend == "nccl" and not decision.done:
+            make_dump_dir(dumps)
         if decision.done:
             if comm.is_main():
                 log.info("%s", decision.done)
@@ -174,6 +190,7 @@ def _train(recipe: Recipe, env: ClusterEnv, plan: Plan, logs: RankLogs | None, d
     log.info("%s | backend %s, device %s, %d CPU threads per rank | torch %s, python %s",
              env.describe(), plan.backend, plan.device, plan.threads, torch.__version__,
              platform.python_version())
+    _log_placement(plan.placement, env.rank)
     run_dir = RunDir(decision.run_dir)
     parts, checkpointer, state = _start(recipe, plan, decision, recipe_yaml)
     if logs is not None:
@@ -187,6 +204,13 @@ def _train(recipe: Recipe, env: ClusterEnv, plan: Plan, logs: RankLogs | None, d
         outcome = trainer.fit()
     weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
     return outcome, trainer.state.global_step, weights  # DDP is freed on return, before the group is destroyed
+
+
+def _log_placement(placement: Placement, rank: int) -> None:
+    """Every rank's log says which device it uses and why; GPUs left unused are a warning, said on
+    the console once (rank 0)."""
+    level = logging.WARNING if placement.warn and rank == 0 else logging.INFO
+    log.log(level, "rank %d trains on %s: %s", rank, placement.device, placement.reason)
 
 
 def _resolve_batch_sizes(recipe: Recipe, env: ClusterEnv, plan: Plan, decision: Decision, recipe_yaml: str
@@ -211,27 +235,27 @@ def _abandoned_if_refused(decision: Decision) -> Iterator[None]:
 
 
 def _decide(recipe: Recipe, recipe_yaml: str) -> Decision:
-    """All ranks must call: rank 0 decides (``ddp.lifecycle.decision``) and tells the others; a
-    refusal is raised on every rank."""
+    """All ranks must call: rank 0 decides (``ddp.lifecycle.decision``) and tells the others; any
+    failure there (a refusal, an unwritable run dir) is raised on every rank."""
     choice: Any = None
-    if comm.is_main():
-        try:
+    with comm.all_or_none("deciding the run directory"):
+        if comm.is_main():
             choice = decide(recipe, recipe_yaml)
-        except CheckpointError as err:
-            choice = err
-    choice = comm.broadcast_object(choice)
-    if isinstance(choice, CheckpointError):
-        raise choice
-    return choice
+    return comm.broadcast_object(choice)
 
 
 def _start(recipe: Recipe, plan: Plan, decision: Decision, recipe_yaml: str
            ) -> tuple[TrainParts, Checkpointer, TrainState | None]:
-    """All ranks must call. Builds the parts and loads the checkpoint."""
+    """All ranks must call. Builds the parts and loads the checkpoint. A failure on one rank (a
+    dataset that will not load, a checkpoint this node cannot read) is raised on every rank before
+    the next collective, so no rank waits for it until ``dist.timeout_s``."""
     with _abandoned_if_refused(decision):
-        parts = build_parts(recipe, plan)
+        with comm.all_or_none("building the model and data"):
+            parts = build_parts(recipe, plan, wrap=False)
+        parts.model = parts.rewrap(parts.model)  # type: ignore[misc]  # collective: DDP broadcasts rank 0's weights
         checkpointer = Checkpointer(recipe.checkpoint, RunDir(decision.run_dir).checkpoints, recipe_yaml)
-        state = checkpointer.resume(decision.checkpoint, parts.model, parts.optimizer, plan.device, parts.scaler)
+        with comm.all_or_none("loading the checkpoint"):
+            state = checkpointer.resume(decision.checkpoint, parts.model, parts.optimizer, parts.scaler)
     if state is not None:
         parts.scheduler = _scheduler(recipe, parts, state)
     return parts, checkpointer, state
@@ -263,23 +287,23 @@ def _log_outcome(outcome: FitResult, step: int, run_dir: RunDir, rank: int) -> N
                  f"test loss {outcome.last_record.get('test_loss', float('nan')):.4f}", step, run_dir.root)
 
 
-def build_parts(recipe: Recipe, plan: Plan) -> TrainParts:
-    """All ranks must call (wrapping in DDP broadcasts rank 0's weights)."""
+def build_parts(recipe: Recipe, plan: Plan, wrap: bool = True) -> TrainParts:
+    """All ranks must call (wrapping in DDP broadcasts rank 0's weights). With ``wrap=False`` nothing
+    here communicates and ``parts.model`` is the plain model: ``parts.rewrap`` wraps it."""
     splits, device = plan.splits, plan.device
     if plan.model is None:
         seed_everything(recipe.train.seed, recipe.train.deterministic)
         plan.splits, plan.model = build_components(recipe, Given(), build_datasets)
-    wrap = partial(_wrap, recipe=recipe, plan=plan)
     model = convert_sync_bn(plan.model, recipe.dist.sync_bn, comm.world_size())
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = wrap(model)
+    model = model.to(device)
     train, test, how = _loaders(recipe, plan)
-    optimizer = build_optimizer(unwrap_model(model), recipe.optim,
-                                trainable_only=recipe.model.unfreeze_after_epochs < 0)
-    parts = TrainParts(model, optimizer, None, train, test, device,  # type: ignore[arg-type]
+    optimizer = build_optimizer(model, recipe.optim, trainable_only=recipe.model.unfreeze_after_epochs < 0)
+    rewrap = partial(_wrap, recipe=recipe, plan=plan)
+    parts = TrainParts(rewrap(model) if wrap else model, optimizer, None, train, test, device,  # type: ignore[arg-type]
                        loss=build_loss(recipe.train), eval_loss=eval_loss(recipe.train),
-                       rewrap=wrap,
+                       rewrap=rewrap,
                        scaler=make_scaler(recipe.train.precision, device))
     parts.scheduler = _scheduler(recipe, parts, None)
     log.info("%d train / %d test samples, %d steps per epoch at %d per rank × %d ranks, %s",

@@ -148,8 +148,8 @@ class Trainer:
         with torch.no_grad():
             self._classifies = self._classifies and classifies(logits, targets)
             correct = (logits.argmax(dim=1) == targets).sum() if self._classifies else loss.new_zeros(())
-            count = targets.shape[0]
-            sums += torch.stack((loss.double() * count, correct.double(), sums.new_tensor(count)))
+            count = targets.shape[0]  # a host int: new_full fills on the device, new_tensor would copy from host
+            sums += torch.stack((loss.double() * count, correct.double(), sums.new_full((), count)))
         return loss.detach()
 
     def _step(self) -> None:

@@ -20,9 +20,9 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from ddp.environment import SOCKET_IFNAME_VARIABLES, available_cpus, child_environ, plan_variables
+from ddp.environment import available_cpus, child_environ, environment_value, plan_variables
 from ddp.errors import DDPError
-from ddp.network import NetworkError, Route, route_to
+from ddp.network import NetworkError, Route, nccl_interface_line, route_to
 from launch import preflight
 
 log = logging.getLogger("launch.node")
@@ -140,10 +140,10 @@ def plan(args: argparse.Namespace, program: list[str]) -> NodePlan:
     wanted = {"OMP_NUM_THREADS": str(threads)}
     variables, notes = plan_variables(wanted, f"{available_cpus()} cores / {args.nproc} ranks")
     if args.nnodes > 1:
-        more, more_notes = plan_variables({name: route.interface for name in SOCKET_IFNAME_VARIABLES},
+        more, more_notes = plan_variables({"GLOO_SOCKET_IFNAME": route.interface},
                                           f"the route to the master {route.describe()}")
         variables.update(more)
-        notes += more_notes
+        notes += [*more_notes, nccl_interface_line(environment_value("NCCL_SOCKET_IFNAME"), route.interface)]
     return NodePlan(torchrun_command(args, program, route), variables, notes, route)
 
 
