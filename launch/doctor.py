@@ -24,6 +24,7 @@ from ddp.backend import choose_backend, choose_device, probe_devices
 from ddp.config import Backend, Parallel
 from ddp.environment import ClusterEnv, SlurmEnv, available_cpus, detect_environment, hostname, slurm_interactive
 from ddp.errors import DDPError
+from ddp.memory.nvml import cuda_handle, nvml_session, uuid_of
 from ddp.network import NetworkError, interfaces, route_to
 from launch.selftest import all_reduce_selftest
 
@@ -38,26 +39,33 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def gpus() -> list[dict[str, Any]]:
-    """One entry per GPU from NVML (name, memory total/used MiB, other processes); [] without a driver."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no driver, no library: no GPUs to describe
-        return []
-    try:
+    """One entry per GPU from NVML (name, memory total/used MiB, other processes) with the CUDA index
+    it has in this process (None: hidden by CUDA_VISIBLE_DEVICES, or no CUDA in torch); [] without
+    a driver. NVML numbers every GPU of the machine, CUDA only the visible ones (``ddp.memory.nvml``)."""
+    with nvml_session() as nvml:
+        if nvml is None:
+            return []
+        cuda_index: dict[str, int] = {}
+        for index in range(torch.cuda.device_count()):
+            handle = cuda_handle(nvml, index)
+            uuid = uuid_of(nvml, handle) if handle is not None else None
+            if uuid is not None:
+                cuda_index.setdefault(uuid, index)
         found = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-            found.append({"index": index, "name": name.decode() if isinstance(name, bytes) else name,
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            name = nvml.nvmlDeviceGetName(handle)
+            procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            found.append({"index": index, "cuda_index": cuda_index.get(uuid_of(nvml, handle) or ""),
+                          "name": name.decode() if isinstance(name, bytes) else name,
                           "memory_total_mib": memory.total // 2**20, "memory_used_mib": memory.used // 2**20,
                           "processes": [p.pid for p in procs]})
         return found
-    finally:
-        pynvml.nvmlShutdown()
+
+
+def _cuda_name(index: int | None) -> str:
+    return "not visible to this process" if index is None else f"cuda:{index} here"
 
 
 def versions() -> dict[str, Any]:
@@ -131,8 +139,9 @@ def human(report: dict[str, Any]) -> list[str]:
              f"backend (auto): {report['backend']}; device: {report['device']}",
              f"cuda: {'available' if report['cuda']['available'] else 'not available'}, "
              f"{report['cuda']['count']} device(s)"]
-    lines += [f"gpu {g['index']}: {g['name']}, {g['memory_used_mib']}/{g['memory_total_mib']} MiB used, "
-              f"processes {g['processes'] or 'none'}" for g in report["gpus"]]
+    lines += [f"gpu {g['index']} ({_cuda_name(g['cuda_index'])}): {g['name']}, "
+              f"{g['memory_used_mib']}/{g['memory_total_mib']} MiB used, processes {g['processes'] or 'none'}"
+              for g in report["gpus"]]
     lines += [f"cpus: {report['cpu']['usable']} usable, {report['cpu']['threads_per_rank']} threads per rank; "
               f"RAM {report['memory']['available_mib']}/{report['memory']['total_mib']} MiB available",
               f"torch {v['torch']} (python {v['python']}, cuda {v['cuda']}, nccl {v['nccl']}): "

@@ -73,6 +73,7 @@ def test_cuda_reader_through_fakes(monkeypatch):
     nvml = FakeNvml(nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: i,
                     nvmlDeviceGetMemoryInfo=lambda handle: info)
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # CUDA index 0 is NVML index 0
     reader = CudaReader(torch.device("cuda", 0))
     assert reader.room() == 7 * 2**30  # free + cached by us but unallocated
     reader.start()

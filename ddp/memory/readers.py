@@ -6,7 +6,9 @@ One small interface, two devices:
                 after it (exact bytes of live tensors, so readings barely vary between runs);
                 the room is ``mem_get_info``'s free bytes (other processes already subtracted)
                 plus blocks PyTorch has cached but not handed out; NVML (nvidia-ml-py) adds the
-                device's total and used memory, all processes included, for the table.
+                device's total and used memory, all processes included, for the table (the same
+                GPU, found by UUID: ``CUDA_VISIBLE_DEVICES`` renumbers GPUs for CUDA, not for NVML;
+                see ``ddp.memory.nvml``).
 ``CpuReader``   host RAM. ``getrusage().ru_maxrss`` cannot be used per trial: it is the process's
                 high-water mark since it started and never goes down, so after one large trial
                 every later, smaller trial reads the same number. On Linux we reset the kernel's
@@ -46,6 +48,8 @@ from typing import Protocol
 
 import psutil
 import torch
+
+from ddp.memory.nvml import memory_usage
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -108,33 +112,20 @@ class CudaReader:
 
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device)
-        usage = nvml_usage(self.device.index if self.device.index is not None else torch.cuda.current_device())
+        usage = memory_usage(self._index())
         return f"{name} ({usage[1] / 2**30:.0f} GiB)" if usage else name
 
     def usage_line(self) -> str:
         """Total and used memory of the device, every process included (NVML), or ''."""
-        usage = nvml_usage(self.device.index if self.device.index is not None else torch.cuda.current_device())
+        usage = memory_usage(self._index())
         if usage is None:
             return ""
         used, total = usage
         return f"{self.describe()}: {used / 2**20:,.0f} of {total / 2**20:,.0f} MiB used by all processes"
 
-
-def nvml_usage(index: int) -> tuple[int, int] | None:
-    """(used, total) bytes of GPU ``index`` through NVML, all processes included; None without NVML."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no driver or library: nothing to add
-        return None
-    try:
-        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
-        return int(info.used), int(info.total)
-    except Exception:  # noqa: BLE001 - e.g. an index NVML does not see (CUDA_VISIBLE_DEVICES remaps)
-        return None
-    finally:
-        pynvml.nvmlShutdown()
+    def _index(self) -> int:
+        """This device's CUDA index (NVML is asked for the same GPU, ``ddp.memory.nvml``)."""
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
 
 class CpuReader:
