@@ -61,21 +61,42 @@ class MemoryLoader:
 def choose_loader(kind: LoaderKind, splits: Splits, device: torch.device, limit_mb: int) -> bool:
     """True for the in-memory path. ``auto`` takes it when the materialised tensors fit both
     ``data.memory_limit_mb`` and half of the device's free memory."""
+    memory, why_not = _choice(kind, splits, device, limit_mb)
+    if why_not:
+        log.info("%s", why_not)
+    return memory
+
+
+def data_on_device(kind: LoaderKind, splits: Splits, device: torch.device, limit_mb: int) -> int:
+    """Bytes the in-memory path will keep on ``device`` (``device_bytes``), 0 where the DataLoader
+    is chosen: what ``data.batch_size=auto`` takes off the memory budget (``ddp.memory``). Asked
+    before the model is on the device: where ``auto`` says DataLoader then, it says so later too
+    (less is free); where it changes its mind the other way, the budget was only smaller than it
+    had to be. Not collective."""
+    return device_bytes(splits) if _choice(kind, splits, device, limit_mb)[0] else 0
+
+
+def device_bytes(splits: Splits) -> int:
+    """The train and test tensors as materialised: float32 inputs and int64 targets."""
+    return splits.tensor_bytes + (len(splits.train) + len(splits.test)) * 8  # type: ignore[arg-type]
+
+
+def _choice(kind: LoaderKind, splits: Splits, device: torch.device, limit_mb: int) -> tuple[bool, str]:
+    """(in-memory path?, why auto did not take it: '' otherwise)."""
     if kind == LoaderKind.dataloader:
-        return False
+        return False, ""
     if splits.materialise is None:
         if kind == LoaderKind.memory:
             raise ConfigError("data.loader=memory: this dataset cannot be materialised as tensors.",
                               "use data.loader=dataloader or auto")
-        return False
+        return False, ""
     needed = splits.tensor_bytes
     if kind == LoaderKind.memory:
-        return True
-    fits = needed <= limit_mb * 2**20 and needed <= free_memory(device) // 2
-    if not fits:
-        log.info("data.loader=auto: %.0f MiB of tensors is too big for the in-memory path; using DataLoader",
-                 needed / 2**20)
-    return fits
+        return True, ""
+    if needed <= limit_mb * 2**20 and needed <= free_memory(device) // 2:
+        return True, ""
+    return False, (f"data.loader=auto: {needed / 2**20:.0f} MiB of tensors is too big for the in-memory path; "
+                   "using DataLoader")
 
 
 def free_memory(device: torch.device) -> int:

@@ -193,3 +193,167 @@ def test_doctor_says_which_cuda_index_each_gpu_has_here(nvml, monkeypatch):
     found = doctor.gpus()
     assert [(g["index"], g["cuda_index"], g["memory_used_mib"]) for g in found] == \
         [(0, None, 1024), (1, 1, 2048), (2, None, 3072), (3, 0, 4096)]
+
+
+# ---------------------------------------------------------------- the data kept on the device (item 8)
+
+def _auto(*overrides: str):
+    return load_recipe(None, ["data.batch_size=auto", *overrides])
+
+
+def _digits():
+    from ddp.config import DataConfig
+    from ddp.datasets import load_digits
+
+    return load_digits(DataConfig())
+
+
+def test_check_budget_counts_the_dataset_the_memory_loader_keeps_on_the_device():
+    """digits_cnn's state (1.7 MB) fits 2 MB; with the 0.45 MB of digits kept there it does not."""
+    from ddp.errors import MemoryBudgetError
+    from ddp.memory.resolve import check_budget
+
+    digits, cpu = _digits(), torch.device("cpu")
+    check_budget(_auto("memory.budget_mb=2", "data.loader=dataloader"), SingleProcessEnv(), digits, cpu)
+    with pytest.raises(MemoryBudgetError) as info:
+        check_budget(_auto("memory.budget_mb=2", "data.loader=memory"), SingleProcessEnv(), digits, cpu)
+    assert "the model needs 2.2 MB before any activation per rank (parameters 0.6 + gradients 0.6 + optimizer 0.6 " \
+           "+ data on device 0.5 MB), more than the memory budget of 2.0 MB" in str(info.value)
+
+
+@pytest.fixture
+def gpu_with_free(monkeypatch):
+    """A CUDA device with ``free`` bytes free and nothing allocated by us (torch.cuda's answers)."""
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    return free
+
+
+def test_on_a_gpu_auto_loader_data_counts_only_where_the_memory_path_is_taken(gpu_with_free):
+    """1.7 MB free: 90% of it (plus the parameters) holds the model state, not state + data. The
+    auto loader takes the in-memory path there (the data fits half the free memory): refused."""
+    from ddp.errors import MemoryBudgetError
+    from ddp.memory.resolve import check_budget
+
+    digits, gpu = _digits(), torch.device("cuda", 0)
+    gpu_with_free["bytes"] = int(1.7 * MB)
+    check_budget(_auto("data.loader=dataloader"), SingleProcessEnv(), digits, gpu)
+    with pytest.raises(MemoryBudgetError, match="data on device 0.5 MB"):
+        check_budget(_auto("data.loader=auto"), SingleProcessEnv(), digits, gpu)
+
+
+def _mnist_like(train: int = 4000, test: int = 1000):
+    """MNIST's layout: uint8 images that ``materialise`` turns into new float32 tensors (15.0
+    MB here), so the in-memory path adds them to what each rank holds."""
+    from torch.utils.data import TensorDataset
+
+    from ddp.datasets import Splits, Tensors
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (train + test, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (train + test,), generator=generator)
+    splits = TensorDataset(images[:train], labels[:train]), TensorDataset(images[train:], labels[train:])
+
+    def materialise() -> Tensors:
+        return Tensors(*(t.float() / 255 if t.dtype == torch.uint8 else t for d in splits for t in d.tensors))
+
+    return Splits(*splits, (1, 28, 28), 10, in_memory=False, materialise=materialise)
+
+
+def test_on_the_cpu_each_rank_on_a_host_counts_its_own_copy_of_the_data(monkeypatch):
+    """30 MB of RAM available: one rank's budget holds mnist_mlp and the 15.0 MB of data; with two
+    ranks on the host each gets 15 MB, and its own copy of the data no longer fits beside the model."""
+    import types
+
+    from ddp.environment import ClusterEnv
+    from ddp.errors import MemoryBudgetError
+    from ddp.memory.resolve import check_budget
+
+    from ddp.memory_loader import device_bytes
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=30 * MB, total=64 * 2**30))
+    recipe, data, cpu = _auto("model.name=mnist_mlp", "data.loader=memory"), _mnist_like(), torch.device("cpu")
+    materialised = [t for t in vars(data.materialise()).values() if isinstance(t, torch.Tensor)]
+    assert device_bytes(data) == sum(t.nbytes for t in materialised)  # what the loader will put on the device
+    check_budget(recipe, ClusterEnv(), data, cpu)
+    with pytest.raises(MemoryBudgetError, match=r"data on device 15\.0 MB"):
+        check_budget(recipe, ClusterEnv(world_size=2, local_world_size=2), data, cpu)
+
+
+def test_the_probe_table_says_how_much_data_is_on_the_device():
+    from ddp.memory.resolve import probe_recipe, table_lines
+
+    recipe = _auto("memory.budget_mb=40", "data.loader=memory")
+    probe = probe_recipe(recipe, _digits(), torch.device("cpu"), 1, ["train"])
+    report = probe.to_json()
+    assert report["estimate_mb"]["data_on_device"] == pytest.approx(474_408 / MB, abs=1e-4)  # 1,797 × (8×8×4 + 8)
+    state = report["probes"]["train"]["state_mb"]
+    assert state == pytest.approx(probe.estimate.state / MB, abs=0.01)
+    assert all(row["peak_mb"] <= 40 for row in report["probes"]["train"]["table"] if row["result"] == "fits")
+    assert ", data on device 0.5 MB" in table_lines({"source": "probe", **report})[1]
+
+
+# ---------------------------------------------------------------- a model given as an instance (item 10)
+
+class Wide(torch.nn.Module):
+    """An MLP for 8×8 digits whose defaults build a much larger model than the instances below."""
+
+    def __init__(self, width: int = 2048) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.ReLU(),
+                                        torch.nn.Linear(width, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class NeedsWidth(Wide):
+    def __init__(self, width: int) -> None:  # no default: the class alone cannot be built
+        super().__init__(width)
+
+
+def _fit_auto(tmp_path, model):
+    import ddp
+
+    return ddp.fit(None, model=model, data__batch_size="auto", memory__budget_mb=40,
+                   memory__cache=str(tmp_path / "cache.json"), run__dir=str(tmp_path / "run"), train__epochs=1,
+                   train__max_steps=3, log__tensorboard=False, log__progress=False)
+
+
+def _sized(run_dir) -> tuple[float, str]:
+    """(parameters MB, architecture digest) of the model the probe sized, from memory_probe.json."""
+    import json
+
+    rank0 = json.loads((run_dir / "memory_probe.json").read_text())["ranks"][0]
+    return rank0["estimate_mb"]["parameters"], json.loads(rank0["cache_key"])["model"].split("@")[1]
+
+
+def _expected(model) -> tuple[float, str]:
+    import hashlib
+
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return round(size / MB, 4), hashlib.sha1(str(model).encode()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("model", [Wide(width=6), NeedsWidth(width=6)], ids=["defaults", "required-argument"])
+def test_fit_with_auto_sizes_the_model_instance_it_was_given(tmp_path, monkeypatch, model):
+    """Not ``Wide()`` (153,610 parameters) rebuilt from the class path: the given 460-parameter model."""
+    monkeypatch.chdir(tmp_path)
+    result = _fit_auto(tmp_path, model)
+    assert result.exit_code == 0
+    assert _sized(result.run_dir) == _expected(model)
+    assert all(torch.equal(v, result.state_dict[k]) for k, v in model.state_dict().items())  # it trained the instance
+
+
+def test_check_budget_estimates_the_model_it_is_given():
+    """Where the session passes its model, the check before the group is exact too: the 5 kB of
+    state of Wide(6) fit 1 MB; the 1.8 MB of Wide()'s default build would not."""
+    from ddp.errors import MemoryBudgetError
+    from ddp.memory.resolve import check_budget
+
+    recipe = _auto("memory.budget_mb=1", "data.loader=dataloader", f"model.name={__name__}:Wide")
+    check_budget(recipe, SingleProcessEnv(), _digits(), torch.device("cpu"), model=Wide(6))
+    with pytest.raises(MemoryBudgetError):
+        check_budget(recipe, SingleProcessEnv(), _digits(), torch.device("cpu"))

@@ -291,7 +291,9 @@ def test_probe_cli_prints_estimate_and_tables_and_writes_nothing(tmp_path):
 def test_probe_cli_budget_too_small_is_one_line_exit_2(tmp_path):
     done = run_cli(["-m", "ddp.probe", "memory.budget_mb=1"], cwd=tmp_path, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()]
-    assert done.stderr.startswith("error: data.batch_size=auto: the model needs 1.7 MB before any activation")
+    # digits on the CPU take the in-memory path (data.loader=auto): the 0.5 MB of data count too
+    assert done.stderr.startswith("error: data.batch_size=auto: the model needs 2.2 MB before any activation")
+    assert "+ data on device 0.5 MB)" in done.stderr
     assert "HINT:" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -304,7 +306,7 @@ def test_batchnorm_models_start_at_batch_2():
 def test_train_refuses_a_budget_below_the_model_state_before_any_file(tmp_path):
     done = run_cli(["-m", "ddp.train", "data.batch_size=auto", "memory.budget_mb=1"], cwd=tmp_path, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()]
-    assert done.stderr.startswith("error: data.batch_size=auto: the model needs 1.7 MB before any activation per rank "
-                                  "(parameters 0.6 + gradients 0.6 + optimizer 0.6 MB), more than the memory budget "
-                                  "of 1.0 MB. HINT:")
+    assert done.stderr.startswith("error: data.batch_size=auto: the model needs 2.2 MB before any activation per rank "
+                                  "(parameters 0.6 + gradients 0.6 + optimizer 0.6 + data on device 0.5 MB), more "
+                                  "than the memory budget of 1.0 MB. HINT:")
     assert not (tmp_path / "runs").exists()

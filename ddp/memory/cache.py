@@ -2,8 +2,8 @@
 
 One small JSON file (``memory.cache``, default ``runs/.probe_cache.json``) maps a key made of the
 device model, the model's architecture (name and a hash of its module tree), the input shape,
-the parameter dtype, the optimizer and the world size to the agreed sizes, the memory they need
-and the budget they were found under. An entry is reused only when its need still fits today's
+the parameter dtype, the optimizer, the world size and the bytes of data kept on the device to the
+agreed sizes, the memory they need and the budget they were found under. An entry is reused only when its need still fits today's
 budget and today's budget is not more than 10% larger (then a new probe could find more).
 Only rank 0 writes, atomically.
 """
@@ -23,10 +23,11 @@ GROWTH = 1.10  # reprobe when the budget grew by more than this since the entry 
 
 
 def cache_key(device: str, model_name: str, architecture: str, shape: tuple[int, ...], dtype: str, optimizer: str,
-              world: int) -> str:
+              world: int, data_on_device: int = 0) -> str:
+    """``data_on_device``: bytes the in-memory loader keeps on the device (part of what a pick needs)."""
     digest = hashlib.sha1(architecture.encode()).hexdigest()[:12]
     return json.dumps({"device": device, "model": f"{model_name}@{digest}", "input": list(shape), "dtype": dtype,
-                       "optimizer": optimizer, "world": world}, sort_keys=True)
+                       "optimizer": optimizer, "world": world, "data_on_device": data_on_device}, sort_keys=True)
 
 
 def lookup(path: Path | None, key: str, kinds: list[str], budget_mb: float) -> dict[str, int] | None:

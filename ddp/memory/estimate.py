@@ -8,6 +8,9 @@ For P trainable parameters stored in dtype d (bytes(d) each):
                    (exp_avg, exp_avg_sq), each P × bytes(d), or P × 4 when d is lower than fp32
     master copy    P × 4 when d is lower than fp32 (mixed precision keeps fp32 weights to step on)
     DDP buckets    P × bytes(d) under DDP with more than one rank (its flat gradient buckets)
+    data on device the train and test tensors the in-memory loader (data.loader=memory, or auto
+                   when it fits) keeps on the training device: float32 inputs, int64 targets; each
+                   rank holds its own copy, on a GPU or in host RAM
     activations    measured: bytes per sample (the probe's fitted slope) × batch, plus the fixed
                    part of a step (the fitted intercept: workspaces, loss, allocator rounding)
 
@@ -44,11 +47,12 @@ class Estimate:
     ddp_buckets: int
     per_sample: float | None = None
     fixed: float | None = None
+    data_on_device: int = 0  # the dataset the in-memory loader keeps on this rank's device
 
     @property
     def state(self) -> int:
-        """Everything held before the first activation."""
-        return self.parameters + self.gradients + self.optimizer + self.master + self.ddp_buckets
+        """Everything held before the first activation (the data kept on the device included)."""
+        return self.parameters + self.gradients + self.optimizer + self.master + self.ddp_buckets + self.data_on_device
 
     def total(self, batch: int) -> float:
         return self.state + (self.fixed or 0.0) + (self.per_sample or 0.0) * batch
@@ -64,6 +68,8 @@ class Estimate:
             rows.append(("fp32 master copy", _mb(self.master)))
         if self.ddp_buckets:
             rows.append(("DDP gradient buckets", _mb(self.ddp_buckets)))
+        if self.data_on_device:
+            rows.append(("data on device (in-memory loader)", _mb(self.data_on_device)))
         if self.per_sample is not None:
             rows.append(("activations per sample (measured)", f"{self.per_sample / MB:,.3f}"))
             rows.append(("fixed per step (measured)", _mb(self.fixed or 0.0)))

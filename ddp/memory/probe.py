@@ -40,8 +40,8 @@ class ProbeResult:
 
     kind: str
     pick: int
-    budget: float  # total bytes for the model's training (parameters ... activations)
-    state: float  # held before the first activation (measured, plus DDP buckets)
+    budget: float  # total bytes for the training (parameters ... activations, and the data on the device)
+    state: float  # held before the first activation (measured, plus DDP buckets and the data on the device)
     search: Search
     seconds: float
 
@@ -214,7 +214,7 @@ def probe_model(model: nn.Module, optimizer: torch.optim.Optimizer, sample_shape
     with restored(model, optimizer):
         bench = TrialBench(model, optimizer, tuple(sample_shape), classes, reader)
         bench.prime()
-        state = bench.state_bytes + estimate.ddp_buckets
+        state = bench.state_bytes + estimate.ddp_buckets + estimate.data_on_device
         for kind, limit in limits.items():
             started = time.perf_counter()
             step = bench.train_step if kind == "train" else bench.eval_step
@@ -252,6 +252,8 @@ def budget_error(estimate: Estimate, budget: float, activations: float | None, k
         parts.append(f"fp32 master copy {estimate.master / MB:,.1f}")
     if estimate.ddp_buckets:
         parts.append(f"DDP buckets {estimate.ddp_buckets / MB:,.1f}")
+    if estimate.data_on_device:
+        parts.append(f"data on device {estimate.data_on_device / MB:,.1f}")
     if activations is None:
         what = f"and ran out of memory at batch {batch}" if tried else "before any activation"
         needs = f"{estimate.state / MB:,.1f} MB {what}"
@@ -262,4 +264,5 @@ def budget_error(estimate: Estimate, budget: float, activations: float | None, k
         f"{key}=auto: the model needs {needs} per rank ({' + '.join(parts)} MB), more than the memory "
         f"budget of {budget / MB:,.1f} MB.",
         "raise memory.budget_mb or memory.fraction, free memory on the device, or use a smaller model "
-        "(optim.name=sgd keeps less optimizer state than adam)")
+        "(optim.name=sgd keeps less optimizer state than adam)"
+        + ("; data.loader=dataloader keeps the data off the device" if estimate.data_on_device else ""))

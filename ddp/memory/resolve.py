@@ -1,14 +1,18 @@
 """``data.batch_size: auto`` → one integer every rank agrees on, before any loader is built.
 
 In order: a resumed run keeps the sizes its checkpoint was trained with; else a cache entry for
-the same device, model, input, dtype, optimizer and world size is reused when it still fits;
-else each rank probes its own device (``probe_recipe``). Then one collective settles the sizes
-(``agree``), rank 0 logs the table, writes ``memory_probe.json`` in the run dir and updates the
-cache. The returned recipe holds integers, so recipe.yaml and every checkpoint record them.
+the same device, model, input, dtype, optimizer, world size and data on the device is reused when
+it still fits; else each rank probes its own device (``probe_recipe``) on a copy of the very model
+the run will train. The budget holds the model's state and activations and the data the in-memory
+loader (``data.loader``) will keep on the device, which each rank holds a copy of. Then one
+collective settles the sizes (``agree``), rank 0 logs the table, writes ``memory_probe.json`` in the
+run dir and updates the cache (a failure there is raised on every rank). The returned recipe holds
+integers, so recipe.yaml and every checkpoint record them.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -24,12 +28,13 @@ from ddp import comm
 from ddp.atomic import write_text_atomic
 from ddp.config import Parallel, Recipe, is_auto
 from ddp.datasets import Splits
-from ddp.errors import DDPError
+from ddp.errors import ConfigError, DDPError
 from ddp.memory import cache
 from ddp.memory.agree import agree
 from ddp.memory.estimate import MB, Estimate, estimate_state
 from ddp.memory.probe import ProbeResult, budget_error, probe_model
 from ddp.memory.readers import MemoryReader, reader_for
+from ddp.memory_loader import data_on_device
 from ddp.components import build_model as build_recipe_model
 from ddp.optim import build_optimizer
 from ddp.rng import capture_rng, restore_rng
@@ -67,8 +72,9 @@ def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any, check
 
     ``checkpoint``: the file this run resumes from, as ``ddp.lifecycle`` decided (None: a fresh start).
 
-    ``env``: the ClusterEnv; ``plan``: the session's Plan (splits, device); ``run_dir``: the
-    RunDir (files go under its ``root``)."""
+    ``env``: the ClusterEnv; ``plan``: the session's Plan (splits, device, and the model ``prepare``
+    built: the probe sizes a copy of exactly that model); ``run_dir``: the RunDir (files go under
+    its ``root``)."""
     kinds = auto_kinds(recipe)
     if not kinds:
         return recipe
@@ -79,7 +85,7 @@ def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any, check
         source = "checkpoint"
         if sizes is None:
             sizes, report, source = _probe_or_cache(recipe, plan.splits, plan.device, world, kinds,
-                                                    env.local_world_size)
+                                                    env.local_world_size, plan.model)
     except Exception as err:  # noqa: BLE001 - every rank must hear about it (see agree)
         error = err
     agreed, reports = agree(sizes, error, {"source": source, **report})
@@ -88,35 +94,44 @@ def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any, check
     return dataclasses.replace(recipe, data=data)
 
 
-def check_budget(recipe: Recipe, env: Any, splits: Splits, device: torch.device) -> None:
+def check_budget(recipe: Recipe, env: Any, splits: Splits, device: torch.device,
+                 model: torch.nn.Module | None = None) -> None:
     """Not collective. Refuse an ``auto`` batch size whose budget cannot even hold the parameters,
-    gradients and optimizer state (``MemoryBudgetError``), before any process group or file."""
+    gradients, optimizer state and the data the in-memory loader keeps on the device
+    (``MemoryBudgetError``), before any process group or file.
+
+    ``model``: the model ``prepare`` built (exactly what will train). Without it the recipe's model
+    is rebuilt; where the recipe cannot rebuild it (a model given to ``ddp.fit`` as an instance
+    whose class needs arguments) the check is left to the probe, which makes it on a copy of the
+    exact model before any trial step."""
     if not auto_kinds(recipe):
         return
-    rng = capture_rng()
-    try:
-        model = _throwaway_model(recipe, splits)
-    finally:
-        restore_rng(rng)
-    ddp_ranks = env.world_size if recipe.dist.parallel == Parallel.ddp else 1
-    estimate = estimate_state(model, recipe.optim.name.value, recipe.optim.momentum, torch.float32, ddp_ranks)
-    budget = _budget(recipe, reader_for(device, env.local_world_size), estimate.parameters)
+    if model is None:
+        try:
+            model = _rebuilt(recipe, splits)
+        except ConfigError as err:
+            log.debug("data.batch_size=auto: no budget check before the group (%s); the probe checks", err)
+            return
+    estimate = _estimate(recipe, model, env.world_size, _data_on_device(recipe, splits, device))
+    budget = _budget(recipe, reader_for(device, env.local_world_size), estimate, splits)
     if estimate.state > budget:
         raise budget_error(estimate, budget, None)
 
 
 def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: int, kinds: list[str],
-                 reader: MemoryReader | None = None, ranks_on_host: int = 1) -> RecipeProbe:
-    """Probe ``kinds`` for this recipe on this rank, on a throwaway model and optimizer (so the
-    training model is never touched). Not collective. Raises ``MemoryBudgetError``."""
+                 reader: MemoryReader | None = None, ranks_on_host: int = 1,
+                 model: torch.nn.Module | None = None) -> RecipeProbe:
+    """Probe ``kinds`` for this recipe on this rank, on a throwaway copy of ``model`` (the model the
+    run will train; None: a fresh build of the recipe's model) and a throwaway optimizer, so the
+    training model is never touched. Not collective. Raises ``MemoryBudgetError``."""
     reader = reader or reader_for(device, ranks_on_host)
+    data = _data_on_device(recipe, splits, device)  # asked before the copy takes device memory
     rng = capture_rng()
     try:
-        model = _throwaway_model(recipe, splits).to(device)
+        model = _throwaway_model(recipe, splits, model).to(device)
         optimizer = build_optimizer(model, recipe.optim)
-        ddp_ranks = world if recipe.dist.parallel == Parallel.ddp else 1
-        estimate = estimate_state(model, recipe.optim.name.value, recipe.optim.momentum, torch.float32, ddp_ranks)
-        budget = _budget(recipe, reader, estimate.parameters)
+        estimate = _estimate(recipe, model, world, data)
+        budget = _budget(recipe, reader, estimate, splits)
         limits = {"train": _shard(len(splits.train), world), "eval": _shard(len(splits.test), world)}
         results = probe_model(model, optimizer, splits.shape, splits.classes, reader, budget,
                               {kind: limits[kind] for kind in kinds}, estimate)
@@ -127,17 +142,56 @@ def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: in
         restore_rng(rng)
 
 
-def _throwaway_model(recipe: Recipe, splits: Splits) -> torch.nn.Module:
-    """A fresh copy of the recipe's model (built-in or your own, ``ddp.components``) to size."""
-    return build_recipe_model(recipe.model, splits)
+def _throwaway_model(recipe: Recipe, splits: Splits, model: torch.nn.Module | None) -> torch.nn.Module:
+    """What the probe sizes: a deep copy of ``model``, so exactly the model this run trains (one
+    given to ``ddp.fit`` as an instance is never rebuilt from its class, which could need arguments
+    or build another architecture); without one (``python -m ddp.probe``), the recipe's model."""
+    if model is None:
+        return _rebuilt(recipe, splits)
+    try:
+        return copy.deepcopy(model)
+    except Exception as err:  # noqa: BLE001 - the user's module decides what copying does
+        raise DDPError(f"data.batch_size=auto: the memory probe sizes a copy of the model, and copy.deepcopy of "
+                       f"{type(model).__name__} failed: {type(err).__name__}: {err}",
+                       "make the model deep-copyable, or give data.batch_size and data.eval_batch_size as numbers"
+                       ) from None
 
 
-def _budget(recipe: Recipe, reader: MemoryReader, resident: int) -> float:
-    """memory.budget_mb, or memory.fraction of what the model may use: free memory plus its own
-    parameters (already allocated when this is read)."""
+def _rebuilt(recipe: Recipe, splits: Splits) -> torch.nn.Module:
+    """A fresh build of the recipe's model (built-in or your own, ``ddp.components``); the random
+    generators are left as they were."""
+    rng = capture_rng()
+    try:
+        return build_recipe_model(recipe.model, splits)
+    finally:
+        restore_rng(rng)
+
+
+def _data_on_device(recipe: Recipe, splits: Splits, device: torch.device) -> int:
+    """Bytes of data the loader this recipe gets will keep on ``device`` (0 for the DataLoader);
+    each rank holds its own copy (``ddp.memory_loader.data_on_device``)."""
+    return data_on_device(recipe.data.loader, splits, device, recipe.data.memory_limit_mb)
+
+
+def _estimate(recipe: Recipe, model: torch.nn.Module, world: int, data: int) -> Estimate:
+    """The analytic table for ``model`` under this recipe, with ``data`` bytes kept on the device."""
+    ddp_ranks = world if recipe.dist.parallel == Parallel.ddp else 1
+    estimate = estimate_state(model, recipe.optim.name.value, recipe.optim.momentum, torch.float32, ddp_ranks)
+    estimate.data_on_device = data
+    return estimate
+
+
+def _budget(recipe: Recipe, reader: MemoryReader, estimate: Estimate, splits: Splits) -> float:
+    """memory.budget_mb, or memory.fraction of what this rank may use: its free memory (on the CPU,
+    its share of the host's) plus what it holds already: its parameters (allocated when this is
+    read) and, on the CPU, data that is tensors already (the in-memory loader keeps those very
+    tensors, no copy). The data on the device is part of ``estimate.state``, so it comes off this."""
     if recipe.memory.budget_mb > 0:
         return float(recipe.memory.budget_mb * MB)
-    return recipe.memory.fraction * (reader.room() + resident)
+    held = estimate.parameters
+    if reader.device.type == "cpu" and splits.in_memory:
+        held += estimate.data_on_device
+    return recipe.memory.fraction * (reader.room() + held)
 
 
 def _shard(count: int, world: int) -> int:
@@ -151,25 +205,27 @@ def _usage(reader: MemoryReader) -> str:
 
 
 def _probe_or_cache(recipe: Recipe, splits: Splits, device: torch.device, world: int, kinds: list[str],
-                    ranks_on_host: int) -> tuple[dict[str, int], dict[str, Any], str]:
+                    ranks_on_host: int, model: torch.nn.Module | None
+                    ) -> tuple[dict[str, int], dict[str, Any], str]:
     reader = reader_for(device, ranks_on_host)
     path = Path(recipe.memory.cache) if recipe.memory.cache else None
-    architecture = _throwaway_model(recipe, splits)  # on the CPU, for the key
-    key = _key(recipe, splits, reader, world, str(architecture))
-    budget_mb = _budget(recipe, reader, sum(p.numel() * 4 for p in architecture.parameters())) / MB
+    architecture = model if model is not None else _rebuilt(recipe, splits)  # for the key, not copied
+    estimate = _estimate(recipe, architecture, world, _data_on_device(recipe, splits, device))
+    key = _key(recipe, splits, reader, world, str(architecture), estimate.data_on_device)
+    budget_mb = _budget(recipe, reader, estimate, splits) / MB
     del architecture
     cached = cache.lookup(path, key, kinds, budget_mb)
     if cached is not None:
         return cached, {"cache_key": key, "budget_mb": round(budget_mb, 2)}, "cache"
-    probe = probe_recipe(recipe, splits, device, world, kinds, reader)
+    probe = probe_recipe(recipe, splits, device, world, kinds, reader, model=model)
     return {kind: r.pick for kind, r in probe.results.items()}, {"cache_key": key, **probe.to_json()}, "probe"
 
 
-def _key(recipe: Recipe, splits: Splits, reader: MemoryReader, world: int, architecture: str) -> str:
+def _key(recipe: Recipe, splits: Splits, reader: MemoryReader, world: int, architecture: str, data: int) -> str:
     optimizer = recipe.optim.name.value + ("+momentum" if recipe.optim.name.value == "sgd" and recipe.optim.momentum
                                            else "")
     return cache.cache_key(reader.describe(), recipe.model.name, architecture, tuple(splits.shape), "float32",
-                           optimizer, world)
+                           optimizer, world, data)
 
 
 def _from_checkpoint(kinds: list[str], path: Path | None) -> dict[str, int] | None:
@@ -242,7 +298,8 @@ def table_lines(report: dict[str, Any], agreed: dict[str, int] | None = None) ->
              + (f" ({report['usage']})" if report.get("usage") else "")]
     est = report["estimate_mb"]
     parts = [("parameters", est["parameters"]), ("gradients", est["gradients"]), ("optimizer", est["optimizer"]),
-             ("fp32 master", est["master"]), ("DDP buckets", est["ddp_buckets"])]
+             ("fp32 master", est["master"]), ("DDP buckets", est["ddp_buckets"]),
+             ("data on device", est.get("data_on_device"))]
     lines.append("  estimate: " + ", ".join(f"{name} {mb:,.1f} MB" for name, mb in parts if mb)
                  + (f", activations {est['per_sample']:,.3f} MB/sample + {est['fixed']:,.1f} MB per step (measured)"
                     if est.get("per_sample") is not None else ""))
