@@ -28,7 +28,7 @@ def test_save_verify_load_round_trip(tmp_path):
     manifest = files.save(tmp_path, _payload(2.0), step=7, epoch=1, metric=0.5)
     path = tmp_path / "step-00000007.pt"
     assert files.verify(path) == manifest and manifest.bytes == path.stat().st_size
-    assert torch.equal(files.load(path, torch.device("cpu"))["model"]["w"], torch.full((4, 4), 2.0))
+    assert torch.equal(files.load(path)["model"]["w"], torch.full((4, 4), 2.0))
     assert files.read_pointer(tmp_path, "latest") == "step-00000007.pt"
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -65,7 +65,7 @@ def test_a_pickled_object_is_refused_without_running_it(tmp_path):
     path = tmp_path / "step-00000001.pt"
     files.verify(path)
     with pytest.raises(CheckpointError, match="cannot be loaded safely: it holds a pickled") as info:
-        files.load(path, torch.device("cpu"))
+        files.load(path)
     assert not marker.exists()
     assert "\n" not in str(info.value)
 
@@ -148,4 +148,4 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_in_charge(tmp_path)
     assert files.read_pointer(tmp_path, "latest") == "step-00000001.pt"
     chosen = newest_valid(tmp_path)  # what train.resume=auto resumes from
     assert chosen == tmp_path / "step-00000001.pt"
-    assert torch.equal(files.load(chosen, torch.device("cpu"))["model"]["w"], torch.ones(8))
+    assert torch.equal(files.load(chosen)["model"]["w"], torch.ones(8))

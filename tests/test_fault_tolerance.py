@@ -55,7 +55,7 @@ def _worker(launcher_pid: int, rank: int) -> psutil.Process:
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     latest = files.read_pointer(run_dir / "checkpoints", "latest")
-    return files.load(run_dir / "checkpoints" / latest, torch.device("cpu"))["model"]
+    return files.load(run_dir / "checkpoints" / latest)["model"]
 
 
 @pytest.fixture(scope="module")

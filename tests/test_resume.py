@@ -217,7 +217,7 @@ def test_resume_accepts_state_dicts_saved_with_wrapper_prefixes(tmp_path):
     first = execute(_recipe(tmp_path, "train.epochs=1"), SingleProcessEnv())
     directory = first.run_dir / "checkpoints"
     newest = files.candidates(directory)[0]
-    payload = files.load(newest, torch.device("cpu"))
+    payload = files.load(newest)
     payload["model"] = {f"module._orig_mod.{k}": v for k, v in payload["model"].items()}
     manifest = files.read_manifest(newest)
     files.save(directory, payload, manifest.step, manifest.epoch, manifest.metric, manifest.recipe)
