@@ -156,8 +156,8 @@ class MemoryConfig:
     """Budget for ``data.batch_size: auto`` / ``data.eval_batch_size: auto`` (see ddp.memory)."""
 
     fraction: float = _bounded(0.9, above=0.0, maximum=1.0)  # of the memory free when probing
-    budget_mb: int = _bounded(0, minimum=0)  # params + grads + optimizer + activations per rank; 0 = use fraction
-    cache: str = "runs/.probe_cache.json"  # probe results by (device, model, input, dtype, optimizer, world); "" = off
+    budget_mb: int = _bounded(0, minimum=0)  # params + grads + optimizer + data on device + activations per rank; 0 = use fraction
+    cache: str = "runs/.probe_cache.json"  # probe results by (device, model, input, dtype, optimizer, world); '' = off
 
 
 @dataclass

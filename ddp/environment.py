@@ -465,10 +465,3 @@ def cuda_visible_devices(environ: Environ | None = None) -> list[str] | None:
             break
         entries.append(entry)
     return entries
-
-
-def cuda_visible_entries(environ: Environ | None = None) -> list[str] | None:
-    """The raw comma-separated entries of ``CUDA_VISIBLE_DEVICES`` (stripped, in order; CUDA index i
-    is entry i), or None when it is unset. Not validated: ``ddp.memory.nvml`` maps them to NVML."""
-    raw = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
-    return None if raw is None else [entry.strip() for entry in raw.split(",")]

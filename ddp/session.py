@@ -149,7 +149,7 @@ def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None, giv
     check_sync_bn(recipe.dist.sync_bn, device, env.world_size)
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     splits, model = build_components(recipe, given, build_datasets)
-    check_budget(recipe, env, splits, device)  # data.batch_size=auto: the model state must fit the budget
+    check_budget(recipe, env, splits, device, model)  # data.batch_size=auto: the model state must fit the budget
     return Plan(placement, devices, _set_threads(recipe, env), splits, model)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ddp.environment import cuda_visible_entries
+from ddp.environment import cuda_visible_devices
 
 Nvml = Any  # the pynvml module, initialised
 Handle = Any  # an NVML device handle
@@ -55,14 +55,9 @@ def cuda_handle(nvml: Nvml, index: int) -> Handle | None:
         found = _by_uuid(nvml, uuid)
         if found is not None:
             return found
-    entries = cuda_visible_entries()
-    if entries is None:
+    visible = cuda_visible_devices()  # as CUDA reads it: up to the first invalid entry
+    if visible is None:
         return _by_index(nvml, index)
-    visible = []
-    for entry in entries:  # CUDA stops reading the variable at the first invalid entry
-        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
-            break
-        visible.append(entry)
     if index >= len(visible):
         return None
     entry = visible[index]
