@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bench.simulated_memory import SimulatedDevice
 from ddp.memory.estimate import estimate_state
-from ddp.memory.probe import probe_model
-from ddp.models import mnist_mlp
+from ddp.memory.trials import probe_model
+from ddp.model.zoo import mnist_mlp
 
 SHAPE = (1, 4, 4)
 CLASSES = 10

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from ddp.checkpoint_files import read_pointer
-from ddp.checkpointer import Checkpointer, TrainState
+from ddp.checkpoint.files import read_pointer
+from ddp.checkpoint.checkpointer import Checkpointer, TrainState
 from ddp.config import CheckpointConfig, load_recipe, to_yaml
-from ddp.models import resnet18
+from ddp.model.zoo import resnet18
 
 
 def _state() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:

@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 from ddp.config import load_recipe
-from ddp.environment import SingleProcessEnv
-from ddp.session import execute
+from ddp.cluster.environment import SingleProcessEnv
+from ddp.runner import execute
 
 BASE = ["model.name=mnist_mlp", "data.name=synthetic", "data.synthetic_shape=[1,28,28]",
         "data.synthetic_train=16384", "data.synthetic_test=256", "train.epochs=2", "checkpoint.every_epochs=0",

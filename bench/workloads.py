@@ -3,7 +3,7 @@
 ``Workload.ours_overrides`` is the recipe for ``python -m ddp.train``; ``train_set`` and
 ``build_model`` give the competitor loops the same data and model. Only torch (and scikit-learn
 for digits) is imported here, so a competitor's time to first step is not charged for our config
-stack. ``train_set`` rebuilds exactly what ``ddp.datasets`` builds (a smoke test checks it).
+stack. ``train_set`` rebuilds exactly what ``ddp.data.datasets`` builds (a smoke test checks it).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
-from ddp.models import build_model  # noqa: F401  (re-exported: the same model builders as ours)
+from ddp.model.zoo import build_model  # noqa: F401  (re-exported: the same model builders as ours)
 
 BATCH_SIZE = 32  # per rank, as data.batch_size in ours
 SYNTHETIC_TEST = 256  # ours evaluates it after the measured steps; small so the run ends sooner
@@ -25,7 +25,7 @@ class Workload:
 
     key: str
     title: str
-    model: str  # a ddp.models name
+    model: str  # a ddp.model.zoo name
     data: str  # "synthetic" or "digits"
     shape: tuple[int, int, int]
     max_steps: int  # -1 = whole epochs
@@ -53,7 +53,7 @@ class Workload:
                 f"data.synthetic_train={self.synthetic_train}", f"data.synthetic_test={SYNTHETIC_TEST}", *common]
 
     def train_set(self) -> TensorDataset:
-        """The training split exactly as ``ddp.datasets`` builds it for ``ours_overrides``."""
+        """The training split exactly as ``ddp.data.datasets`` builds it for ``ours_overrides``."""
         return digits_train() if self.data == "digits" else synthetic_train(self.shape, self.synthetic_train)
 
 
@@ -76,7 +76,7 @@ QUICK_WORKLOADS = ("mlp", "digits")  # --quick: the synthetic and the real-data 
 
 
 def synthetic_train(shape: tuple[int, int, int], count: int, seed: int = 0, classes: int = 10) -> TensorDataset:
-    """``ddp.datasets.load_synthetic``'s train split: seeded normal images, uniform labels."""
+    """``ddp.data.datasets.load_synthetic``'s train split: seeded normal images, uniform labels."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn((count, *shape), generator=generator)
     labels = torch.randint(0, classes, (count,), generator=generator)
@@ -84,7 +84,7 @@ def synthetic_train(shape: tuple[int, int, int], count: int, seed: int = 0, clas
 
 
 def digits_train(test_fraction: float = 0.2, seed: int = 0) -> TensorDataset:
-    """``ddp.datasets.load_digits``'s train split: the seeded 80% of 1,797 images, standardised."""
+    """``ddp.data.datasets.load_digits``'s train split: the seeded 80% of 1,797 images, standardised."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

@@ -10,15 +10,15 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from ddp.components import Given
+from ddp.model.registry import Given
 from ddp.config import Recipe, load_recipe
-from ddp.environment import detect_environment
+from ddp.cluster.environment import detect_environment
 from ddp.errors import DDPError, print_error
 
 
 def fit(recipe: str | Path | None = None, *, model: Any = None, data: Any = None,
         **overrides: Any) -> Any:
-    """Train and return the ``ddp.session.RunResult`` (metrics of the last epoch, final weights, run dir).
+    """Train and return the ``ddp.runner.RunResult`` (metrics of the last epoch, final weights, run dir).
 
     ``recipe``: a YAML path, or None for the defaults. ``model``: an nn.Module,
     or a class/function returning one (called with ``model.args``). ``data``: a (train, test) pair of
@@ -28,7 +28,7 @@ def fit(recipe: str | Path | None = None, *, model: Any = None, data: Any = None
     A refused run (bad recipe, missing data, unusable checkpoint) prints one line on rank 0 and
     raises ``SystemExit(2)``; a stop signal raises ``SystemExit(75 or 130)`` after checkpointing.
     """
-    from ddp import session  # torch and friends load here, not at ``import ddp``
+    from ddp import runner as session  # torch and friends load here, not at ``import ddp``
 
     try:
         resolved = _recipe(recipe, overrides, model, data)

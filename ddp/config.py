@@ -70,7 +70,7 @@ class Precision(str, Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = "digits_cnn"  # a built-in (ddp.models.MODELS) or your own: mypkg.models:MyNet
+    name: str = "digits_cnn"  # a built-in (ddp.model.zoo.MODELS) or your own: mypkg.models:MyNet
     args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for the model
     pretrained: bool = False  # built-in torchvision models: weights from the local torch hub cache
     weights: Optional[str] = None  # or a state_dict file to start from
@@ -80,7 +80,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # a built-in (ddp.datasets.DATASETS) or your own: mypkg.data:build → (train, test)
+    name: str = "digits"  # a built-in (ddp.data.datasets.DATASETS) or your own: mypkg.data:build → (train, test)
     args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for your own data function
     root: str = "data"  # where mnist/fashion_mnist/cifar10/image_folder files live
     download: bool = False  # let torchvision fetch missing mnist/fashion_mnist/cifar10 files (needs network)
@@ -326,7 +326,7 @@ def _check_batch_sizes(recipe: Recipe) -> None:
 
 
 def _check_choices(recipe: Recipe) -> None:
-    """Choices config.py can check alone; model/data/loss names are checked by ``ddp.components``."""
+    """Choices config.py can check alone; model/data/loss names are checked by ``ddp.model.registry``."""
     if recipe.log.level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log.level={recipe.log.level!r} is not known.", f"choose one of: {', '.join(LOG_LEVELS)}")
     if recipe.checkpoint.best_metric not in BEST_METRICS:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddp.backend import choose_backend, choose_device, probe_devices
+from ddp.cluster.devices import choose_backend, choose_device, probe_devices
 from ddp.config import Parallel, load_recipe
-from ddp.datasets import build_datasets
-from ddp.environment import SingleProcessEnv
+from ddp.data.datasets import build_datasets
+from ddp.cluster.environment import SingleProcessEnv
 from ddp.errors import DDPError
 from ddp.memory.resolve import KEYS, probe_recipe, table_lines
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddp.components import check_recipe
+from ddp.model.registry import check_recipe
 from ddp.config import load_recipe, to_yaml
-from ddp.environment import detect_environment
+from ddp.cluster.environment import detect_environment
 from ddp.errors import DDPError, print_error
-from ddp.session import run
-from ddp.signals import EXIT_INTERRUPTED
+from ddp.runner import run
+from ddp.engine.stop import EXIT_INTERRUPTED
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

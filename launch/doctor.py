@@ -20,12 +20,12 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from ddp.backend import choose_backend, choose_device, probe_devices
+from ddp.cluster.devices import choose_backend, choose_device, probe_devices
 from ddp.config import Backend, Parallel
-from ddp.environment import ClusterEnv, SlurmEnv, available_cpus, detect_environment, hostname, slurm_interactive
+from ddp.cluster.environment import ClusterEnv, SlurmEnv, available_cpus, detect_environment, hostname, slurm_interactive
 from ddp.errors import DDPError
 from ddp.memory.nvml import cuda_handle, nvml_session, uuid_of
-from ddp.network import NetworkError, interfaces, route_to
+from ddp.cluster.network import NetworkError, interfaces, route_to
 from launch.selftest import all_reduce_selftest
 
 

@@ -20,9 +20,9 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from ddp.environment import available_cpus, child_environ, environment_value, plan_variables
+from ddp.cluster.environment import available_cpus, child_environ, environment_value, plan_variables
 from ddp.errors import DDPError
-from ddp.network import NetworkError, Route, nccl_interface_line, route_to
+from ddp.cluster.network import NetworkError, Route, nccl_interface_line, route_to
 from launch import preflight
 
 log = logging.getLogger("launch.node")

@@ -1,7 +1,7 @@
 """Checks ``launch node`` runs before any rank starts, so a network problem is one line within
 seconds instead of a hang until the 300 s collective timeout.
 
-* the master address resolves and is routable (``ddp.network.route_to``, done while planning);
+* the master address resolves and is routable (``ddp.cluster.network.route_to``, done while planning);
 * on the master (node 0): the address is one of this machine's, and the port is free — else the
   process holding it is named (``psutil.net_connections``);
 * on a worker: the master's port accepts a TCP connection within ``--preflight-timeout``
@@ -19,7 +19,7 @@ import time
 import psutil
 
 from ddp.errors import DDPError
-from ddp.network import Route
+from ddp.cluster.network import Route
 
 RETRY_S = 0.5
 

@@ -1,11 +1,11 @@
 """What runs in each Slurm task of a submitted job: submitit ``Checkpointable`` callables.
 
 Every task of the job step calls the same object (``srun`` starts one per rank); each reads its
-rank from Slurm's variables through ``ddp.environment`` (``SlurmEnv``).
+rank from Slurm's variables through ``ddp.cluster.environment`` (``SlurmEnv``).
 
 Preemption and time limit. Slurm sends the warning signal (``--signal=USR2@lead``, submitit's
 choice: NCCL catches USR1) to every task. During training the signal only sets a flag
-(``ddp.signals``); the ranks agree at a step boundary, all take part in one checkpoint and stop
+(``ddp.engine.stop``); the ranks agree at a step boundary, all take part in one checkpoint and stop
 (exit code 75). Then global rank 0 alone, the only task whose submitit handler checkpoints and
 requeues, hands the same signal to that handler: it pickles this object again
 (``checkpoint()``: same arguments) and runs ``scontrol requeue`` on this job (an array task
@@ -28,9 +28,9 @@ from typing import Any
 import submitit
 
 from ddp.config import load_recipe
-from ddp.environment import ClusterEnv, SingleProcessEnv, child_environ, detect_environment, torch_variables
-from ddp.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, SIGNALS, last_received
-from ddp.session import run
+from ddp.cluster.environment import ClusterEnv, SingleProcessEnv, child_environ, detect_environment, torch_variables
+from ddp.engine.stop import EXIT_INTERRUPTED, EXIT_PREEMPTED, SIGNALS, last_received
+from ddp.runner import run
 
 
 def requeue_signal() -> signal.Signals:

@@ -77,8 +77,8 @@ def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float =
 
 def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, results: Any, args: tuple,
                init_group: bool) -> None:
-    from ddp.environment import ClusterEnv, available_cpus
-    from ddp.process_group import process_group
+    from ddp.cluster.environment import ClusterEnv, available_cpus
+    from ddp.cluster.process_group import process_group
 
     torch.set_num_threads(max(1, available_cpus() // world))
     env = ClusterEnv(rank=rank, local_rank=rank, world_size=world, local_world_size=world,

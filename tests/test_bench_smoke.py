@@ -63,7 +63,7 @@ def test_quick_run_writes_a_report_with_numeric_ratios(tmp_path):
 def test_competitors_train_on_exactly_our_data(key):
     from bench.workloads import WORKLOADS
     from ddp.config import load_recipe
-    from ddp.datasets import build_datasets
+    from ddp.data.datasets import build_datasets
 
     workload = WORKLOADS[key]
     ours = build_datasets(load_recipe(None, workload.ours_overrides(quick=True)).data).train

@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from ddp import checkpoint_files as files
-from ddp.checkpoint_files import CheckpointError
-from ddp.checkpointer import Checkpointer
+from ddp.checkpoint import files
+from ddp.checkpoint.files import CheckpointError
+from ddp.checkpoint.checkpointer import Checkpointer
 from ddp.config import CheckpointConfig
 from ddp.lifecycle.decision import newest_valid
 from tests.harness import REPO, python_env
@@ -113,7 +113,7 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint_with_a_warning(tmp_path
 
 SLOW_SAVER = textwrap.dedent("""
     import sys, time, torch
-    from ddp import checkpoint_files as files
+    from ddp.checkpoint import files
     directory = sys.argv[1]
     files.save(__import__("pathlib").Path(directory), {"format": 1, "model": {"w": torch.ones(8)}}, 1, 0, None)
     real_write = files._CrcWriter.write

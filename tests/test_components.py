@@ -1,4 +1,4 @@
-"""Your own model, data and loss named in the recipe (``ddp.components``) or given to ``ddp.fit``.
+"""Your own model, data and loss named in the recipe (``ddp.model.registry``) or given to ``ddp.fit``.
 
 The user code lives in a module this file writes to a temp dir and puts on PYTHONPATH, as a user's
 package would be. Every wrong path, argument or return type is one line and exit 2 before training.

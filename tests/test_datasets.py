@@ -1,4 +1,4 @@
-"""ddp.datasets: each ``data.name`` yields real train/test splits.
+"""ddp.data.datasets: each ``data.name`` yields real train/test splits.
 
 MNIST and CIFAR-10 go through torchvision's own readers on files this module writes in the real
 on-disk formats (idx for MNIST, pickled batches for CIFAR-10); nothing is downloaded.
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddp.config import DataConfig
-from ddp.datasets import build_datasets
+from ddp.data.datasets import build_datasets
 from ddp.errors import DataError
 
 # ---------------------------------------------------------------- MNIST (idx files)

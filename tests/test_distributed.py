@@ -10,12 +10,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ddp.config import load_recipe
-from ddp.datasets import load_digits
-from ddp.environment import ClusterEnv, SingleProcessEnv
-from ddp.evaluation import evaluate
-from ddp.loaders import ResumableSampler, eval_loader, train_loader
-from ddp.models import digits_cnn
-from ddp.session import execute
+from ddp.data.datasets import load_digits
+from ddp.cluster.environment import ClusterEnv, SingleProcessEnv
+from ddp.engine.evaluation import evaluate
+from ddp.data.loaders import ResumableSampler, eval_loader, train_loader
+from ddp.model.zoo import digits_cnn
+from ddp.runner import execute
 from tests.harness import free_port, spawn_ranks
 
 STEPS = 6

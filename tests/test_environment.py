@@ -1,6 +1,6 @@
 import pytest
 
-from ddp.environment import (ClusterEnv, ManualEnv, SingleProcessEnv, SlurmEnv, TorchrunEnv,
+from ddp.cluster.environment import (ClusterEnv, ManualEnv, SingleProcessEnv, SlurmEnv, TorchrunEnv,
                              detect_environment)
 from ddp.errors import ClusterEnvError
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from ddp import checkpoint_files as files
+from ddp.checkpoint import files
 from tests.harness import python_env
 
 RECIPE = ("train.epochs=3", "checkpoint.every_steps=5", "log.every_steps=1", "log.tensorboard=false")

@@ -17,11 +17,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.overrides import TorchFunctionMode
 
-from ddp import rendezvous
-from ddp.checkpointer import Checkpointer, TrainState
+from ddp.cluster import rendezvous
+from ddp.checkpoint.checkpointer import Checkpointer, TrainState
 from ddp.config import CheckpointConfig, load_recipe, to_yaml
-from ddp.environment import ClusterEnv
-from ddp.nccl import nccl_defaults
+from ddp.cluster.environment import ClusterEnv
+from ddp.cluster.nccl import nccl_defaults
 from tests.harness import REPO, free_port, python_env, run_cli, run_torchrun
 
 QUIET = ("log.tensorboard=false", "log.progress=false")
@@ -134,7 +134,7 @@ class _HostTraffic(TorchFunctionMode):
 
 
 def test_a_training_step_neither_reads_the_device_nor_copies_host_data_to_it():
-    from ddp.trainer import Trainer, TrainParts
+    from ddp.engine.trainer import Trainer, TrainParts
 
     device = torch.device("meta")
     recipe = load_recipe(None, [])
@@ -154,7 +154,7 @@ def test_a_training_step_neither_reads_the_device_nor_copies_host_data_to_it():
 # --- 5. deterministic means deterministic ------------------------------------------------------
 
 def test_deterministic_sets_cublas_workspace_and_refuses_instead_of_warning():
-    code = ("import os, torch; from ddp.seeding import seed_everything; seed_everything(0, True); "
+    code = ("import os, torch; from ddp.engine.seeding import seed_everything; seed_everything(0, True); "
             "print(os.environ['CUBLAS_WORKSPACE_CONFIG'], torch.are_deterministic_algorithms_enabled(), "
             "torch.is_deterministic_algorithms_warn_only_enabled())")
     assert run_cli(["-c", code], REPO).stdout.split() == [":4096:8", "True", "False"]
@@ -181,7 +181,7 @@ def test_nccl_defaults_name_the_flight_recorder_dump_dir_and_keep_what_the_user_
     assert wanted["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"  # abort and raise in Python: the roll call runs
     assert wanted["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and int(wanted["TORCH_FR_BUFFER_SIZE"]) > 0
     assert wanted["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "flight_recorder" / "rank_")
-    code = ("import json, os; from pathlib import Path; from ddp.nccl import export_nccl_defaults; "
+    code = ("import json, os; from pathlib import Path; from ddp.cluster.nccl import export_nccl_defaults; "
             "lines = export_nccl_defaults(Path('d')); "
             "print(json.dumps([lines, {k: v for k, v in os.environ.items() if k.startswith('TORCH_')}]))")
     lines, environ = json.loads(run_cli(["-c", code], REPO, TORCH_NCCL_ASYNC_ERROR_HANDLING="1").stdout)

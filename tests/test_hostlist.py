@@ -1,6 +1,6 @@
 import pytest
 
-from ddp.hostlist import expand_hostlist, expand_tasks_per_node
+from ddp.cluster.hostlist import expand_hostlist, expand_tasks_per_node
 
 
 @pytest.mark.parametrize("text, hosts", [

@@ -11,7 +11,7 @@ import socket
 import psutil
 import pytest
 
-from ddp.environment import available_cpus
+from ddp.cluster.environment import available_cpus
 from launch.node import split_program
 from tests.harness import run_cli
 

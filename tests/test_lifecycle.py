@@ -21,7 +21,7 @@ import yaml
 
 from ddp.config import Recipe, load_recipe, to_yaml
 from ddp.lifecycle.changes import Policy, POLICIES, flatten, policy_of, recipe_changes
-from ddp.optim import build_optimizer, build_scheduler, lr_factor, schedule_position
+from ddp.model.optim import build_optimizer, build_scheduler, lr_factor, schedule_position
 from tests.harness import python_env, run_cli
 
 QUIET = ("log.tensorboard=false", "log.progress=false")
@@ -160,7 +160,7 @@ def test_ctrl_c_on_two_torchrun_ranks_checkpoints_once_and_resumes(tmp_path):
 
 
 def test_a_second_ctrl_c_quits_at_once_but_the_same_keypress_forwarded_does_not(monkeypatch):
-    from ddp import signals
+    from ddp.engine import stop as signals
 
     class Quit(Exception):
         pass
@@ -181,7 +181,7 @@ def test_a_second_ctrl_c_quits_at_once_but_the_same_keypress_forwarded_does_not(
 
 
 def test_a_preemption_signal_after_ctrl_c_makes_it_exit_75_for_a_requeue():
-    from ddp import signals
+    from ddp.engine import stop as signals
 
     stop = signals.StopRequest(timeout_s=5)
     stop.received, stop.preempted = signal.SIGINT, False

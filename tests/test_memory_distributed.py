@@ -19,8 +19,8 @@ def _probe_and_agree(env, caps, budgets):
     from bench.simulated_memory import SimulatedDevice
     from ddp.memory.agree import agree
     from ddp.memory.estimate import estimate_state
-    from ddp.memory.probe import probe_model
-    from ddp.models import mnist_mlp
+    from ddp.memory.trials import probe_model
+    from ddp.model.zoo import mnist_mlp
 
     torch.manual_seed(0)
     device = SimulatedDevice(cap=budgets[env.rank], oom_above=caps[env.rank], seed=env.rank)
@@ -89,11 +89,11 @@ def _publish_fails_on_rank_0(env, root, cache):
     from pathlib import Path
     from types import SimpleNamespace
 
-    from ddp import comm
-    from ddp.datasets import load_digits
+    from ddp.cluster import comm
+    from ddp.data.datasets import load_digits
     from ddp.memory.resolve import resolve_batch_sizes
-    from ddp.models import digits_cnn
-    from ddp.run_dir import RunDir
+    from ddp.model.zoo import digits_cnn
+    from ddp.lifecycle.run_dir import RunDir
 
     recipe = load_recipe(None, ["data.batch_size=auto", "memory.budget_mb=40", f"memory.cache={cache}"])
     splits = load_digits(recipe.data)

@@ -8,9 +8,9 @@ import psutil
 import pytest
 import torch
 
-from ddp import session
+from ddp import runner as session
 from ddp.config import load_recipe
-from ddp.environment import SingleProcessEnv
+from ddp.cluster.environment import SingleProcessEnv
 
 MB = 2**20
 
@@ -203,7 +203,7 @@ def _auto(*overrides: str):
 
 def _digits():
     from ddp.config import DataConfig
-    from ddp.datasets import load_digits
+    from ddp.data.datasets import load_digits
 
     return load_digits(DataConfig())
 
@@ -249,7 +249,7 @@ def _mnist_like(train: int = 4000, test: int = 1000):
     MB here), so the in-memory path adds them to what each rank holds."""
     from torch.utils.data import TensorDataset
 
-    from ddp.datasets import Splits, Tensors
+    from ddp.data.datasets import Splits, Tensors
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (train + test, 1, 28, 28), dtype=torch.uint8, generator=generator)
@@ -267,11 +267,11 @@ def test_on_the_cpu_each_rank_on_a_host_counts_its_own_copy_of_the_data(monkeypa
     ranks on the host each gets 15 MB, and its own copy of the data no longer fits beside the model."""
     import types
 
-    from ddp.environment import ClusterEnv
+    from ddp.cluster.environment import ClusterEnv
     from ddp.errors import MemoryBudgetError
     from ddp.memory.resolve import check_budget
 
-    from ddp.memory_loader import device_bytes
+    from ddp.data.device_data import device_bytes
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=30 * MB, total=64 * 2**30))
     recipe, data, cpu = _auto("model.name=mnist_mlp", "data.loader=memory"), _mnist_like(), torch.device("cpu")

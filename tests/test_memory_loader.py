@@ -6,13 +6,13 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddp.augment import CropFlip
+from ddp.data.augment import CropFlip
 from ddp.config import DataConfig, LoaderKind, load_recipe
-from ddp.datasets import load_digits, load_synthetic
-from ddp.environment import SingleProcessEnv
-from ddp.loaders import ResumableSampler
-from ddp.memory_loader import MemoryLoader, choose_loader
-from ddp.session import execute
+from ddp.data.datasets import load_digits, load_synthetic
+from ddp.cluster.environment import SingleProcessEnv
+from ddp.data.loaders import ResumableSampler
+from ddp.data.device_data import MemoryLoader, choose_loader
+from ddp.runner import execute
 
 
 def _batches(loader):
@@ -55,7 +55,7 @@ def test_auto_chooses_memory_only_when_it_fits(monkeypatch):
     assert big.tensor_bytes > 2**20 * 50
     assert not choose_loader(LoaderKind.auto, big, cpu, limit_mb=50)
     assert choose_loader(LoaderKind.memory, big, cpu, limit_mb=50)  # asked for explicitly
-    monkeypatch.setattr("ddp.memory_loader.free_memory", lambda device: big.tensor_bytes)  # half would not fit
+    monkeypatch.setattr("ddp.data.device_data.free_memory", lambda device: big.tensor_bytes)  # half would not fit
     assert not choose_loader(LoaderKind.auto, big, cpu, limit_mb=4096)
 
 

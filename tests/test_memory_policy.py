@@ -10,8 +10,8 @@ import torch
 from bench.simulated_memory import SimulatedDevice
 from ddp.memory.estimate import estimate_state
 from ddp.memory.policy import MAX_VERIFY, Fit, Search, back_off, fit_affine, largest_under, safe_bound
-from ddp.memory.probe import probe_model
-from ddp.models import mnist_mlp
+from ddp.memory.trials import probe_model
+from ddp.model.zoo import mnist_mlp
 
 
 def test_fit_is_exact_through_two_points_and_least_squares_through_more():

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from ddp.config import load_recipe
-from ddp.environment import SingleProcessEnv
+from ddp.cluster.environment import SingleProcessEnv
 from ddp.errors import MemoryBudgetError
 from ddp.memory import cache
 from ddp.memory.estimate import estimate_state, optimizer_copies
-from ddp.memory.probe import probe_model, restored
+from ddp.memory.trials import probe_model, restored
 from ddp.memory.readers import CpuReader, CudaReader
-from ddp.models import digits_cnn
-from ddp.session import execute
+from ddp.model.zoo import digits_cnn
+from ddp.runner import execute
 from tests.harness import run_cli
 
 MB = 2**20
@@ -298,7 +298,7 @@ def test_probe_cli_budget_too_small_is_one_line_exit_2(tmp_path):
 
 
 def test_batchnorm_models_start_at_batch_2():
-    from ddp.memory.probe import smallest_batch
+    from ddp.memory.trials import smallest_batch
 
     assert smallest_batch(DropoutBnNet()) == 2 and smallest_batch(digits_cnn((1, 8, 8), 10)) == 1
 

@@ -3,10 +3,10 @@ import logging
 import torch
 from torch import nn
 
-from ddp import parallel
-from ddp.backend import Devices
+from ddp.model import parallel
+from ddp.cluster.devices import Devices
 from ddp.config import Parallel
-from ddp.parallel import unwrap_model, wrap_model
+from ddp.model.parallel import unwrap_model, wrap_model
 
 
 def test_dp_with_one_gpu_warns_and_runs_unwrapped(caplog):

@@ -105,8 +105,8 @@ def test_finetune_resnet18_freezes_the_backbone_and_trains_a_new_head(tmp_path, 
     assert weights["fc.weight"].shape == (2, 512)  # a new head for the folder's 2 classes
 
     from ddp.config import load_recipe
-    from ddp.finetune import torchvision_model
-    from ddp.seeding import seed_everything
+    from ddp.model.finetune import torchvision_model
+    from ddp.engine.seeding import seed_everything
 
     seed_everything(0, False)
     initial_head = torchvision_model(load_recipe(RECIPES / "finetune_resnet18.yaml").model, 2).fc.weight
@@ -149,7 +149,7 @@ def _unfreeze_on_rank(env, tmp: str, images: str, torch_home: str):
     import os
 
     from ddp.config import load_recipe
-    from ddp.session import execute
+    from ddp.runner import execute
 
     os.environ["TORCH_HOME"] = torch_home  # the spawned rank's own environment (a test process)
     recipe = load_recipe(RECIPES / "finetune_resnet18.yaml", [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ddp.rendezvous import recipe_differences
+from ddp.cluster.rendezvous import recipe_differences
 from tests.harness import free_port, python_env
 
 QUICK = ("train.epochs=1", "log.tensorboard=false")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ddp import report
+from ddp.reporting import report
 from ddp.train import main as train
 from tests.harness import run_cli
 

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ddp import comm
+from ddp.cluster import comm
 from ddp.config import load_recipe
-from ddp.datasets import Splits
-from ddp.environment import SingleProcessEnv
-from ddp.signals import EXIT_PREEMPTED
-from ddp.trainer import Trainer
+from ddp.data.datasets import Splits
+from ddp.cluster.environment import SingleProcessEnv
+from ddp.engine.stop import EXIT_PREEMPTED
+from ddp.engine.trainer import Trainer
 from tests.harness import free_port, python_env, spawn_ranks
 
 TIMING = {"time", "samples_per_s", "epoch_time_s"}
@@ -60,7 +60,7 @@ def _metrics(run_dir) -> list[dict]:
 
 
 def _straight_and_resumed(env, tmp: str, stop_before: int, signal_rank: int, ports=(None, None, None)):
-    from ddp.session import execute
+    from ddp.runner import execute
 
     def at(port):
         return env if port is None else replace(env, master_port=port)
@@ -109,7 +109,7 @@ def _indexed_data(cfg):
 
 
 def _samples_of_first_epoch(env, run_dir: str, stop_before: int | None):
-    from ddp import session
+    from ddp import runner as session
 
     seen: list[int] = []
     original = Trainer._run_batch
@@ -211,8 +211,8 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
 
 
 def test_resume_accepts_state_dicts_saved_with_wrapper_prefixes(tmp_path):
-    from ddp import checkpoint_files as files
-    from ddp.session import execute
+    from ddp.checkpoint import files
+    from ddp.runner import execute
 
     first = execute(_recipe(tmp_path, "train.epochs=1"), SingleProcessEnv())
     directory = first.run_dir / "checkpoints"
@@ -228,8 +228,8 @@ def test_resume_accepts_state_dicts_saved_with_wrapper_prefixes(tmp_path):
 def test_explicit_resume_path_must_be_valid(tmp_path):
     import pytest
 
-    from ddp.checkpoint_files import CheckpointError
-    from ddp.session import execute
+    from ddp.checkpoint.files import CheckpointError
+    from ddp.runner import execute
 
     with pytest.raises(CheckpointError, match="nope.pt does not exist"):
         execute(_recipe(tmp_path, f"train.resume={tmp_path}/nope.pt"), SingleProcessEnv())

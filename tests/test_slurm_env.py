@@ -5,9 +5,9 @@ import tracemalloc
 
 import pytest
 
-from ddp.environment import ManualEnv, SlurmEnv, TorchrunEnv, detect_environment
+from ddp.cluster.environment import ManualEnv, SlurmEnv, TorchrunEnv, detect_environment
 from ddp.errors import ClusterEnvError
-from ddp.hostlist import expand_hostlist, first_host
+from ddp.cluster.hostlist import expand_hostlist, first_host
 
 STEP = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_NODEID": "0",
         "SLURM_TASKS_PER_NODE": "1(x4)", "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_ID": "77",

@@ -113,7 +113,7 @@ def test_a_signal_lead_shorter_than_the_last_save_is_reported(in_tmp, monkeypatc
 def test_manifests_record_how_long_the_save_took(tmp_path):
     import torch
 
-    from ddp import checkpoint_files
+    from ddp.checkpoint import files as checkpoint_files
 
     manifest = checkpoint_files.save(tmp_path, {"w": torch.zeros(3)}, step=1, epoch=0, metric=None)
     assert 0 < manifest.save_s < 10
@@ -122,9 +122,9 @@ def test_manifests_record_how_long_the_save_took(tmp_path):
 
 def test_each_gpu_task_trains_on_its_own_gpu():
     """--gpus-per-node G gives G tasks per node that all see the node's G GPUs: rank r uses cuda:<local rank>."""
-    from ddp.backend import Devices, choose_backend, choose_device
+    from ddp.cluster.devices import Devices, choose_backend, choose_device
     from ddp.config import Backend, Parallel
-    from ddp.environment import detect_environment
+    from ddp.cluster.environment import detect_environment
 
     devices = Devices(cuda_available=True, cuda_count=4)
     picked = []

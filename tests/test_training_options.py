@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddp.session import execute
+from ddp.runner import execute
 from ddp.train import main
 from tests.harness import spawn_ranks
 from tests.test_recipes import _final_checkpoint
@@ -17,9 +17,9 @@ from tests.test_recipes import _final_checkpoint
 def _one_step_change(in_tmp: Path, *extra: str) -> float:
     """Norm of the weight change after one SGD step without momentum or weight decay."""
     from ddp.config import load_recipe
-    from ddp.components import build_model
-    from ddp.datasets import build_datasets
-    from ddp.seeding import seed_everything
+    from ddp.model.registry import build_model
+    from ddp.data.datasets import build_datasets
+    from ddp.engine.seeding import seed_everything
 
     name = "clip" + str(len(list((in_tmp / "runs").glob("*"))) if (in_tmp / "runs").exists() else 0)
     overrides = ["train.max_steps=1", "train.epochs=1", "optim.momentum=0", "optim.weight_decay=0",
@@ -41,7 +41,7 @@ def test_clip_grad_norm_bounds_the_step(in_tmp):
 
 
 def test_label_smoothing_reaches_the_loss():
-    from ddp.components import build_loss
+    from ddp.model.registry import build_loss
     from ddp.config import TrainConfig
 
     confident = torch.tensor([[20.0, -20.0, -20.0]])
@@ -55,7 +55,7 @@ def test_no_weight_decay_on_biases_and_norms_unless_asked(decay_all):
     from torch import nn
 
     from ddp.config import OptimConfig
-    from ddp.optim import build_optimizer
+    from ddp.model.optim import build_optimizer
 
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     nn.init.constant_(model[0].bias, 1.0)
@@ -78,7 +78,7 @@ def _accumulated(env, tmp: str, batch: int, accumulate: int):
     """Train 3 optimizer steps; return the final weights and how many gradient all-reduces DDP made."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from ddp import session
+    from ddp import runner as session
     from ddp.config import load_recipe
 
     calls = []
@@ -103,7 +103,7 @@ def _accumulated(env, tmp: str, batch: int, accumulate: int):
 def test_k_micro_steps_on_n_ranks_equal_one_step_with_the_full_batch(tmp_path):
     """2 ranks × 4 samples × 2 micro-steps == 1 process × 16 samples, for 3 optimizer steps; DDP
     all-reduces once per optimizer step (digits_cnn fits one gradient bucket), not per micro-step."""
-    from ddp.environment import SingleProcessEnv
+    from ddp.cluster.environment import SingleProcessEnv
 
     ranks = spawn_ranks(_accumulated, 2, str(tmp_path / "acc"), 4, 2, init_group=False)
     single, _ = _accumulated(SingleProcessEnv(), str(tmp_path / "single"), 16, 1)
@@ -165,7 +165,7 @@ def test_fp16_steps_go_through_the_scaler_unscaled_before_clipping(monkeypatch):
     from torch import nn
 
     from ddp.config import load_recipe
-    from ddp.trainer import Trainer, TrainParts
+    from ddp.engine.trainer import Trainer, TrainParts
 
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
@@ -191,8 +191,8 @@ def test_fp16_steps_go_through_the_scaler_unscaled_before_clipping(monkeypatch):
 def test_sync_bn_converts_every_batchnorm_and_keeps_the_checkpoint_keys():
     from torch import nn
 
-    from ddp.models import cifar_resnet18
-    from ddp.parallel import convert_sync_bn
+    from ddp.model.zoo import cifar_resnet18
+    from ddp.model.parallel import convert_sync_bn
 
     model = cifar_resnet18((3, 32, 32), 10)
     keys = list(model.state_dict())
@@ -217,7 +217,7 @@ def test_sync_bn_on_cpu_ranks_is_refused_before_the_group_forms(tmp_path):
 
 def test_onecycle_follows_torchs_one_cycle_lr():
     from ddp.config import OptimConfig, Schedule
-    from ddp.optim import build_scheduler
+    from ddp.model.optim import build_scheduler
 
     total = 50
     ours_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)

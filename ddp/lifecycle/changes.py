@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ddp.checkpoint_files import CheckpointError
+from ddp.checkpoint.files import CheckpointError
 
 
 class Policy(str, Enum):

@@ -18,8 +18,8 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ddp import checkpoint_files as files
-from ddp.checkpoint_files import CheckpointError, Manifest
+from ddp.checkpoint import files
+from ddp.checkpoint.files import CheckpointError, Manifest
 from ddp.config import Recipe
 from ddp.lifecycle import lock
 from ddp.lifecycle.changes import Change, check_resumable, recipe_changes

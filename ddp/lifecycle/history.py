@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ddp.atomic import write_text_atomic
+from ddp.checkpoint.atomic import write_text_atomic
 from ddp.lifecycle.changes import Change, Policy, show_value
-from ddp.run_dir import RunDir
+from ddp.lifecycle.run_dir import RunDir
 
 
 def record_start(run_dir: RunDir, recipe_yaml: str, checkpoint: Path | None, step: int, epoch: int,

@@ -15,8 +15,8 @@ import os
 import time
 from pathlib import Path
 
-from ddp.checkpoint_files import CheckpointError
-from ddp.environment import hostname
+from ddp.checkpoint.files import CheckpointError
+from ddp.cluster.environment import hostname
 
 log = logging.getLogger(__name__)
 

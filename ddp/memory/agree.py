@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ddp import comm
+from ddp.cluster import comm
 from ddp.errors import DDPError, MemoryBudgetError
 
 

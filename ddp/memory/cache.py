@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ddp.atomic import write_text_atomic
+from ddp.checkpoint.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 GROWTH = 1.10  # reprobe when the budget grew by more than this since the entry was written

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ddp.environment import cuda_visible_devices
+from ddp.cluster.environment import cuda_visible_devices
 
 Nvml = Any  # the pynvml module, initialised
 Handle = Any  # an NVML device handle

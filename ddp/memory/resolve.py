@@ -23,21 +23,21 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from ddp import checkpoint_files as files
-from ddp import comm
-from ddp.atomic import write_text_atomic
+from ddp.checkpoint import files
+from ddp.cluster import comm
+from ddp.checkpoint.atomic import write_text_atomic
 from ddp.config import Parallel, Recipe, is_auto
-from ddp.datasets import Splits
+from ddp.data.datasets import Splits
 from ddp.errors import ConfigError, DDPError
 from ddp.memory import cache
 from ddp.memory.agree import agree
 from ddp.memory.estimate import MB, Estimate, estimate_state
-from ddp.memory.probe import ProbeResult, budget_error, probe_model
+from ddp.memory.trials import ProbeResult, budget_error, probe_model
 from ddp.memory.readers import MemoryReader, reader_for
-from ddp.memory_loader import data_on_device
-from ddp.components import build_model as build_recipe_model
-from ddp.optim import build_optimizer
-from ddp.rng import capture_rng, restore_rng
+from ddp.data.device_data import data_on_device
+from ddp.model.registry import build_model as build_recipe_model
+from ddp.model.optim import build_optimizer
+from ddp.engine.rng import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 KEYS = {"train": "batch_size", "eval": "eval_batch_size"}
@@ -158,7 +158,7 @@ def _throwaway_model(recipe: Recipe, splits: Splits, model: torch.nn.Module | No
 
 
 def _rebuilt(recipe: Recipe, splits: Splits) -> torch.nn.Module:
-    """A fresh build of the recipe's model (built-in or your own, ``ddp.components``); the random
+    """A fresh build of the recipe's model (built-in or your own, ``ddp.model.registry``); the random
     generators are left as they were."""
     rng = capture_rng()
     try:
@@ -169,7 +169,7 @@ def _rebuilt(recipe: Recipe, splits: Splits) -> torch.nn.Module:
 
 def _data_on_device(recipe: Recipe, splits: Splits, device: torch.device) -> int:
     """Bytes of data the loader this recipe gets will keep on ``device`` (0 for the DataLoader);
-    each rank holds its own copy (``ddp.memory_loader.data_on_device``)."""
+    each rank holds its own copy (``ddp.data.device_data.data_on_device``)."""
     return data_on_device(recipe.data.loader, splits, device, recipe.data.memory_limit_mb)
 
 

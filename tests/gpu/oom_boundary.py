@@ -2,10 +2,10 @@
 
     python tests/gpu/oom_boundary.py [--fake-cap N] key=value ...     → one JSON line on stdout
 
-The model, optimizer, device and seeding come from the library's own ``ddp.session.prepare`` on the
+The model, optimizer, device and seeding come from the library's own ``ddp.runner.prepare`` on the
 same overrides a training run gets (so cudnn.benchmark, the model's construction and the optimizer
 are the run's), and the dataset's tensors are put on the device when the run would put them there
-(the in-memory path, ``ddp.memory_loader.choose_loader``) — they hold memory during training too.
+(the in-memory path, ``ddp.data.device_data.choose_loader``) — they hold memory during training too.
 Then real training steps, in the trainer's order (zero_grad, forward, cross-entropy, backward,
 optimizer step), run at batch sizes that double until one runs out of memory, and the boundary
 is bisected to 0.5% between the largest batch that ran and the smallest that did not. Each trial
@@ -52,10 +52,10 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
 
     from ddp.config import load_recipe
-    from ddp.environment import SingleProcessEnv
-    from ddp.memory_loader import choose_loader
-    from ddp.optim import build_optimizer
-    from ddp.session import prepare
+    from ddp.cluster.environment import SingleProcessEnv
+    from ddp.data.device_data import choose_loader
+    from ddp.model.optim import build_optimizer
+    from ddp.runner import prepare
 
     overrides = [o for o in overrides if not o.startswith(("data.batch_size=", "data.eval_batch_size="))]
     recipe = load_recipe(None, [*overrides, "data.batch_size=1", "data.eval_batch_size=1"])

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp.signals import EXIT_PREEMPTED
+from ddp.engine.stop import EXIT_PREEMPTED
 from tests.gpu.checks import (BACKEND, CUDA, DEVICE, QUIET, RESULTS, SLOW, SMOKE, console, epochs, final_acc, finish,
                               kill, latest_checkpoint, model_tensors, placement, run, start, tail, train, version)
 from tests.harness import free_port

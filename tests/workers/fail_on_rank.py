@@ -7,9 +7,9 @@ The chosen rank warns at step 1 and raises RuntimeError("boom on rank R") at ste
 import sys
 import warnings
 
-from ddp import comm
+from ddp.cluster import comm
 from ddp.train import main
-from ddp.trainer import Trainer
+from ddp.engine.trainer import Trainer
 
 FAIL_RANK = int(sys.argv[1])
 _original = Trainer._run_batch

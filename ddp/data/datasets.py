@@ -3,7 +3,7 @@
 Digits ships inside scikit-learn; MNIST, FashionMNIST, CIFAR-10 and ImageFolder are read by
 torchvision's own classes from files under ``data.root`` (fetched by torchvision only when
 ``data.download=true``); synthetic is generated from a seed. Your own data function is named in
-the recipe instead (``ddp.components``).
+the recipe instead (``ddp.model.registry``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from ddp.augment import CropFlip
+from ddp.data.augment import CropFlip
 from ddp.config import DataConfig
 from ddp.errors import DataError
 

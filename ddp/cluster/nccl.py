@@ -2,12 +2,12 @@
 
 NCCL errors and timeouts are asynchronous: torch's watchdog thread finds them, not the Python
 call that waits. What it then does is chosen by environment variables; these are our defaults,
-each exported only where the user has not set it (``ddp.environment.export_variables``):
+each exported only where the user has not set it (``ddp.cluster.environment.export_variables``):
 
 ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2``  abort the communicators and raise in the training process
     (torch's own default, 3, kills the process from the watchdog, so nothing could say which
     rank was lost); the error then takes the same path as a Gloo failure: the heartbeat roll call
-    (``ddp.peers``) names the silent ranks and every rank exits 1.
+    (``ddp.cluster.heartbeat``) names the silent ranks and every rank exits 1.
 ``TORCH_NCCL_DUMP_ON_TIMEOUT=1`` + ``TORCH_FR_BUFFER_SIZE``  the flight recorder: the last
     collectives of every rank, dumped on a timeout, so a hang shows which collective and which
     rank did not arrive (read them with ``python -m torch.distributed.flight_recorder.fr_trace``).
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ddp.environment import export_variables
+from ddp.cluster.environment import export_variables
 
 ASYNC_ERROR_HANDLING = "2"  # CleanUpOnly: abort the communicators, raise in Python
 BUFFER_ENTRIES = "2000"  # collectives kept per rank for the dump (torchtitan keeps 20,000)

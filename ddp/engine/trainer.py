@@ -22,16 +22,16 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ddp import comm
-from ddp.checkpointer import Checkpointer, TrainState
-from ddp.components import classifies
+from ddp.cluster import comm
+from ddp.checkpoint.checkpointer import Checkpointer, TrainState
+from ddp.model.registry import classifies
 from ddp.config import Recipe
-from ddp.evaluation import evaluate
-from ddp.finetune import unfreeze
-from ddp.metrics import MetricsWriter
-from ddp.parallel import unwrap_model
-from ddp.precision import autocast
-from ddp.signals import StopRequest
+from ddp.engine.evaluation import evaluate
+from ddp.model.finetune import unfreeze
+from ddp.reporting.metrics import MetricsWriter
+from ddp.model.parallel import unwrap_model
+from ddp.model.precision import autocast
+from ddp.engine.stop import StopRequest
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from ddp.errors import MemoryBudgetError
 from ddp.memory.estimate import MB, Estimate
 from ddp.memory.policy import Search, fit_affine
 from ddp.memory.readers import MemoryReader
-from ddp.rng import capture_rng, restore_rng
+from ddp.engine.rng import capture_rng, restore_rng
 
 Step = Callable[[int], "float | None"]  # batch → bytes the step added, None on out-of-memory
 

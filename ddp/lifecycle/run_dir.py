@@ -5,7 +5,7 @@
       history.jsonl         one record per start or resume, with the recipe changes (rank 0)
       metrics.jsonl         one JSON object per step interval and per epoch (rank 0)
       tensorboard/          the same metrics as TensorBoard events (rank 0)
-      checkpoints/          step-*.pt + manifests, latest, best (rank 0; see ddp.checkpoint_files)
+      checkpoints/          step-*.pt + manifests, latest, best (rank 0; see ddp.checkpoint.files)
       logs/rank{r}.log      every rank's own log
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddp.atomic import write_text_atomic
+from ddp.checkpoint.atomic import write_text_atomic
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ of a save, and a failed save stops every rank with the same error. Which checkpo
 decided beforehand (``ddp.lifecycle.decision``); every rank loads it into host memory with
 ``weights_only=True`` and copies it into its model and optimizer on its own device. The recipe's
 hyperparameters win over the checkpoint's, and the LR schedule
-is rebuilt from the recipe (``ddp.optim.build_scheduler(start_step=...)``), not loaded.
+is rebuilt from the recipe (``ddp.model.optim.build_scheduler(start_step=...)``), not loaded.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import ddp
-from ddp import checkpoint_files as files
-from ddp import comm
-from ddp.atomic import write_text_atomic
-from ddp.checkpoint_files import CheckpointError
+from ddp.checkpoint import files
+from ddp.cluster import comm
+from ddp.checkpoint.atomic import write_text_atomic
+from ddp.checkpoint.files import CheckpointError
 from ddp.config import BestMode, CheckpointConfig
-from ddp.parallel import unwrap_model
-from ddp.rng import capture_rng, restore_rng
+from ddp.model.parallel import unwrap_model
+from ddp.engine.rng import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ddp.errors import ClusterEnvError
-from ddp.hostlist import expand_tasks_per_node, first_host
+from ddp.cluster.hostlist import expand_tasks_per_node, first_host
 
 Environ = Mapping[str, str]
 

@@ -10,8 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from ddp import comm
-from ddp.components import classifies
+from ddp.cluster import comm
+from ddp.model.registry import classifies
 
 
 @dataclass(frozen=True)

@@ -88,5 +88,5 @@ MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
 
 
 def build_model(name: str, shape: Shape, classes: int) -> nn.Module:
-    """A built-in model by name (``ddp.components.build_model`` also takes your own)."""
+    """A built-in model by name (``ddp.model.registry.build_model`` also takes your own)."""
     return MODELS[name](shape, classes)

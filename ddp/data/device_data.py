@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ddp.config import LoaderKind
-from ddp.datasets import Splits
+from ddp.data.datasets import Splits
 from ddp.errors import ConfigError
 
 log = logging.getLogger(__name__)

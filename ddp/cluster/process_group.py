@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ddp import comm, rendezvous
-from ddp.nccl import DUMP_SUBDIR, export_nccl_defaults
-from ddp.environment import ClusterEnv
+from ddp.cluster import comm
+from ddp.cluster import rendezvous
+from ddp.cluster.nccl import DUMP_SUBDIR, export_nccl_defaults
+from ddp.cluster.environment import ClusterEnv
 from ddp.errors import DDPError
-from ddp.peers import heartbeat, is_comm_failure, peer_lost, roll_call
+from ddp.cluster.heartbeat import heartbeat, is_comm_failure, peer_lost, roll_call
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,13 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
     waiting rank logs who is missing (``rendezvous.gather``); with ``recipe_yaml`` every rank must
     hold rank 0's recipe (``rendezvous.agree_on_recipe``); under NCCL, ``gpu`` (this rank's GPU
     identity) must not be another rank's too (``rendezvous.check_gpus``), and NCCL's failure
-    handling is set (``ddp.nccl``, flight-recorder dumps under ``nccl_dumps``). Under NCCL, object
+    handling is set (``ddp.cluster.nccl``, flight-recorder dumps under ``nccl_dumps``). Under NCCL, object
     collectives use a Gloo side group (``comm.open_control_group``).
 
     On a clean exit every rank passes a barrier first, so no rank tears down while a peer still
     needs it. After an error the barrier is skipped (peers may be stuck in another collective);
     the group is destroyed so the process can exit instead of hanging. A communication failure
-    becomes ``PeerLost`` naming the ranks whose heartbeat stopped (``ddp.peers``).
+    becomes ``PeerLost`` naming the ranks whose heartbeat stopped (``ddp.cluster.heartbeat``).
     """
     if not env.distributed:
         yield

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ddp.atomic import write_text_atomic
+from ddp.checkpoint.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 

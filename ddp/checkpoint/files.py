@@ -9,7 +9,7 @@
 A checkpoint counts only when its manifest exists and matches the .pt byte for byte; both are
 written to a temporary file in the same directory, fsynced and renamed, the .pt first. A save
 killed at any point therefore leaves either the previous state or a complete new checkpoint.
-Pure file logic: no process group here (``ddp.checkpointer`` decides who calls what).
+Pure file logic: no process group here (``ddp.checkpoint.checkpointer`` decides who calls what).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from ddp.atomic import atomic_open, write_text_atomic
+from ddp.checkpoint.atomic import atomic_open, write_text_atomic
 from ddp.errors import DDPError
 
 _NAME = re.compile(r"step-(\d{8,})\.pt$")

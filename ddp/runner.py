@@ -21,34 +21,34 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ddp import comm
-from ddp.backend import Devices, Placement, check_parallel, choose_backend, place, probe_devices
+from ddp.cluster import comm
+from ddp.cluster.devices import Devices, Placement, check_parallel, choose_backend, place, probe_devices
 from ddp.config import Recipe, to_yaml
-from ddp.components import Given, build_components, build_loss, check_recipe, eval_loss
-from ddp.datasets import Splits, build_datasets
-from ddp.environment import ClusterEnv, available_cpus, hostname
+from ddp.model.registry import Given, build_components, build_loss, check_recipe, eval_loss
+from ddp.data.datasets import Splits, build_datasets
+from ddp.cluster.environment import ClusterEnv, available_cpus, hostname
 from ddp.errors import DDPError, print_error
-from ddp.loaders import ResumableSampler, ShardSampler, auto_workers, eval_loader, train_loader
+from ddp.data.loaders import ResumableSampler, ShardSampler, auto_workers, eval_loader, train_loader
 from ddp.memory.readers import peak_memory_mb as device_peak_mb, reset_peak_memory
 from ddp.memory.resolve import check_budget, resolve_batch_sizes
-from ddp.memory_loader import MemoryLoader, choose_loader
+from ddp.data.device_data import MemoryLoader, choose_loader
 from ddp.lifecycle import lock
 from ddp.lifecycle.changes import Policy, describe
 from ddp.lifecycle.decision import Decision, decide
 from ddp.lifecycle.history import record_start
-from ddp.logs import RankLogs, rank_logging
-from ddp.metrics import MetricsWriter
-from ddp.nccl import DUMP_SUBDIR, make_dump_dir
-from ddp.optim import build_optimizer, build_scheduler, schedule_position
-from ddp.parallel import check_sync_bn, convert_sync_bn, unwrap_model, wrap_model
-from ddp.precision import check_precision, make_scaler
-from ddp.process_group import process_group
-from ddp.report import summary
-from ddp.run_dir import RunDir
-from ddp.seeding import not_deterministic, seed_everything
-from ddp.checkpointer import Checkpointer, TrainState
-from ddp.signals import EXIT_INTERRUPTED, stop_request
-from ddp.trainer import FitResult, Trainer, TrainParts
+from ddp.reporting.logs import RankLogs, rank_logging
+from ddp.reporting.metrics import MetricsWriter
+from ddp.cluster.nccl import DUMP_SUBDIR, make_dump_dir
+from ddp.model.optim import build_optimizer, build_scheduler, schedule_position
+from ddp.model.parallel import check_sync_bn, convert_sync_bn, unwrap_model, wrap_model
+from ddp.model.precision import check_precision, make_scaler
+from ddp.cluster.process_group import process_group
+from ddp.reporting.report import summary
+from ddp.lifecycle.run_dir import RunDir
+from ddp.engine.seeding import not_deterministic, seed_everything
+from ddp.checkpoint.checkpointer import Checkpointer, TrainState
+from ddp.engine.stop import EXIT_INTERRUPTED, stop_request
+from ddp.engine.trainer import FitResult, Trainer, TrainParts
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,14 @@ class RunResult:
     state_dict: dict[str, torch.Tensor]  # final unwrapped weights, on CPU (empty when nothing was trained)
     run_dir: Path  # the version directory the run wrote (or would have)
     stopped_by: str | None = None  # the stop signal that ended the run early, if any
-    exit_code: int = 0  # 0, or 75 / 130 after a stop signal (see ddp.signals)
+    exit_code: int = 0  # 0, or 75 / 130 after a stop signal (see ddp.engine.stop)
 
 
 @dataclass
 class Plan:
     """What ``prepare`` settled: the run can start."""
 
-    placement: Placement  # backend, device and why (``ddp.backend``)
+    placement: Placement  # backend, device and why (``ddp.cluster.devices``)
     devices: Devices
     threads: int
     splits: Splits
@@ -138,7 +138,7 @@ def _log_refusal(err: DDPError, rank: int) -> None:
 
 def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None, given: Given | None = None) -> Plan:
     """Every check that can refuse the run, before any file is written or process group formed:
-    the data and the model are built here (``ddp.components``), so a bad name or result is refused."""
+    the data and the model are built here (``ddp.model.registry``), so a bad name or result is refused."""
     given = given or Given()
     check_recipe(recipe, given)
     devices = devices or probe_devices()

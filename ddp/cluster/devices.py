@@ -9,7 +9,7 @@ The device rule (docs/devices.md):
   share one, which NCCL cannot do, so auto trains on the CPU with Gloo and says why;
 * ``dist.backend=nccl`` with ranks that would share a GPU is refused in one line. Where the
   launcher may bind GPUs per rank, sharing can only be seen across ranks: every rank publishes its
-  GPU's UUID at the rendezvous (``ddp.rendezvous.check_gpus``) and a duplicate on one host is
+  GPU's UUID at the rendezvous (``ddp.cluster.rendezvous.check_gpus``) and a duplicate on one host is
   refused there, before the process group forms;
 * whenever GPUs are visible but a rank trains on the CPU, the reason is logged.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ddp.config import Backend, Parallel
-from ddp.environment import ClusterEnv, cuda_visible_devices
+from ddp.cluster.environment import ClusterEnv, cuda_visible_devices
 from ddp.errors import BackendError
 
 

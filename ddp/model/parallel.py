@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp import comm
-from ddp.backend import Devices
+from ddp.cluster import comm
+from ddp.cluster.devices import Devices
 from ddp.config import Parallel
 from ddp.errors import BackendError
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ddp import comm
+from ddp.cluster import comm
 
 log = logging.getLogger(__name__)
 

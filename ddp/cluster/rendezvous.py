@@ -21,9 +21,9 @@ from datetime import timedelta
 import torch.distributed as dist
 import yaml
 
-from ddp.environment import ClusterEnv, environment_value, export_variables, hostname
+from ddp.cluster.environment import ClusterEnv, environment_value, export_variables, hostname
 from ddp.errors import BackendError, ConfigError, DDPError
-from ddp.network import NetworkError, nccl_interface_line, route_to
+from ddp.cluster.network import NetworkError, nccl_interface_line, route_to
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import torch
 
-from ddp.environment import export_variables
+from ddp.cluster.environment import export_variables
 from ddp.errors import ConfigError
 
 log = logging.getLogger(__name__)

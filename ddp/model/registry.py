@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ddp import finetune
+from ddp.model import finetune
 from ddp.config import DataConfig, ModelConfig, Recipe, TrainConfig
-from ddp.datasets import DATASETS, Splits
+from ddp.data.datasets import DATASETS, Splits
 from ddp.errors import ConfigError
-from ddp.models import MODELS
+from ddp.model.zoo import MODELS
 
 LOSSES = ("cross_entropy", "mse")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -125,7 +125,7 @@ def _first_line(err: BaseException) -> str:
 
 def build_components(recipe: Recipe, given: Given, build_datasets: Callable[[DataConfig], Splits]
                      ) -> tuple[Splits, nn.Module]:
-    """The data, then the model (with its weights and frozen layers, ``ddp.finetune``). Every rank
+    """The data, then the model (with its weights and frozen layers, ``ddp.model.finetune``). Every rank
     builds its own; the seed is set by the caller so all ranks build the same initial weights."""
     if given.data is not None:
         splits = _splits_of(_produce(given.data, recipe.data.args), "data")

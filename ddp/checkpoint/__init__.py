@@ -1,0 +1,1 @@
+"""What a checkpoint is on disk and who writes and reads it: atomic files, manifests, resume."""

@@ -1,0 +1,1 @@
+"""The training loop: steps, evaluation, agreed stop signals, seeding and RNG state."""

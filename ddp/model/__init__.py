@@ -1,0 +1,1 @@
+"""Building the model (built-ins and your own), fine-tuning, parallel wrappers, precision, optimizers."""

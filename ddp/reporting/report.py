@@ -1,0 +1,152 @@
+"""Looking at a run: ``python -m ddp.report runs/<name>`` (a group: its newest version) or a version dir.
+
+Writes ``report.png`` in the version dir (loss and accuracy per epoch, learning rate per step,
+throughput per epoch; matplotlib) and prints a table of the epochs and a summary. ``summary``
+is also what every run prints at its end. Reads files only: no process group, any process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from ddp.checkpoint.files import read_pointer
+from ddp.errors import ConfigError, DDPError, print_error
+from ddp.lifecycle.versions import list_versions
+
+
+def version_dir(path: Path) -> Path:
+    """``path`` itself when it holds a run's metrics, else the newest ``version_N`` under it."""
+    if (path / "metrics.jsonl").is_file():
+        return path
+    versions = [v for v in list_versions(path) if (v / "metrics.jsonl").is_file()]
+    if not versions:
+        raise ConfigError(f"no run under '{path}': no metrics.jsonl there or in a version_N/ below it.",
+                          "give runs/<name> or runs/<name>/version_N of a run that has trained")
+    return versions[-1]
+
+
+def read_records(version: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(epoch records, step records) of ``metrics.jsonl`` (a line torn by a kill is skipped)."""
+    epochs: list[dict[str, Any]] = []
+    steps: list[dict[str, Any]] = []
+    path = version / "metrics.jsonl"
+    for line in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else []):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        (epochs if record.get("kind") == "epoch" else steps if record.get("kind") == "step" else []).append(record)
+    return epochs, steps
+
+
+def summary(version: Path, wall_s: float | None = None, peak_mb: float | None = None) -> str:
+    """A few lines: best and final accuracy (or loss), throughput, time, memory, best checkpoint."""
+    epochs, _ = read_records(version)
+    if not epochs:
+        return f"{version}: no epoch finished yet"
+    final = epochs[-1]
+    scored = [e for e in epochs if e.get("test_acc") is not None]
+    lines = [f"run {version}: {len(epochs)} epoch records, {final['step']} steps"]
+    if scored:
+        best = max(scored, key=lambda e: e["test_acc"])
+        lines.append(f"  test accuracy: best {best['test_acc']:.4f} (epoch {best['epoch']}), "
+                     f"final {final['test_acc']:.4f}")
+    best_loss = min(epochs, key=lambda e: e["test_loss"])
+    lines.append(f"  test loss:     best {best_loss['test_loss']:.4f} (epoch {best_loss['epoch']}), "
+                 f"final {final['test_loss']:.4f}")
+    rates = [e["samples_per_s"] for e in epochs if e.get("samples_per_s")]
+    train_s = sum(e.get("epoch_time_s", 0.0) for e in epochs)
+    lines.append(f"  throughput:    {sum(rates) / max(len(rates), 1):.0f} samples/s (mean over epochs); "
+                 f"{train_s:.1f} s in training epochs" + (f", {wall_s:.1f} s wall" if wall_s is not None else ""))
+    if peak_mb is not None:
+        lines.append(f"  peak memory:   {peak_mb:.0f} MB (this process)")
+    best_file = read_pointer(version / "checkpoints", "best")
+    if best_file:
+        lines.append(f"  best checkpoint: {version / 'checkpoints' / best_file}")
+    return "\n".join(lines)
+
+
+def table(epochs: list[dict[str, Any]]) -> str:
+    """One row per epoch record."""
+    head = f"{'epoch':>5} {'step':>7} {'train loss':>10} {'train acc':>9} {'test loss':>9} {'test acc':>8} " \
+           f"{'lr':>9} {'samples/s':>9} {'time s':>7}"
+    rows = [head]
+    for e in epochs:
+        rows.append(f"{e['epoch']:>5} {e['step']:>7} {e['train_loss']:>10.4f} {_num(e.get('train_acc'), 9)} "
+                    f"{e['test_loss']:>9.4f} {_num(e.get('test_acc'), 8)} {e.get('lr', math.nan):>9.3g} "
+                    f"{e.get('samples_per_s', 0):>9.0f} {e.get('epoch_time_s', 0):>7.2f}"
+                    + (" (partial)" if e.get("partial") else ""))
+    return "\n".join(rows)
+
+
+def plot(version: Path, out: Path) -> Path:
+    """Four panels (loss, accuracy, lr, throughput) written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt
+
+    epochs, steps = read_records(version)
+    x = [e["epoch"] for e in epochs]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    loss, acc, lr, speed = axes.flat
+    loss.plot(x, [e["train_loss"] for e in epochs], "o-", label="train")
+    loss.plot(x, [e["test_loss"] for e in epochs], "o-", label="test")
+    _label(loss, "loss per epoch", "epoch")
+    for split in ("train", "test"):
+        points = [(e["epoch"], e[f"{split}_acc"]) for e in epochs if e.get(f"{split}_acc") is not None]
+        if points:
+            acc.plot(*zip(*points), "o-", label=split)
+    _label(acc, "accuracy per epoch" if any(e.get("test_acc") is not None for e in epochs)
+           else "accuracy (not class logits: loss only)", "epoch")
+    lr_points = [(s["step"], s["lr"]) for s in steps if "lr" in s] or [(e["step"], e["lr"]) for e in epochs]
+    if lr_points:
+        lr.plot(*zip(*lr_points), "-")
+    _label(lr, "learning rate", "step", legend=False)
+    speed.bar(x, [e.get("samples_per_s", 0) for e in epochs])
+    _label(speed, "throughput (samples/s)", "epoch", legend=False)
+    fig.suptitle(str(version))
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def _label(ax: Any, title: str, xlabel: str, legend: bool = True) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
+def _num(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddp.report",
+                                     description="Plot and summarise a run: runs/<name> or runs/<name>/version_N.")
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--out", type=Path, help="PNG to write (default: <version dir>/report.png)")
+    args = parser.parse_args(argv)
+    try:
+        version = version_dir(args.run)
+    except DDPError as err:
+        print_error(err, 0)
+        return err.exit_code
+    epochs, _ = read_records(version)
+    print(table(epochs))
+    print(summary(version))
+    out = plot(version, args.out or version / "report.png")
+    print(f"plot: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
