@@ -24,11 +24,45 @@ from ddp.errors import ConfigError
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def _bounded(default: Any, *, minimum: float | None = None, above: float | None = None,
-             maximum: float | None = None) -> Any:
-    """A dataclass field with value limits checked after merging."""
+class Policy(str, Enum):
+    """What resuming a checkpoint does with a key whose value changed (``ddp.lifecycle.changes``)."""
+
+    honoured = "honoured"  # the resumed run uses the new value; the change is logged and recorded
+    refused = "refused"  # the new value would silently break the run: refused in one line naming the key
+    ignored = "ignored"  # the key chooses the run rather than describes it (train.resume, run.*)
+
+
+Resume = tuple[Policy, str]  # (policy, why a refused change cannot be honoured)
+HONOURED: Resume = (Policy.honoured, "")
+IGNORED: Resume = (Policy.ignored, "")
+
+
+def refused(why: str) -> Resume:
+    return Policy.refused, why
+
+
+_OTHER_MODEL = "the checkpoint's weights belong to another model"
+_OTHER_PARAMETERS = "the optimizer's state covers other parameters"
+_OTHER_DATA = "the checkpoint was trained on other data"
+_OTHER_SPLIT = "the train/test split would change"
+_OTHER_OPTIMIZER = "the checkpoint holds another optimizer's state"
+_OTHER_GROUPS = "the checkpoint's optimizer groups its parameters otherwise"
+_SAMPLE_ORDER = "the interrupted epoch's sample order depends on it"
+_OTHER_LOSS = "its logged losses and best checkpoint would no longer compare"
+
+
+def setting(default: Any = dataclasses.MISSING, *, resume: Resume, per_machine: bool = False,
+            factory: Any = None, minimum: float | None = None, above: float | None = None,
+            maximum: float | None = None) -> Any:
+    """A recipe key, with everything that decides its behaviour declared beside it: value limits
+    (checked after merging), what a resume does when it changed (``resume``), and whether it may
+    differ between the machines of one job (``per_machine``: paths, local parallelism, console;
+    every other key must be the same on every rank, ``ddp.cluster.rendezvous``)."""
     limits = {"min": minimum, "above": above, "max": maximum}
-    return field(default=default, metadata={k: v for k, v in limits.items() if v is not None})
+    metadata = {**{k: v for k, v in limits.items() if v is not None}, "resume": resume, "per_machine": per_machine}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 class Backend(str, Enum):
@@ -70,61 +104,61 @@ class Precision(str, Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = "digits_cnn"  # a built-in (ddp.model.zoo.MODELS) or your own: mypkg.models:MyNet
-    args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for the model
-    pretrained: bool = False  # built-in torchvision models: weights from the local torch hub cache
-    weights: Optional[str] = None  # or a state_dict file to start from
-    freeze: List[str] = field(default_factory=list)  # parameter-name patterns kept frozen, e.g. ["features.*"]
-    unfreeze_after_epochs: int = _bounded(-1, minimum=-1)  # train the frozen layers from this epoch on; -1 = never
+    name: str = setting("digits_cnn", resume=refused(_OTHER_MODEL))  # a built-in (ddp.model.zoo.MODELS) or your own: mypkg.models:MyNet
+    args: Dict[str, Any] = setting(factory=dict, resume=refused(_OTHER_MODEL))  # keyword arguments for the model
+    pretrained: bool = setting(False, resume=refused(_OTHER_MODEL))  # built-in torchvision models: weights from the local torch hub cache
+    weights: Optional[str] = setting(None, resume=refused(_OTHER_MODEL))  # or a state_dict file to start from
+    freeze: List[str] = setting(factory=list, resume=refused(_OTHER_PARAMETERS))  # parameter-name patterns kept frozen, e.g. ["features.*"]
+    unfreeze_after_epochs: int = setting(-1, minimum=-1, resume=refused(_OTHER_PARAMETERS))  # train the frozen layers from this epoch on; -1 = never
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # a built-in (ddp.data.datasets.DATASETS) or your own: mypkg.data:build → (train, test)
-    args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for your own data function
-    root: str = "data"  # where mnist/fashion_mnist/cifar10/image_folder files live
-    download: bool = False  # let torchvision fetch missing mnist/fashion_mnist/cifar10 files (needs network)
-    image_size: int = _bounded(224, minimum=8)  # image_folder: images are resized and cropped to this
-    batch_size: Any = 32  # per rank (int ≥ 1, or auto: probed, see ddp.memory); global = this × world size
-    eval_batch_size: Any = 512  # per rank (int ≥ 1, or auto)
-    test_fraction: float = _bounded(0.2, above=0.0, maximum=0.9)  # digits: held-out share
-    split_seed: int = 0  # digits: the fixed train/test split
-    loader: LoaderKind = LoaderKind.auto  # auto: in-memory tensors when they fit, else DataLoader
-    memory_limit_mb: int = _bounded(4096, minimum=1)  # largest dataset auto keeps in (device) memory
-    num_workers: int = _bounded(-1, minimum=-1)  # DataLoader workers per rank; -1 = auto
-    synthetic_train: int = _bounded(4096, minimum=1)  # synthetic: samples
-    synthetic_test: int = _bounded(1024, minimum=1)
-    synthetic_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
-    synthetic_classes: int = _bounded(10, minimum=2)
+    name: str = setting("digits", resume=refused(_OTHER_DATA))  # a built-in (ddp.data.datasets.DATASETS) or your own: mypkg.data:build → (train, test)
+    args: Dict[str, Any] = setting(factory=dict, resume=refused(_OTHER_DATA))  # keyword arguments for your own data function
+    root: str = setting("data", resume=HONOURED, per_machine=True)  # where mnist/fashion_mnist/cifar10/image_folder files live
+    download: bool = setting(False, resume=HONOURED)  # let torchvision fetch missing mnist/fashion_mnist/cifar10 files (needs network)
+    image_size: int = setting(224, minimum=8, resume=refused(_OTHER_DATA))  # image_folder: images are resized and cropped to this
+    batch_size: Any = setting(32, resume=HONOURED)  # per rank (int ≥ 1, or auto: probed, see ddp.memory); global = this × world size
+    eval_batch_size: Any = setting(512, resume=HONOURED)  # per rank (int ≥ 1, or auto)
+    test_fraction: float = setting(0.2, above=0.0, maximum=0.9, resume=refused(_OTHER_SPLIT))  # digits: held-out share
+    split_seed: int = setting(0, resume=refused(_OTHER_SPLIT))  # digits: the fixed train/test split
+    loader: LoaderKind = setting(LoaderKind.auto, resume=HONOURED)  # auto: in-memory tensors when they fit, else DataLoader
+    memory_limit_mb: int = setting(4096, minimum=1, resume=HONOURED)  # largest dataset auto keeps in (device) memory
+    num_workers: int = setting(-1, minimum=-1, resume=HONOURED, per_machine=True)  # DataLoader workers per rank; -1 = auto
+    synthetic_train: int = setting(4096, minimum=1, resume=refused(_OTHER_DATA))  # synthetic: samples
+    synthetic_test: int = setting(1024, minimum=1, resume=refused(_OTHER_DATA))
+    synthetic_shape: list[int] = setting(factory=lambda: [1, 28, 28], resume=refused(_OTHER_DATA))
+    synthetic_classes: int = setting(10, minimum=2, resume=refused(_OTHER_DATA))
 
 
 @dataclass
 class OptimConfig:
-    name: OptimizerName = OptimizerName.sgd
-    lr: float = _bounded(0.05, above=0.0)
-    momentum: float = _bounded(0.9, minimum=0.0, maximum=1.0)  # sgd only
-    weight_decay: float = _bounded(5e-4, minimum=0.0)
-    schedule: Schedule = Schedule.cosine
-    step_epochs: int = _bounded(3, minimum=1)  # schedule=step: decay every N epochs
-    gamma: float = _bounded(0.1, above=0.0, maximum=1.0)  # schedule=step: decay factor
-    warmup_steps: int = _bounded(0, minimum=0)  # linear warm-up before the schedule
-    decay_norms_and_biases: bool = False  # false: no weight decay on biases and norm weights (1-D parameters)
+    name: OptimizerName = setting(OptimizerName.sgd, resume=refused(_OTHER_OPTIMIZER))
+    lr: float = setting(0.05, above=0.0, resume=HONOURED)
+    momentum: float = setting(0.9, minimum=0.0, maximum=1.0, resume=HONOURED)  # sgd only
+    weight_decay: float = setting(5e-4, minimum=0.0, resume=HONOURED)
+    schedule: Schedule = setting(Schedule.cosine, resume=HONOURED)
+    step_epochs: int = setting(3, minimum=1, resume=HONOURED)  # schedule=step: decay every N epochs
+    gamma: float = setting(0.1, above=0.0, maximum=1.0, resume=HONOURED)  # schedule=step: decay factor
+    warmup_steps: int = setting(0, minimum=0, resume=HONOURED)  # linear warm-up before the schedule
+    decay_norms_and_biases: bool = setting(False, resume=refused(_OTHER_GROUPS))  # false: no weight decay on biases and norm weights (1-D parameters)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _bounded(10, minimum=1)
-    max_steps: int = _bounded(-1, minimum=-1)  # stop after this many optimizer steps; -1 = no cap
-    seed: int = 0
-    deterministic: bool = False  # also force deterministic CUDA kernels (slower)
-    resume: str = "auto"  # auto: newest valid checkpoint of the run dir | never | <checkpoint file or dir>
-    loss: str = "cross_entropy"  # cross_entropy | mse | your own: mypkg.losses:focal (outputs, targets) → scalar
-    label_smoothing: float = _bounded(0.0, minimum=0.0, maximum=0.99)  # cross_entropy only
-    clip_grad_norm: float = _bounded(0.0, minimum=0.0)  # clip the global gradient norm to this; 0 = off
-    accumulate: int = _bounded(1, minimum=1)  # micro-batches per optimizer step (DDP syncs on the last only)
-    precision: Precision = Precision.fp32  # bf16: autocast (CPU or GPU); fp16: autocast + GradScaler (CUDA only)
-    compile: bool = False  # torch.compile the (wrapped) model for training; evaluation runs it uncompiled
-    channels_last: bool = False  # NHWC memory format for the model and 4-D inputs (faster convs on recent GPUs)
+    epochs: int = setting(10, minimum=1, resume=HONOURED)
+    max_steps: int = setting(-1, minimum=-1, resume=HONOURED)  # stop after this many optimizer steps; -1 = no cap
+    seed: int = setting(0, resume=refused(_SAMPLE_ORDER))
+    deterministic: bool = setting(False, resume=HONOURED)  # also force deterministic CUDA kernels (slower)
+    resume: str = setting("auto", resume=IGNORED)  # auto: newest valid checkpoint of the run dir | never | <checkpoint file or dir>
+    loss: str = setting("cross_entropy", resume=refused(_OTHER_LOSS))  # cross_entropy | mse | your own: mypkg.losses:focal (outputs, targets) → scalar
+    label_smoothing: float = setting(0.0, minimum=0.0, maximum=0.99, resume=HONOURED)  # cross_entropy only
+    clip_grad_norm: float = setting(0.0, minimum=0.0, resume=HONOURED)  # clip the global gradient norm to this; 0 = off
+    accumulate: int = setting(1, minimum=1, resume=HONOURED)  # micro-batches per optimizer step (DDP syncs on the last only)
+    precision: Precision = setting(Precision.fp32, resume=HONOURED)  # bf16: autocast (CPU or GPU); fp16: autocast + GradScaler (CUDA only)
+    compile: bool = setting(False, resume=HONOURED)  # torch.compile the (wrapped) model for training; evaluation runs it uncompiled
+    channels_last: bool = setting(False, resume=HONOURED)  # NHWC memory format for the model and 4-D inputs (faster convs on recent GPUs)
 
 
 class BestMode(str, Enum):
@@ -134,44 +168,44 @@ class BestMode(str, Enum):
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = _bounded(0, minimum=0)  # save every N optimizer steps; 0 = off
-    every_epochs: int = _bounded(1, minimum=0)  # save every N epochs (after evaluation); 0 = off
-    keep: int = _bounded(3, minimum=2)  # newest checkpoints kept (the best one is kept besides)
-    best_metric: str = "test_acc"  # epoch-record field that ranks checkpoints
-    best_mode: BestMode = BestMode.max
-    signal_poll_s: float = _bounded(0.25, minimum=0.0)  # ranks agree on preemption signals this often; 0 = every step
+    every_steps: int = setting(0, minimum=0, resume=HONOURED)  # save every N optimizer steps; 0 = off
+    every_epochs: int = setting(1, minimum=0, resume=HONOURED)  # save every N epochs (after evaluation); 0 = off
+    keep: int = setting(3, minimum=2, resume=HONOURED)  # newest checkpoints kept (the best one is kept besides)
+    best_metric: str = setting("test_acc", resume=HONOURED)  # epoch-record field that ranks checkpoints
+    best_mode: BestMode = setting(BestMode.max, resume=HONOURED)
+    signal_poll_s: float = setting(0.25, minimum=0.0, resume=HONOURED)  # ranks agree on preemption signals this often; 0 = every step
 
 
 @dataclass
 class DistConfig:
-    backend: Backend = Backend.auto  # auto = nccl when every local rank has a GPU, else gloo
-    parallel: Parallel = Parallel.ddp
-    timeout_s: float = _bounded(300.0, above=0.0)  # collective timeout: a dead peer → error
-    threads_per_rank: int = _bounded(0, minimum=0)  # CPU threads per rank; 0 = cores ÷ local ranks
-    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
+    backend: Backend = setting(Backend.auto, resume=HONOURED)  # auto = nccl when every local rank has a GPU, else gloo
+    parallel: Parallel = setting(Parallel.ddp, resume=HONOURED)
+    timeout_s: float = setting(300.0, above=0.0, resume=HONOURED)  # collective timeout: a dead peer → error
+    threads_per_rank: int = setting(0, minimum=0, resume=HONOURED, per_machine=True)  # CPU threads per rank; 0 = cores ÷ local ranks
+    sync_bn: bool = setting(False, resume=HONOURED)  # BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
 
 
 @dataclass
 class MemoryConfig:
     """Budget for ``data.batch_size: auto`` / ``data.eval_batch_size: auto`` (see ddp.memory)."""
 
-    fraction: float = _bounded(0.9, above=0.0, maximum=1.0)  # of the memory free when probing
-    budget_mb: int = _bounded(0, minimum=0)  # params + grads + optimizer + data on device + activations per rank; 0 = use fraction
-    cache: str = "runs/.probe_cache.json"  # probe results by (device, model, input, dtype, optimizer, world); '' = off
+    fraction: float = setting(0.9, above=0.0, maximum=1.0, resume=HONOURED)  # of the memory free when probing
+    budget_mb: int = setting(0, minimum=0, resume=HONOURED)  # params + grads + optimizer + data on device + activations per rank; 0 = use fraction
+    cache: str = setting("runs/.probe_cache.json", resume=HONOURED)  # probe results by (device, model, input, dtype, optimizer, world); '' = off
 
 
 @dataclass
 class RunConfig:
-    name: str = "digits"
-    dir: Optional[str] = None  # default: runs/<name>
+    name: str = setting("digits", resume=IGNORED)
+    dir: Optional[str] = setting(None, resume=IGNORED)  # default: runs/<name>
 
 
 @dataclass
 class LogConfig:
-    level: str = "INFO"
-    every_steps: int = _bounded(20, minimum=1)  # step records in metrics.jsonl and TensorBoard
-    progress: bool = True  # tqdm bar on rank 0 (only when the console is a terminal)
-    tensorboard: bool = True
+    level: str = setting("INFO", resume=HONOURED, per_machine=True)
+    every_steps: int = setting(20, minimum=1, resume=HONOURED)  # step records in metrics.jsonl and TensorBoard
+    progress: bool = setting(True, resume=HONOURED, per_machine=True)  # tqdm bar on rank 0 (only when the console is a terminal)
+    tensorboard: bool = setting(True, resume=HONOURED)
 
 
 @dataclass
@@ -189,6 +223,34 @@ class Recipe:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+
+def _declaration(key: str) -> dataclasses.Field | None:
+    """The field declaring ``key`` (a dotted recipe key; keys inside a dict-valued field, such as
+    ``data.args.size``, belong to that field), or None for a key the schema does not have."""
+    node: Any = Recipe
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return found if node is None else None
+        found = fields[part]
+        default = found.default_factory() if found.default_factory is not dataclasses.MISSING else found.default
+        node = type(default) if dataclasses.is_dataclass(default) else None
+    return found
+
+
+def resume_policy(key: str) -> Resume:
+    """What a resume does when ``key`` changed. A key the schema lacks is refused."""
+    declared = _declaration(key)
+    if declared is None or "resume" not in declared.metadata:
+        return refused("resuming with another value of this key is not supported")
+    return declared.metadata["resume"]
+
+
+def per_machine(key: str) -> bool:
+    """True when ``key`` may differ between the machines (ranks) of one job."""
+    declared = _declaration(key)
+    return bool(declared is not None and declared.metadata.get("per_machine"))
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -117,3 +117,20 @@ def test_refused_backend_is_one_line_and_writes_nothing(tmp_path):
     assert done.stderr.strip() == ("error: dist.backend=nccl but CUDA is not available on this machine. "
                                    "HINT: use dist.backend=gloo (or auto) to train on CPU")
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_recipe_key_declares_its_resume_policy_and_whether_it_may_differ_per_machine():
+    """A new key without a declaration fails here, before it can be changed on resume unclassified."""
+    import dataclasses
+
+    from ddp.config import Policy, per_machine, resume_policy
+
+    undeclared = [f"{section.name}.{item.name}" for section in dataclasses.fields(Recipe)
+                  for item in dataclasses.fields(getattr(Recipe(), section.name))
+                  if "resume" not in item.metadata or "per_machine" not in item.metadata]
+    assert not undeclared, f"declare these keys with ddp.config.setting(resume=..., per_machine=...): {undeclared}"
+    policy, why = resume_policy("train.seed")
+    assert policy == Policy.refused and why  # a refusal says why
+    assert {key for key in ("data.root", "data.num_workers", "dist.threads_per_rank", "log.level", "log.progress",
+                            "optim.lr", "model.name") if per_machine(key)} == {
+        "data.root", "data.num_workers", "dist.threads_per_rank", "log.level", "log.progress"}

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import yaml
 
 from ddp.cluster.environment import ClusterEnv, environment_value, export_variables, hostname
+from ddp.config import per_machine
 from ddp.errors import BackendError, ConfigError, DDPError
 from ddp.cluster.network import NetworkError, nccl_interface_line, route_to
 
@@ -31,8 +32,6 @@ FIRST_LOG_S = 2.0  # a normal start takes less; a longer wait is worth a line
 WAIT_LOG_S = 5.0
 POLL_S = 0.05
 VERDICT_WAIT_S = 5.0
-# Keys that may legitimately differ between machines (paths, local parallelism, console).
-PER_MACHINE_KEYS = frozenset({"data.root", "data.num_workers", "dist.threads_per_rank", "log.level", "log.progress"})
 
 
 class RecipeMismatch(ConfigError):
@@ -184,9 +183,10 @@ def _wait_for_count(store: dist.Store, key: str, count: int, timeout_s: float) -
 
 
 def recipe_differences(theirs: str, ours: str) -> str:
-    """'' when equal (ignoring ``PER_MACHINE_KEYS``); else 'key=ours≠theirs, ...' naming every key."""
+    """'' when equal (ignoring keys declared ``per_machine`` in ``ddp.config``); else
+    'key=ours≠theirs, ...' naming every key."""
     a, b = _flatten(yaml.safe_load(ours) or {}), _flatten(yaml.safe_load(theirs) or {})
-    keys = sorted(k for k in set(a) | set(b) if k not in PER_MACHINE_KEYS and a.get(k) != b.get(k))
+    keys = sorted(k for k in set(a) | set(b) if not per_machine(k) and a.get(k) != b.get(k))
     return ", ".join(f"{k}={a.get(k)!r}≠{b.get(k)!r}" for k in keys)
 
 
