@@ -12,7 +12,7 @@ from typing import Any
 
 from ddp.model.registry import Given
 from ddp.config import Recipe, load_recipe
-from ddp.cluster.environment import detect_environment
+from ddp.cluster.environment import detect_environment, launcher_rank
 from ddp.errors import DDPError, print_error
 
 
@@ -36,7 +36,7 @@ def fit(recipe: str | Path | None = None, *, model: Any = None, data: Any = None
         given = Given(model=model, data=data)
         plan = session.prepare(resolved, env, given=given)
     except DDPError as err:
-        print_error(err, _rank())
+        print_error(err, launcher_rank())
         raise SystemExit(err.exit_code) from None
     result = session.execute_logged(resolved, env, plan)
     if result.exit_code:
@@ -65,10 +65,3 @@ def _yaml(value: Any) -> str:
     import json
 
     return "null" if value is None else json.dumps(value) if isinstance(value, (dict, list, str)) else str(value)
-
-
-def _rank() -> int:
-    try:
-        return detect_environment().rank
-    except DDPError:
-        return 0

@@ -15,7 +15,7 @@ from ddp.cluster.devices import choose_backend, choose_device, probe_devices
 from ddp.config import Parallel, load_recipe
 from ddp.data.datasets import build_datasets
 from ddp.cluster.environment import SingleProcessEnv
-from ddp.errors import DDPError
+from ddp.errors import DDPError, print_error
 from ddp.memory.resolve import KEYS, probe_recipe, table_lines
 
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         splits = build_datasets(recipe.data)
         probe = probe_recipe(recipe, splits, device, args.ranks, list(KEYS), ranks_on_host=args.ranks)
     except DDPError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err, 0)
         return 2 if type(err) is DDPError else err.exit_code
     print("\n".join(table_lines({"source": "probe", **probe.to_json()})))
     return 0

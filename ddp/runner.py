@@ -62,7 +62,7 @@ class RunResult:
     exit_code: int = 0  # 0, or 75 / 130 after a stop signal (see ddp.engine.stop)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """What ``prepare`` settled: the run can start."""
 
@@ -70,7 +70,7 @@ class Plan:
     devices: Devices
     threads: int
     splits: Splits
-    model: torch.nn.Module | None = None  # built (and checked) before the group; built in build_parts if None
+    model: torch.nn.Module  # built (and checked) before the group: the one model this rank trains
 
     @property
     def backend(self) -> str:
@@ -291,9 +291,6 @@ def build_parts(recipe: Recipe, plan: Plan, wrap: bool = True) -> TrainParts:
     """All ranks must call (wrapping in DDP broadcasts rank 0's weights). With ``wrap=False`` nothing
     here communicates and ``parts.model`` is the plain model: ``parts.rewrap`` wraps it."""
     splits, device = plan.splits, plan.device
-    if plan.model is None:
-        seed_everything(recipe.train.seed, recipe.train.deterministic)
-        plan.splits, plan.model = build_components(recipe, Given(), build_datasets)
     model = convert_sync_bn(plan.model, recipe.dist.sync_bn, comm.world_size())
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from ddp.model.registry import check_recipe
 from ddp.config import load_recipe, to_yaml
-from ddp.cluster.environment import detect_environment
+from ddp.cluster.environment import detect_environment, launcher_rank
 from ddp.errors import DDPError, print_error
 from ddp.runner import run
 from ddp.engine.stop import EXIT_INTERRUPTED
@@ -25,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@record  # torchrun's failure summary then names the root cause (an uncaught error's traceback)
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -50,21 +53,13 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _report_interrupt() -> None:
-    if _rank_or_0() == 0:
+    if launcher_rank() == 0:
         print("interrupted before training started: nothing was saved", file=sys.stderr)
 
 
 def _report(err: DDPError) -> None:
     """One line on stderr, from one rank only when the launcher started several."""
-    print_error(err, _rank_or_0())
-
-
-def _rank_or_0() -> int:
-    """This process's rank, or 0 when the launcher variables themselves are the problem."""
-    try:
-        return detect_environment().rank
-    except DDPError:
-        return 0
+    print_error(err, launcher_rank())
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ddp.cluster.devices import choose_backend, choose_device, probe_devices
 from ddp.config import Backend, Parallel
 from ddp.cluster.environment import ClusterEnv, SlurmEnv, available_cpus, detect_environment, hostname, slurm_interactive
-from ddp.errors import DDPError
+from ddp.errors import DDPError, print_error
 from ddp.memory.nvml import cuda_handle, nvml_session, uuid_of
 from ddp.cluster.network import NetworkError, interfaces, route_to
 from launch.selftest import all_reduce_selftest
@@ -163,7 +163,7 @@ def main(argv: list[str]) -> int:
     try:
         report = collect(args)
     except DDPError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err, 0)
         return err.exit_code
     print(json.dumps(report) if args.json else "\n".join(human(report)))
     return 1 if failures(report) else 0

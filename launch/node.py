@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 
 from ddp.cluster.environment import available_cpus, child_environ, environment_value, plan_variables
-from ddp.errors import DDPError
+from ddp.errors import DDPError, print_error
 from ddp.cluster.network import NetworkError, Route, nccl_interface_line, route_to
 from launch import preflight
 
@@ -170,7 +170,7 @@ def main(argv: list[str]) -> int:
             log.info("%s", note)
         preflight.check(node.route, args.node_rank, args.master_port, args.preflight_timeout, log)
     except DDPError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err, 0)
         return err.exit_code
     log.info("node %d of %d: %s", args.node_rank, args.nnodes, shlex.join(node.command))
     sys.stderr.flush()

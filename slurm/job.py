@@ -28,7 +28,7 @@ from typing import Any
 import submitit
 
 from ddp.config import load_recipe
-from ddp.cluster.environment import ClusterEnv, SingleProcessEnv, child_environ, detect_environment, torch_variables
+from ddp.cluster.environment import ClusterEnv, SingleProcessEnv, child_environ, detect_environment, torch_variables, slurm_master_port
 from ddp.engine.stop import EXIT_INTERRUPTED, EXIT_PREEMPTED, SIGNALS, last_received
 from ddp.runner import run
 
@@ -105,10 +105,9 @@ def task_environment() -> ClusterEnv:
     job = submitit.JobEnvironment()
     if job.num_tasks == 1:
         return env
-    digits = "".join(ch for ch in str(job.job_id) if ch.isdigit())[-4:] or "0"
     return ClusterEnv(rank=job.global_rank, local_rank=job.local_rank, world_size=job.num_tasks,
                       local_world_size=job.num_tasks // job.num_nodes, node_rank=job.node,
-                      master_addr="127.0.0.1", master_port=20000 + int(digits)).validate()
+                      master_addr="127.0.0.1", master_port=slurm_master_port(job.job_id)).validate()
 
 
 def finish(code: int, stopped_by: int, rank: int) -> dict[str, Any]:

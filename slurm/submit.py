@@ -23,7 +23,7 @@ from typing import Any
 import submitit
 
 from ddp.config import Recipe, load_recipe, to_yaml
-from ddp.errors import DDPError
+from ddp.errors import DDPError, print_error
 from slurm import cluster
 from slurm.job import ProgramJob, TrainJob
 from slurm.request import Request, SubmitError, check
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         submitted = submit_job(executor, job)
     except DDPError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err, 0)
         return err.exit_code
     announce(submitted, partition)
     return wait(submitted, args.cluster) if args.wait else 0

@@ -281,6 +281,15 @@ class _IntReader:
             ) from None
 
 
+def launcher_rank() -> int:
+    """This process's rank as the launcher's variables say, or 0 when they are the problem (for
+    saying an error once, before any process group)."""
+    try:
+        return detect_environment().rank
+    except ClusterEnvError:
+        return 0
+
+
 INTERACTIVE_JOB_NAMES = ("bash", "interactive")  # what `srun --pty bash` / `salloc` jobs are called
 HAND_SET = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_IP")
 NODELIST_VARIABLES = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")  # step first
@@ -307,8 +316,14 @@ def _slurm_first_host(environ: Environ) -> str:
 
 
 def _slurm_port(environ: Environ) -> int:
-    job_id = environ.get("SLURM_JOB_ID", "")
-    digits = "".join(ch for ch in job_id if ch.isdigit())[-4:]
+    return slurm_master_port(environ.get("SLURM_JOB_ID", ""))
+
+
+def slurm_master_port(job_id: object) -> int:
+    """The rendezvous port of a Slurm job: 15000 + the job id's last four digits (Lightning's rule),
+    so two jobs sharing a node rarely collide; 29500 without a job id. Every Slurm path uses it:
+    srun tasks, ``slurm.job`` on submitit's local executor, ``train.sbatch``."""
+    digits = "".join(ch for ch in str(job_id) if ch.isdigit())[-4:]
     return SLURM_PORT_BASE + int(digits) if digits else DEFAULT_MASTER_PORT
 
 

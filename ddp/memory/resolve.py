@@ -18,7 +18,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import OmegaConf
@@ -38,6 +38,11 @@ from ddp.data.device_data import data_on_device
 from ddp.model.registry import build_model as build_recipe_model
 from ddp.model.optim import build_optimizer
 from ddp.engine.rng import capture_rng, restore_rng
+
+if TYPE_CHECKING:  # the runner imports this module: its Plan is a type here only
+    from ddp.cluster.environment import ClusterEnv
+    from ddp.lifecycle.run_dir import RunDir
+    from ddp.runner import Plan
 
 log = logging.getLogger(__name__)
 KEYS = {"train": "batch_size", "eval": "eval_batch_size"}
@@ -66,7 +71,7 @@ def auto_kinds(recipe: Recipe) -> list[str]:
 
 
 
-def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any, checkpoint: Path | None) -> Recipe:
+def resolve_batch_sizes(recipe: Recipe, env: ClusterEnv, plan: Plan, run_dir: RunDir, checkpoint: Path | None) -> Recipe:
     """All ranks must call (two collectives when a batch size is ``auto``, none otherwise): the
     agreement, then rank 0's outcome of writing the results (a failure there is raised on every rank).
 
@@ -94,7 +99,7 @@ def resolve_batch_sizes(recipe: Recipe, env: Any, plan: Any, run_dir: Any, check
     return dataclasses.replace(recipe, data=data)
 
 
-def check_budget(recipe: Recipe, env: Any, splits: Splits, device: torch.device,
+def check_budget(recipe: Recipe, env: ClusterEnv, splits: Splits, device: torch.device,
                  model: torch.nn.Module | None = None) -> None:
     """Not collective. Refuse an ``auto`` batch size whose budget cannot even hold the parameters,
     gradients, optimizer state and the data the in-memory loader keeps on the device
@@ -245,7 +250,7 @@ def _from_checkpoint(kinds: list[str], path: Path | None) -> dict[str, int] | No
     return sizes  # type: ignore[return-value]
 
 
-def _publish_from_rank_0(recipe: Recipe, run_dir: Any, agreed: dict[str, int], reports: list[dict[str, Any]],
+def _publish_from_rank_0(recipe: Recipe, run_dir: RunDir, agreed: dict[str, int], reports: list[dict[str, Any]],
                          source: str, world: int) -> None:
     """All ranks must call (one broadcast). Rank 0 publishes; if that fails (an unwritable run dir),
     every rank raises the same error, so none goes on into a collective rank 0 has left."""
@@ -261,7 +266,7 @@ def _publish_from_rank_0(recipe: Recipe, run_dir: Any, agreed: dict[str, int], r
                        "check free disk space and permissions of the run dir (and of memory.cache)")
 
 
-def _publish(recipe: Recipe, run_dir: Any, agreed: dict[str, int], reports: list[dict[str, Any]], source: str,
+def _publish(recipe: Recipe, run_dir: RunDir, agreed: dict[str, int], reports: list[dict[str, Any]], source: str,
              world: int) -> None:
     """Rank 0 only: log the table, write memory_probe.json, update the cache."""
     for line in table_lines(reports[0], agreed):
