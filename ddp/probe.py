@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddp.cluster.devices import choose_backend, choose_device, probe_devices
+from ddp.cluster.devices import choose_backend, choose_device, detect_devices
 from ddp.config import Parallel, load_recipe
 from ddp.data.datasets import build_datasets
 from ddp.cluster.environment import SingleProcessEnv
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DDPError(f"--ranks={args.ranks} is invalid: it must be ≥ 1.", "e.g. --ranks 4")
         recipe = load_recipe(args.recipe, args.overrides)
         env = SingleProcessEnv()
-        devices = probe_devices()
+        devices = detect_devices()
         parallel = Parallel.none if recipe.dist.parallel == Parallel.dp else recipe.dist.parallel
         device = choose_device(choose_backend(recipe.dist.backend, env, devices), parallel, env, devices)
         splits = build_datasets(recipe.data)

@@ -22,7 +22,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ddp.cluster import comm
-from ddp.cluster.devices import Devices, Placement, check_parallel, choose_backend, place, probe_devices
+from ddp.cluster.devices import Devices, Placement, check_parallel, choose_backend, place, detect_devices
 from ddp.config import Recipe, to_yaml
 from ddp.model.registry import Given, build_components, build_loss, check_recipe, eval_loss
 from ddp.data.datasets import Splits, build_datasets
@@ -141,7 +141,7 @@ def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None, giv
     the data and the model are built here (``ddp.model.registry``), so a bad name or result is refused."""
     given = given or Given()
     check_recipe(recipe, given)
-    devices = devices or probe_devices()
+    devices = devices or detect_devices()
     check_parallel(recipe.dist.parallel, env)
     placement = place(choose_backend(recipe.dist.backend, env, devices), recipe.dist.parallel, env, devices)
     device = placement.device

@@ -20,7 +20,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from ddp.cluster.devices import choose_backend, choose_device, probe_devices
+from ddp.cluster.devices import choose_backend, choose_device, detect_devices
 from ddp.config import Backend, Parallel
 from ddp.cluster.environment import ClusterEnv, SlurmEnv, available_cpus, detect_environment, hostname, slurm_interactive
 from ddp.errors import DDPError, print_error
@@ -102,7 +102,7 @@ def interactive_notes(env: ClusterEnv) -> list[str]:
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     """Everything doctor knows, as plain data. Raises ``ClusterEnvError`` for bad launcher variables."""
     env = detect_environment()
-    devices = probe_devices()
+    devices = detect_devices()
     backend = choose_backend(Backend.auto, env, devices)
     memory = psutil.virtual_memory()
     report = {

@@ -13,7 +13,7 @@ The device rule (docs/devices.md):
   refused there, before the process group forms;
 * whenever GPUs are visible but a rank trains on the CPU, the reason is logged.
 
-``probe_devices()`` is the boundary to the hardware; everything else is a pure function of its
+``detect_devices()`` is the boundary to the hardware; everything else is a pure function of its
 result so tests can fake any machine.
 """
 
@@ -66,7 +66,7 @@ class Placement:
         return self.device.index if self.device.type == "cuda" else None
 
 
-def probe_devices() -> Devices:
+def detect_devices() -> Devices:
     """The hardware boundary: CUDA's count and each GPU's UUID, and CUDA_VISIBLE_DEVICES."""
     available = torch.cuda.is_available()
     count = torch.cuda.device_count() if available else 0
