@@ -28,17 +28,17 @@ def fit(recipe: str | Path | None = None, *, model: Any = None, data: Any = None
     A refused run (bad recipe, missing data, unusable checkpoint) prints one line on rank 0 and
     raises ``SystemExit(2)``; a stop signal raises ``SystemExit(75 or 130)`` after checkpointing.
     """
-    from ddp import runner as session  # torch and friends load here, not at ``import ddp``
+    from ddp import runner  # torch and friends load here, not at ``import ddp``
 
     try:
         resolved = _recipe(recipe, overrides, model, data)
         env = detect_environment()
         given = Given(model=model, data=data)
-        plan = session.prepare(resolved, env, given=given)
+        plan = runner.prepare(resolved, env, given=given)
     except DDPError as err:
         print_error(err, launcher_rank())
         raise SystemExit(err.exit_code) from None
-    result = session.execute_logged(resolved, env, plan)
+    result = runner.execute_logged(resolved, env, plan)
     if result.exit_code:
         raise SystemExit(result.exit_code)
     return result

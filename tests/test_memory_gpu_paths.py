@@ -8,7 +8,7 @@ import psutil
 import pytest
 import torch
 
-from ddp import runner as session
+from ddp import runner
 from ddp.config import load_recipe
 from ddp.cluster.environment import SingleProcessEnv
 
@@ -20,7 +20,7 @@ MB = 2**20
 def _tiny_run(run_dir) -> None:
     recipe = load_recipe(None, ["train.max_steps=2", "train.epochs=1", f"run.dir={run_dir}", "log.tensorboard=false",
                                 "log.progress=false"])
-    session.execute(recipe, SingleProcessEnv())
+    runner.execute(recipe, SingleProcessEnv())
 
 
 def test_the_run_peak_leaves_out_memory_used_before_training(tmp_path):
@@ -31,7 +31,7 @@ def test_the_run_peak_leaves_out_memory_used_before_training(tmp_path):
     with_spike = psutil.Process().memory_info().rss / MB
     del spike
     _tiny_run(tmp_path / "run")
-    peak = session.peak_memory_mb(torch.device("cpu"))
+    peak = runner.peak_memory_mb(torch.device("cpu"))
     assert peak < with_spike - 150, (peak, with_spike)
 
 
@@ -65,10 +65,10 @@ def test_the_cuda_peak_is_reset_after_the_probe(monkeypatch):
     fake.allocate(100 * MB)
     fake.allocate(900 * MB)  # the probe's largest trial
     fake.allocate(-900 * MB)
-    assert session.peak_memory_mb(gpu) == 1000
+    assert runner.peak_memory_mb(gpu) == 1000
     reset_peak_memory(gpu)
     fake.allocate(50 * MB)
-    assert session.peak_memory_mb(gpu) == 150
+    assert runner.peak_memory_mb(gpu) == 150
     assert set(fake.devices) == {gpu}
 
 

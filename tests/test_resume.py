@@ -109,7 +109,7 @@ def _indexed_data(cfg):
 
 
 def _samples_of_first_epoch(env, run_dir: str, stop_before: int | None):
-    from ddp import runner as session
+    from ddp import runner
 
     seen: list[int] = []
     original = Trainer._run_batch
@@ -119,14 +119,14 @@ def _samples_of_first_epoch(env, run_dir: str, stop_before: int | None):
             seen.extend(int(v) for v in inputs[:, 0, 0, 0].tolist())
         return original(self, inputs, targets, sums)
 
-    session.build_datasets = _indexed_data
+    runner.build_datasets = _indexed_data
     Trainer._run_batch = recording
     try:
         if stop_before is None:
-            result = session.execute(_recipe(run_dir), env)
+            result = runner.execute(_recipe(run_dir), env)
         else:
             with _signal_before_step(stop_before, 0):
-                result = session.execute(_recipe(run_dir), env)
+                result = runner.execute(_recipe(run_dir), env)
     finally:
         Trainer._run_batch = original
     return seen, result.stopped_by

@@ -78,11 +78,11 @@ def _accumulated(env, tmp: str, batch: int, accumulate: int):
     """Train 3 optimizer steps; return the final weights and how many gradient all-reduces DDP made."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from ddp import runner as session
+    from ddp import runner
     from ddp.config import load_recipe
 
     calls = []
-    original = session.wrap_model
+    original = runner.wrap_model
 
     def counting(model, *args, **kwargs):
         wrapped = original(model, *args, **kwargs)
@@ -90,13 +90,13 @@ def _accumulated(env, tmp: str, batch: int, accumulate: int):
             wrapped.register_comm_hook(None, lambda state, bucket: calls.append(1) or allreduce_hook(None, bucket))
         return wrapped
 
-    session.wrap_model = counting
+    runner.wrap_model = counting
     recipe = load_recipe(None, [f"data.batch_size={batch}", f"train.accumulate={accumulate}", "train.max_steps=3",
                                 f"run.dir={tmp}", "log.tensorboard=false", "log.progress=false"])
     try:
         result = execute(recipe, env)
     finally:
-        session.wrap_model = original
+        runner.wrap_model = original
     return {k: v.numpy() for k, v in result.state_dict.items()}, len(calls)
 
 
