@@ -27,7 +27,7 @@ import torch
 
 from ddp.checkpoint.files import read_pointer
 from ddp.checkpoint.checkpointer import Checkpointer, TrainState
-from ddp.config import CheckpointConfig, load_recipe, to_yaml
+from ddp.config import CheckpointConfig, load_recipe
 from ddp.model.zoo import resnet18
 
 
@@ -51,9 +51,8 @@ def _timed(fn: Callable[[], object]) -> float:
 def measure(rounds: int, directory: Path) -> dict[str, tuple[list[float], list[float]]]:
     """Per round (ours, plain) seconds for save and for resume."""
     model, optimizer, scheduler = _state()
-    recipe_yaml = to_yaml(load_recipe(None, ["model.name=resnet18", "data.name=synthetic",
-                                             "data.synthetic_shape=[3,32,32]"]))
-    keeper = Checkpointer(CheckpointConfig(keep=2), directory / "ours", recipe_yaml)
+    recipe = load_recipe(None, ["model.name=resnet18", "data.name=synthetic", "data.synthetic_shape=[3,32,32]"])
+    keeper = Checkpointer(CheckpointConfig(keep=2), directory / "ours", recipe)
     plain_path = directory / "plain" / "state.pt"
     plain_path.parent.mkdir(parents=True)
     state = TrainState(epoch=1, global_step=10)

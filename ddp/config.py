@@ -229,14 +229,17 @@ def _declaration(key: str) -> dataclasses.Field | None:
     """The field declaring ``key`` (a dotted recipe key; keys inside a dict-valued field, such as
     ``data.args.size``, belong to that field), or None for a key the schema does not have."""
     node: Any = Recipe
+    declared: dataclasses.Field | None = None
     for part in key.split("."):
-        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if node is None:  # inside a dict-valued key: its declaration covers what it holds
+            return declared
+        fields = {f.name: f for f in dataclasses.fields(node)}
         if part not in fields:
-            return found if node is None else None
-        found = fields[part]
-        default = found.default_factory() if found.default_factory is not dataclasses.MISSING else found.default
+            return None
+        declared = fields[part]
+        default = declared.default_factory() if declared.default_factory is not dataclasses.MISSING else declared.default
         node = type(default) if dataclasses.is_dataclass(default) else None
-    return found
+    return declared
 
 
 def resume_policy(key: str) -> Resume:
@@ -278,6 +281,37 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
 def to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML (what ``--print-recipe`` prints and the run dir keeps)."""
     return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def from_yaml(text: str, source: str = "a resolved recipe") -> Recipe:
+    """The inverse of ``to_yaml``, checked like a recipe file: for a recipe that crossed a process
+    or file boundary as text (a Slurm job, a checkpoint)."""
+    try:
+        data = yaml.safe_load(text) or {}
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.create(data))
+        recipe = OmegaConf.to_object(merged)
+    except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"{source} cannot be read: {err}.", "use a recipe written by this version") from None
+    _check_bounds(recipe)
+    return recipe  # type: ignore[return-value]
+
+
+def flat(recipe: Recipe | str) -> dict[str, Any]:
+    """Every key of a recipe (or of recipe YAML, e.g. one saved in a checkpoint) as ``{"optim.lr": 0.05}``,
+    values as YAML gives them: what recipe comparisons work on."""
+    tree = yaml.safe_load(recipe if isinstance(recipe, str) else to_yaml(recipe)) or {}
+    return _flatten(tree)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
 
 
 def _read_yaml(path: Path) -> Any:

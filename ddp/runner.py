@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ddp.cluster import comm
 from ddp.cluster.devices import Devices, Placement, check_parallel, choose_backend, place, detect_devices
-from ddp.config import Recipe, to_yaml
+from ddp.config import Recipe
 from ddp.model.registry import Given, build_components, build_loss, check_recipe, eval_loss
 from ddp.data.datasets import Splits, build_datasets
 from ddp.cluster.environment import ClusterEnv, available_cpus, hostname
@@ -158,11 +158,10 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
     and returns the outcome. Nothing is written until the run is sure to start."""
     plan = plan or prepare(recipe, env)
     started = time.perf_counter()
-    recipe_yaml = to_yaml(recipe)
     gpu = plan.devices.identity(plan.placement.gpu) if plan.placement.gpu is not None else None
     dumps = recipe.run_dir / DUMP_SUBDIR
-    with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s, recipe_yaml, gpu=gpu, nccl_dumps=dumps):
-        decision = _decide(recipe, recipe_yaml)
+    with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s, recipe, gpu=gpu, nccl_dumps=dumps):
+        decision = _decide(recipe)
         if plan.backend == "nccl" and not decision.done:
             make_dump_dir(dumps)
         if decision.done:
@@ -170,7 +169,7 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
                 log.info("%s", decision.done)
             return RunResult(metrics={}, state_dict={}, run_dir=decision.run_dir)
         try:
-            outcome, step, weights = _train(recipe, env, plan, logs, decision, recipe_yaml)
+            outcome, step, weights = _train(recipe, env, plan, logs, decision)
         finally:
             lock.release(decision.run_dir)
     run_dir = RunDir(decision.run_dir)
@@ -181,21 +180,21 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
                      stopped_by=outcome.stopped_by, exit_code=outcome.exit_code)
 
 
-def _train(recipe: Recipe, env: ClusterEnv, plan: Plan, logs: RankLogs | None, decision: Decision,
-           recipe_yaml: str) -> tuple[FitResult, int, dict[str, torch.Tensor]]:
+def _train(recipe: Recipe, env: ClusterEnv, plan: Plan, logs: RankLogs | None, decision: Decision
+           ) -> tuple[FitResult, int, dict[str, torch.Tensor]]:
     """All ranks must call. Sizes ``auto`` batches, builds, resumes, records the start, trains:
     (outcome, step, weights)."""
-    recipe, recipe_yaml = _resolve_batch_sizes(recipe, env, plan, decision, recipe_yaml)
+    recipe = _resolve_batch_sizes(recipe, env, plan, decision)
     reset_peak_memory(plan.device)  # the summary's peak memory leaves out the probe's trial steps
     log.info("%s | backend %s, device %s, %d CPU threads per rank | torch %s, python %s",
              env.describe(), plan.backend, plan.device, plan.threads, torch.__version__,
              platform.python_version())
     _log_placement(plan.placement, env.rank)
     run_dir = RunDir(decision.run_dir)
-    parts, checkpointer, state = _start(recipe, plan, decision, recipe_yaml)
+    parts, checkpointer, state = _start(recipe, plan, decision)
     if logs is not None:
         logs.attach(run_dir.rank_log(env.rank))
-    _announce(decision, run_dir, state, recipe_yaml, env)
+    _announce(decision, run_dir, state, recipe, env)
     tensorboard = run_dir.tensorboard if recipe.log.tensorboard else None
     resumed_step = state.global_step if state else None
     with MetricsWriter(run_dir.metrics, tensorboard, comm.is_main(), resumed_step) as metrics, \
@@ -213,13 +212,12 @@ def _log_placement(placement: Placement, rank: int) -> None:
     log.log(level, "rank %d trains on %s: %s", rank, placement.device, placement.reason)
 
 
-def _resolve_batch_sizes(recipe: Recipe, env: ClusterEnv, plan: Plan, decision: Decision, recipe_yaml: str
-                         ) -> tuple[Recipe, str]:
+def _resolve_batch_sizes(recipe: Recipe, env: ClusterEnv, plan: Plan, decision: Decision) -> Recipe:
     """All ranks must call. ``data.batch_size: auto`` → the agreed integers (``ddp.memory``): from
     the checkpoint this run resumes, the probe cache, or trial steps; the recipe then records them."""
     with _abandoned_if_refused(decision):
         resolved = resolve_batch_sizes(recipe, env, plan, RunDir(decision.run_dir), checkpoint=decision.checkpoint)
-    return (recipe, recipe_yaml) if resolved is recipe else (resolved, to_yaml(resolved))
+    return resolved
 
 
 @contextmanager
@@ -234,17 +232,17 @@ def _abandoned_if_refused(decision: Decision) -> Iterator[None]:
         raise
 
 
-def _decide(recipe: Recipe, recipe_yaml: str) -> Decision:
+def _decide(recipe: Recipe) -> Decision:
     """All ranks must call: rank 0 decides (``ddp.lifecycle.decision``) and tells the others; any
     failure there (a refusal, an unwritable run dir) is raised on every rank."""
     choice: Any = None
     with comm.all_or_none("deciding the run directory"):
         if comm.is_main():
-            choice = decide(recipe, recipe_yaml)
+            choice = decide(recipe)
     return comm.broadcast_object(choice)
 
 
-def _start(recipe: Recipe, plan: Plan, decision: Decision, recipe_yaml: str
+def _start(recipe: Recipe, plan: Plan, decision: Decision
            ) -> tuple[TrainParts, Checkpointer, TrainState | None]:
     """All ranks must call. Builds the parts and loads the checkpoint. A failure on one rank (a
     dataset that will not load, a checkpoint this node cannot read) is raised on every rank before
@@ -253,7 +251,7 @@ def _start(recipe: Recipe, plan: Plan, decision: Decision, recipe_yaml: str
         with comm.all_or_none("building the model and data"):
             parts = build_parts(recipe, plan, wrap=False)
         parts.model = parts.rewrap(parts.model)  # type: ignore[misc]  # collective: DDP broadcasts rank 0's weights
-        checkpointer = Checkpointer(recipe.checkpoint, RunDir(decision.run_dir).checkpoints, recipe_yaml)
+        checkpointer = Checkpointer(recipe.checkpoint, RunDir(decision.run_dir).checkpoints, recipe)
         with comm.all_or_none("loading the checkpoint"):
             state = checkpointer.resume(decision.checkpoint, parts.model, parts.optimizer, parts.scaler)
     if state is not None:
@@ -261,7 +259,7 @@ def _start(recipe: Recipe, plan: Plan, decision: Decision, recipe_yaml: str
     return parts, checkpointer, state
 
 
-def _announce(decision: Decision, run_dir: RunDir, state: TrainState | None, recipe_yaml: str,
+def _announce(decision: Decision, run_dir: RunDir, state: TrainState | None, recipe: Recipe,
               env: ClusterEnv) -> None:
     """The run starts: say where and with which changes; rank 0 records it in the run dir."""
     if not comm.is_main():
@@ -271,7 +269,7 @@ def _announce(decision: Decision, run_dir: RunDir, state: TrainState | None, rec
     if any(c.policy == Policy.honoured for c in decision.changes):
         log.info("resuming with changes: %s", describe(list(decision.changes)))
     log.info("run dir %s", run_dir.root)
-    record_start(run_dir, recipe_yaml, decision.checkpoint, state.global_step if state else 0,
+    record_start(run_dir, recipe, decision.checkpoint, state.global_step if state else 0,
                  state.epoch if state else 0, decision.changes, env.world_size)
 
 

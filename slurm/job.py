@@ -21,13 +21,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import submitit
 
-from ddp.config import load_recipe
+from ddp.config import from_yaml
 from ddp.cluster.environment import ClusterEnv, SingleProcessEnv, child_environ, detect_environment, torch_variables, slurm_master_port
 from ddp.engine.stop import EXIT_INTERRUPTED, EXIT_PREEMPTED, SIGNALS, last_received
 from ddp.runner import run
@@ -63,11 +61,7 @@ class TrainJob(_Job):
         self.recipe_yaml = recipe_yaml
 
     def run(self, env: ClusterEnv) -> tuple[int, int]:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "recipe.yaml"
-            path.write_text(self.recipe_yaml)
-            recipe = load_recipe(path)
-        return run(recipe, env), last_received()
+        return run(from_yaml(self.recipe_yaml, "the submitted recipe"), env), last_received()
 
 
 class ProgramJob(_Job):

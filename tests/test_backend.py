@@ -3,7 +3,7 @@ import torch
 
 from ddp.cluster.devices import Devices, check_parallel, choose_backend, choose_device, place
 from ddp.config import Backend, Parallel
-from ddp.cluster.environment import ClusterEnv, SingleProcessEnv, SlurmEnv, TorchrunEnv, cuda_visible_devices
+from ddp.cluster.environment import SingleProcessEnv, SlurmEnv, TorchrunEnv, cuda_visible_devices
 from ddp.errors import BackendError
 
 CPU = Devices(cuda_available=False, cuda_count=0)

@@ -15,7 +15,7 @@ import torch
 from ddp.checkpoint import files
 from ddp.checkpoint.files import CheckpointError
 from ddp.checkpoint.checkpointer import Checkpointer
-from ddp.config import CheckpointConfig
+from ddp.config import CheckpointConfig, load_recipe
 from ddp.lifecycle.decision import newest_valid
 from tests.harness import REPO, python_env
 
@@ -82,7 +82,7 @@ def test_prune_keeps_newest_and_best(tmp_path):
 
 
 def test_best_pointer_follows_the_metric(tmp_path):
-    keeper = Checkpointer(CheckpointConfig(keep=2), tmp_path, "model: {}\n")
+    keeper = Checkpointer(CheckpointConfig(keep=2), tmp_path, load_recipe(None, []))
     for step, metric in ((1, 0.5), (2, 0.9), (3, 0.7), (4, 0.8)):
         keeper._after_save(files.save(tmp_path, _payload(), step=step, epoch=step, metric=metric))
     assert files.read_pointer(tmp_path, "best") == "step-00000002.pt"
@@ -91,7 +91,7 @@ def test_best_pointer_follows_the_metric(tmp_path):
 
 
 def test_auto_resume_skips_a_truncated_newest_checkpoint_with_a_warning(tmp_path, caplog):
-    from ddp.config import load_recipe, to_yaml
+    from ddp.config import load_recipe
     from ddp.lifecycle.decision import decide
 
     directory = tmp_path / "version_0" / "checkpoints"
@@ -101,13 +101,13 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint_with_a_warning(tmp_path
     newest.write_bytes(newest.read_bytes()[:-10])
     recipe = load_recipe(None, [f"run.dir={tmp_path}"])
     with caplog.at_level(logging.WARNING):
-        assert decide(recipe, to_yaml(recipe)).checkpoint == directory / "step-00000001.pt"
+        assert decide(recipe).checkpoint == directory / "step-00000001.pt"
     assert f"skipping checkpoint {newest}" in caplog.text and "truncated" in caplog.text
     named = load_recipe(None, [f"run.dir={tmp_path}", f"train.resume={newest}"])
     with pytest.raises(CheckpointError, match="truncated"):
-        decide(named, to_yaml(named))  # named explicitly: refused, not skipped
+        decide(named)  # named explicitly: refused, not skipped
     fresh = load_recipe(None, [f"run.dir={tmp_path}", "train.resume=never"])
-    decision = decide(fresh, to_yaml(fresh))
+    decision = decide(fresh)
     assert decision.checkpoint is None and decision.run_dir == tmp_path / "version_1"
 
 

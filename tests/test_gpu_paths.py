@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from ddp.cluster import rendezvous
 from ddp.checkpoint.checkpointer import Checkpointer, TrainState
-from ddp.config import CheckpointConfig, load_recipe, to_yaml
+from ddp.config import CheckpointConfig, load_recipe
 from ddp.cluster.environment import ClusterEnv
 from ddp.cluster.nccl import nccl_defaults
 from tests.harness import REPO, free_port, python_env, run_cli, run_torchrun
@@ -33,12 +33,11 @@ def test_a_resume_onto_a_gpu_reads_host_memory_and_keeps_adams_step_on_the_cpu(t
     """On a GPU the checkpoint used to be mapped onto the device, and restoring numpy's RNG from a
     device tensor crashed every resume. The model here lives on ``meta``, a device without host
     access, like a GPU's memory."""
-    recipe_yaml = to_yaml(load_recipe(None, []))
     model = nn.Linear(4, 3)
     optimizer = torch.optim.Adam(model.parameters())
     model(torch.randn(2, 4)).sum().backward()
     optimizer.step()
-    keeper = Checkpointer(CheckpointConfig(), tmp_path, recipe_yaml)
+    keeper = Checkpointer(CheckpointConfig(), tmp_path, load_recipe(None, []))
     keeper.save(model, optimizer, LambdaLR(optimizer, lambda step: 1.0), TrainState(global_step=1))
     expected_draw = torch.rand(3)  # the draw right after the save: a resume must restore to before it
 

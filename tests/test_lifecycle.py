@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from ddp.config import Recipe, load_recipe, to_yaml
-from ddp.lifecycle.changes import Policy, flatten, policy_of, recipe_changes
+from ddp.config import load_recipe, to_yaml
+from ddp.lifecycle.changes import Policy, policy_of, recipe_changes
 from ddp.model.optim import build_optimizer, build_scheduler, lr_factor, schedule_position
 from tests.harness import python_env, run_cli
 
@@ -246,8 +245,7 @@ def test_the_lifecycle_reads_each_keys_declared_resume_policy():
 
 def test_recipe_changes_name_each_key_with_before_and_after():
     saved = to_yaml(load_recipe(None, []))
-    now = to_yaml(load_recipe(None, ["optim.lr=0.01", "model.name=mnist_mlp", "run.name=other",
-                                     "train.resume=never"]))
+    now = load_recipe(None, ["optim.lr=0.01", "model.name=mnist_mlp", "run.name=other", "train.resume=never"])
     changes = {c.key: (c.before, c.after, c.policy) for c in recipe_changes(saved, now)}
     assert changes == {"optim.lr": (0.05, 0.01, Policy.honoured),
                        "model.name": ("digits_cnn", "mnist_mlp", Policy.refused)}

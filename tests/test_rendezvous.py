@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ddp.config import load_recipe, to_yaml
 from ddp.cluster.rendezvous import recipe_differences
 from tests.harness import free_port, python_env
 
@@ -77,10 +78,10 @@ def test_ranks_with_different_recipes_both_refuse_naming_the_keys(tmp_path):
 
 
 def test_recipe_differences_ignore_per_machine_keys():
-    a = "optim:\n  lr: 0.05\ndata:\n  root: /a\n  batch_size: 32\n"
-    b = "optim:\n  lr: 0.1\ndata:\n  root: /b\n  batch_size: 32\n"
-    assert recipe_differences(a, b) == "optim.lr=0.1≠0.05"
-    assert recipe_differences(a, a) == ""
+    ours = load_recipe(None, ["optim.lr=0.1", "data.root=/b"])
+    theirs = to_yaml(load_recipe(None, ["optim.lr=0.05", "data.root=/a"]))
+    assert recipe_differences(theirs, ours) == "optim.lr=0.1≠0.05"
+    assert recipe_differences(to_yaml(ours), ours) == ""
 
 
 @pytest.mark.timeout(120)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 import ddp
@@ -26,7 +25,7 @@ from ddp.checkpoint import files
 from ddp.cluster import comm
 from ddp.checkpoint.atomic import write_text_atomic
 from ddp.checkpoint.files import CheckpointError
-from ddp.config import BestMode, CheckpointConfig
+from ddp.config import BestMode, CheckpointConfig, Recipe, flat, to_yaml
 from ddp.model.parallel import unwrap_model
 from ddp.engine.rng import capture_rng, restore_rng
 
@@ -50,8 +49,9 @@ class TrainState:
 class Checkpointer:
     """All ranks must call ``save`` and ``resume`` together."""
 
-    def __init__(self, cfg: CheckpointConfig, directory: Path, recipe_yaml: str) -> None:
-        self.cfg, self.directory, self.recipe_yaml = cfg, directory, recipe_yaml
+    def __init__(self, cfg: CheckpointConfig, directory: Path, recipe: Recipe) -> None:
+        self.cfg, self.directory, self.recipe = cfg, directory, recipe
+        self.recipe_yaml = to_yaml(recipe)  # what every checkpoint and manifest records, serialised once
 
     # --- saving ---------------------------------------------------------------------------
 
@@ -124,7 +124,7 @@ class Checkpointer:
             return None
         payload = files.load(path)  # onto the CPU; load_state_dict moves each tensor to its parameter
         weights = _strip_prefixes(payload["model"])
-        check_compatible(payload, weights, self.recipe_yaml, unwrap_model(model), path)
+        check_compatible(payload, weights, self.recipe, unwrap_model(model), path)
         unwrap_model(model).load_state_dict(weights)
         _load_optimizer_state(optimizer, payload["optimizer"])
         if scaler is not None and payload.get("scaler"):
@@ -155,15 +155,15 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any
         group.update(values)
 
 
-def check_compatible(payload: dict[str, Any], weights: dict[str, torch.Tensor], recipe_yaml: str, model: nn.Module,
+def check_compatible(payload: dict[str, Any], weights: dict[str, torch.Tensor], recipe: Recipe, model: nn.Module,
                      path: Path) -> None:
     """Refuse, naming the difference, a checkpoint written for another model or dataset."""
     if payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a ddp.train checkpoint (format {payload.get('format')!r}).",
                               "train.resume=never starts fresh")
-    saved, current = OmegaConf.create(payload["recipe"]), OmegaConf.create(recipe_yaml)
+    saved, current = flat(str(payload["recipe"])), flat(recipe)
     for key in ("model.name", "data.name"):
-        was, now = OmegaConf.select(saved, key), OmegaConf.select(current, key)
+        was, now = saved.get(key), current.get(key)
         if was != now:
             raise CheckpointError(f"{path} was written for {key}={was}, this run has {key}={now}.",
                                   "use the recipe that wrote it, another run.name, or train.resume=never")

@@ -15,6 +15,7 @@ from ddp.cluster import comm
 from ddp.cluster import rendezvous
 from ddp.cluster.nccl import DUMP_SUBDIR, export_nccl_defaults
 from ddp.cluster.environment import ClusterEnv
+from ddp.config import Recipe
 from ddp.errors import DDPError
 from ddp.cluster.heartbeat import heartbeat, is_comm_failure, peer_lost, roll_call
 
@@ -23,13 +24,13 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s: float,
-                  recipe_yaml: str | None = None, gpu: str | None = None,
+                  recipe: Recipe | None = None, gpu: str | None = None,
                   nccl_dumps: Path | None = None) -> Iterator[None]:
     """All ranks must enter. Creates the group (when ``env.distributed``) and destroys it on exit.
 
     Before the group forms: when peers run on other machines the interface that routes to the
     master is exported for Gloo (``rendezvous.choose_interface``); every rank checks in and a
-    waiting rank logs who is missing (``rendezvous.gather``); with ``recipe_yaml`` every rank must
+    waiting rank logs who is missing (``rendezvous.gather``); with ``recipe`` every rank must
     hold rank 0's recipe (``rendezvous.agree_on_recipe``); under NCCL, ``gpu`` (this rank's GPU
     identity) must not be another rank's too (``rendezvous.check_gpus``), and NCCL's failure
     handling is set (``ddp.cluster.nccl``, flight-recorder dumps under ``nccl_dumps``). Under NCCL, object
@@ -48,8 +49,8 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
         log.info("rank %d: %s", env.rank, line)
     store = rendezvous.connect(env, timeout)
     rendezvous.gather(store, env, timeout_s)
-    if recipe_yaml is not None and env.world_size > 1:
-        rendezvous.agree_on_recipe(store, env, recipe_yaml, timeout_s)
+    if recipe is not None and env.world_size > 1:
+        rendezvous.agree_on_recipe(store, env, recipe, timeout_s)
     if backend == "nccl":
         if gpu is not None and env.world_size > 1:
             rendezvous.check_gpus(store, env, gpu, timeout_s)

@@ -19,10 +19,9 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 import torch.distributed as dist
-import yaml
 
 from ddp.cluster.environment import ClusterEnv, environment_value, export_variables, hostname
-from ddp.config import per_machine
+from ddp.config import Recipe, flat, per_machine, to_yaml
 from ddp.errors import BackendError, ConfigError, DDPError
 from ddp.cluster.network import NetworkError, nccl_interface_line, route_to
 
@@ -143,13 +142,13 @@ def gather(store: dist.Store, env: ClusterEnv, timeout_s: float) -> None:
         time.sleep(POLL_S)
 
 
-def agree_on_recipe(store: dist.Store, env: ClusterEnv, recipe_yaml: str, timeout_s: float) -> None:
+def agree_on_recipe(store: dist.Store, env: ClusterEnv, recipe: Recipe, timeout_s: float) -> None:
     """All ranks must call (after ``gather``). Rank 0 publishes its recipe; a rank started with
     another one refuses naming the keys, and rank 0 refuses too. Raises ``RecipeMismatch`` (exit 2)."""
     timeout = timedelta(seconds=timeout_s)
     hint = "start every node with the same --recipe and key=value overrides"
     if env.rank == 0:
-        store.set("recipe", recipe_yaml)
+        store.set("recipe", to_yaml(recipe))  # serialised once, to cross to the other ranks
         verdicts = {}
         for other in range(1, env.world_size):
             store.wait([f"recipe_check/{other}"], timeout)
@@ -165,7 +164,7 @@ def agree_on_recipe(store: dist.Store, env: ClusterEnv, recipe_yaml: str, timeou
             raise RecipeMismatch(problem, hint)
         return
     store.wait(["recipe"], timeout)
-    diff = recipe_differences(store.get("recipe").decode(), recipe_yaml)
+    diff = recipe_differences(store.get("recipe").decode(), recipe)
     store.set(f"recipe_check/{env.rank}", diff)
     if diff:
         raise RecipeMismatch(f"this rank was started with a different recipe than rank 0: {diff} (here vs rank 0).", hint)
@@ -182,23 +181,12 @@ def _wait_for_count(store: dist.Store, key: str, count: int, timeout_s: float) -
         time.sleep(POLL_S)
 
 
-def recipe_differences(theirs: str, ours: str) -> str:
-    """'' when equal (ignoring keys declared ``per_machine`` in ``ddp.config``); else
-    'key=ours≠theirs, ...' naming every key."""
-    a, b = _flatten(yaml.safe_load(ours) or {}), _flatten(yaml.safe_load(theirs) or {})
+def recipe_differences(theirs: str, ours: Recipe) -> str:
+    """'' when rank 0's recipe (``theirs``, as YAML) equals ours, ignoring keys declared
+    ``per_machine`` in ``ddp.config``; else 'key=ours≠theirs, ...' naming every key."""
+    a, b = flat(ours), flat(theirs)
     keys = sorted(k for k in set(a) | set(b) if not per_machine(k) and a.get(k) != b.get(k))
     return ", ".join(f"{k}={a.get(k)!r}≠{b.get(k)!r}" for k in keys)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _ranks(ranks: list[int]) -> str:

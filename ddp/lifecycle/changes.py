@@ -15,10 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from ddp.checkpoint.files import CheckpointError
-from ddp.config import Policy, resume_policy
+from ddp.config import Policy, Recipe, flat, resume_policy
 
 
 @dataclass(frozen=True)
@@ -38,12 +36,13 @@ def policy_of(key: str) -> tuple[Policy, str]:
     return resume_policy(key)
 
 
-def recipe_changes(saved_yaml: str, current_yaml: str) -> list[Change]:
-    """Keys whose values differ, with their policies (ignored keys left out). A key the saved
-    recipe lacks (written before the key existed) is compared with nothing and not reported."""
-    saved, current = flatten(yaml.safe_load(saved_yaml) or {}), flatten(yaml.safe_load(current_yaml) or {})
+def recipe_changes(saved_yaml: str, current: Recipe) -> list[Change]:
+    """Keys whose values differ between a checkpoint's recipe (the YAML it carries) and this run's,
+    with their policies (ignored keys left out). A key the saved recipe lacks (written before the
+    key existed) is compared with nothing and not reported."""
+    saved, now = flat(saved_yaml), flat(current)
     changes = []
-    for key, after in current.items():
+    for key, after in now.items():
         if key not in saved or saved[key] == after or after == "auto":  # auto resumes at the saved value
             continue
         policy, reason = policy_of(key)
@@ -66,17 +65,6 @@ def check_resumable(changes: list[Change], checkpoint: str) -> None:
 
 def describe(changes: list[Change]) -> str:
     return ", ".join(str(c) for c in changes if c.policy == Policy.honoured)
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def show_value(value: Any) -> str:

@@ -45,7 +45,7 @@ class Decision:
         remove_created(list(self.created))
 
 
-def decide(recipe: Recipe, recipe_yaml: str) -> Decision:
+def decide(recipe: Recipe) -> Decision:
     """Rank 0 only. Raises CheckpointError (nothing written) when the run cannot start. A run that
     will train holds its version's lock (``ddp.lifecycle.lock``) until ``lock.release``."""
     spec, group = recipe.train.resume, recipe.run_dir
@@ -54,8 +54,8 @@ def decide(recipe: Recipe, recipe_yaml: str) -> Decision:
         return _fresh(group, f"train.resume=never: starting {{new}} ({existing[-1].parent}/version_* are left "
                              f"as they are)" if existing else "")
     if spec == "auto":
-        return _auto(group, recipe, recipe_yaml)
-    return _explicit(Path(spec), group, recipe, recipe_yaml)
+        return _auto(group, recipe)
+    return _explicit(Path(spec), group, recipe)
 
 
 def _fresh(group: Path, why: str, checkpoint: Path | None = None) -> Decision:
@@ -65,7 +65,7 @@ def _fresh(group: Path, why: str, checkpoint: Path | None = None) -> Decision:
     return Decision(path, checkpoint, tuple(created), notice)
 
 
-def _auto(group: Path, recipe: Recipe, recipe_yaml: str) -> Decision:
+def _auto(group: Path, recipe: Recipe) -> Decision:
     versions = list_versions(group)
     if not versions:
         return _fresh(group, "")
@@ -78,32 +78,32 @@ def _auto(group: Path, recipe: Recipe, recipe_yaml: str) -> Decision:
         return _fresh(group, f"{latest} finished at {_where(manifest, recipe)}; starting {{new}}. "
                              f"To train {latest.name} further instead: train.resume={latest} "
                              f"train.epochs=<more than {manifest.epoch}>")
-    return _continue(latest, checkpoint, manifest, recipe, recipe_yaml)
+    return _continue(latest, checkpoint, manifest, recipe)
 
 
-def _explicit(path: Path, group: Path, recipe: Recipe, recipe_yaml: str) -> Decision:
+def _explicit(path: Path, group: Path, recipe: Recipe) -> Decision:
     checkpoint = _resolve_path(path, recipe.train.resume)
     manifest = files.verify(checkpoint)
     owner = owning_version(checkpoint)
     if owner is not None and _is_newest(checkpoint):
-        return _continue(owner, checkpoint, manifest, recipe, recipe_yaml)
-    changes = _check_changes(checkpoint, recipe_yaml)
+        return _continue(owner, checkpoint, manifest, recipe)
+    changes = _check_changes(checkpoint, recipe)
     if finished(manifest, recipe):
         return Decision(checkpoint.parent, done=_done_line(checkpoint, manifest, recipe))
     kept = f" ({owner} is left as it is: that is not its newest checkpoint)" if owner is not None else ""
     return replace(_fresh(group, f"starting {{new}} from {checkpoint}{kept}", checkpoint), changes=tuple(changes))
 
 
-def _continue(version: Path, checkpoint: Path, manifest: Manifest, recipe: Recipe, recipe_yaml: str) -> Decision:
-    changes = _check_changes(checkpoint, recipe_yaml)
+def _continue(version: Path, checkpoint: Path, manifest: Manifest, recipe: Recipe) -> Decision:
+    changes = _check_changes(checkpoint, recipe)
     if finished(manifest, recipe):
         return Decision(version, done=_done_line(version, manifest, recipe))
     lock.acquire(version)
     return Decision(version, checkpoint, changes=tuple(changes))
 
 
-def _check_changes(checkpoint: Path, recipe_yaml: str) -> list[Change]:
-    changes = recipe_changes(files.saved_recipe(checkpoint), recipe_yaml)
+def _check_changes(checkpoint: Path, recipe: Recipe) -> list[Change]:
+    changes = recipe_changes(files.saved_recipe(checkpoint), recipe)
     check_resumable(changes, str(checkpoint))
     return changes
 

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from ddp.checkpoint.atomic import write_text_atomic
+from ddp.config import Recipe, to_yaml
 from ddp.lifecycle.changes import Change, Policy, show_value
 from ddp.lifecycle.run_dir import RunDir
 
 
-def record_start(run_dir: RunDir, recipe_yaml: str, checkpoint: Path | None, step: int, epoch: int,
+def record_start(run_dir: RunDir, recipe: Recipe, checkpoint: Path | None, step: int, epoch: int,
                  changes: tuple[Change, ...], world_size: int) -> None:
     """Rank 0 only, once the run is sure to start: append the record, rewrite ``recipe.yaml``."""
     entry: dict[str, Any] = {
@@ -24,7 +25,7 @@ def record_start(run_dir: RunDir, recipe_yaml: str, checkpoint: Path | None, ste
     }
     entries = [*read_history(run_dir.history), entry]
     write_text_atomic(run_dir.history, "".join(json.dumps(e) + "\n" for e in entries))
-    run_dir.write_recipe(_header(run_dir.root, entries) + recipe_yaml)
+    run_dir.write_recipe(_header(run_dir.root, entries) + to_yaml(recipe))
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
