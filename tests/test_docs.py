@@ -275,7 +275,7 @@ def test_github_slugs():
     assert github_slug("Ranks inside Slurm (`SlurmEnv`)") == "ranks-inside-slurm-slurmenv"
     assert github_slug("The test cluster (`python -m slurm.testbed`)") == "the-test-cluster-python--m-slurmtestbed"
     assert github_slug("In Python: `ddp.fit`") == "in-python-ddpfit"
-    assert github_slug("Cluster environments (`ddp/cluster/environment.py`)") == "cluster-environments-ddpenvironmentpy"
+    assert github_slug("Cluster environments (`ddp/cluster/environment.py`)") == "cluster-environments-ddpclusterenvironmentpy"
     assert github_slug("`SLURM_NTASKS` and [links](x.md)") == "slurm_ntasks-and-links"
     page = Page(ROOT / "x.md", prose=[(1, "## Notes"), (2, "## Notes"), (3, "### Notes")])
     assert anchors(page) == {"notes", "notes-1", "notes-2"}
