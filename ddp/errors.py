@@ -43,12 +43,21 @@ class DataError(DDPError):
     exit_code = 2
 
 
-def print_error(err: DDPError, rank: int) -> None:
-    """The one line a user sees for a refused run; printed by rank 0 only (the others exit quietly)."""
-    if rank == 0:
-        import sys
+REFUSAL_GRACE_S = 3.0  # how long another rank waits before exiting on a refusal rank 0 says
 
+
+def print_error(err: DDPError, rank: int) -> None:
+    """The one line a user sees for a refused run; printed by rank 0 only. Every rank makes the same
+    checks, and a launcher such as torchrun stops all ranks when the first one exits: so the others
+    wait ``REFUSAL_GRACE_S`` before returning, or rank 0 could be stopped before it says why."""
+    import sys
+
+    if rank == 0:
         print(f"error: {err}", file=sys.stderr)
+    elif err.exit_code == 2 and not err.said_by_every_rank:
+        import time
+
+        time.sleep(REFUSAL_GRACE_S)
 
 
 class MemoryBudgetError(DDPError):
