@@ -19,7 +19,7 @@ import pytest
 
 from ddp.config import load_recipe, to_yaml
 from ddp.lifecycle.changes import Policy, policy_of, recipe_changes
-from ddp.model.optim import build_optimizer, build_scheduler, lr_factor, schedule_position
+from ddp.model.optim import build_optimizer, build_scheduler, schedule_position
 from tests.harness import python_env, run_cli
 
 QUIET = ("log.tensorboard=false", "log.progress=false")
@@ -251,24 +251,61 @@ def test_recipe_changes_name_each_key_with_before_and_after():
                        "model.name": ("digits_cnn", "mnist_mlp", Policy.refused)}
 
 
+def _torch_lrs(schedule: str, lr: float, warmup: int, steps_per_epoch: int, total: int, step_epochs: int,
+               gamma: float) -> list[float]:
+    """The learning rate of each of ``total`` steps from torch's own schedulers, stepped one step at
+    a time: LinearLR from lr/(warmup+1) up to lr over the warm-up, then a fresh CosineAnnealingLR /
+    StepLR / OneCycleLR / constant over the remaining steps."""
+    import torch
+    from torch.optim import lr_scheduler as schedulers
+
+    def run(make, steps):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+        scheduler, out = make(optimizer), []
+        for _ in range(steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    rest = total - warmup
+    main = {"cosine": lambda o: schedulers.CosineAnnealingLR(o, T_max=rest),
+            "step": lambda o: schedulers.StepLR(o, step_size=step_epochs * steps_per_epoch, gamma=gamma),
+            "onecycle": lambda o: schedulers.OneCycleLR(o, max_lr=lr, total_steps=rest, cycle_momentum=False),
+            "none": lambda o: schedulers.ConstantLR(o, factor=1.0, total_iters=0)}[schedule]
+    ramp = run(lambda o: schedulers.LinearLR(o, start_factor=1 / (warmup + 1), total_iters=warmup), warmup)
+    return ramp + run(main, rest)
+
+
+@pytest.mark.parametrize("warmup", [0, 5])
 @pytest.mark.parametrize("schedule", ["cosine", "step", "none", "onecycle"])
-def test_a_scheduler_placed_at_step_k_continues_exactly_like_one_stepped_there(schedule):
+def test_a_scheduler_placed_at_step_k_continues_exactly_like_one_stepped_there(schedule, warmup):
+    """Every schedule, with and without warm-up, against torch's own schedulers stepped k times; a
+    scheduler placed at step k (what a resume builds) then steps on bitwise like ours stepped there."""
     import torch
 
-    cfg = load_recipe(None, [f"optim.schedule={schedule}", "optim.warmup_steps=5", "optim.step_epochs=1"]).optim
-    model = torch.nn.Linear(2, 2)
-    stepped_opt = build_optimizer(model, cfg)
-    stepped = build_scheduler(stepped_opt, cfg, steps_per_epoch=10, total_steps=40)
-    lrs = []
-    for _ in range(40):
-        lrs.append(stepped_opt.param_groups[0]["lr"])
-        stepped_opt.step()
-        stepped.step()
-    for k in (0, 3, 17, 39):
-        placed_opt = build_optimizer(model, cfg)
-        build_scheduler(placed_opt, cfg, steps_per_epoch=10, total_steps=40, start_step=k)
-        assert placed_opt.param_groups[0]["lr"] == lrs[k]
-    assert lrs[k] == cfg.lr * lr_factor(k, cfg, 10, 40)
+    total, per_epoch = 40, 10
+    cfg = load_recipe(None, [f"optim.schedule={schedule}", f"optim.warmup_steps={warmup}", "optim.step_epochs=1",
+                             "optim.gamma=0.5", "optim.lr=0.4"]).optim
+    expected = _torch_lrs(schedule, 0.4, warmup, per_epoch, total, step_epochs=1, gamma=0.5)
+
+    def lrs_from(start: int) -> list[float]:
+        optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
+        scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=per_epoch, total_steps=total, start_step=start)
+        out = []
+        for _ in range(start, total):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    stepped = lrs_from(0)
+    assert stepped == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert stepped[0] != stepped[-1] or (schedule == "none" and not warmup)  # the schedule moves
+    for k in range(total):
+        placed = lrs_from(k)
+        assert placed == stepped[k:], f"placed at step {k}"  # to the bit, and on through the last step
+        assert placed == pytest.approx(expected[k:], rel=1e-9, abs=1e-15), f"placed at step {k}"
 
 
 def test_schedule_position_counts_steps_at_the_new_batch():
