@@ -132,36 +132,34 @@ def test_fp16_on_a_cpu_is_refused_in_one_line(in_tmp, capsys):
     assert not (in_tmp / "runs").exists()
 
 
-class FakeScaler:
-    """Stands in for torch.amp.GradScaler("cuda") at the CUDA boundary: records the calls."""
+class RecordingScaler(torch.amp.GradScaler):
+    """torch's own GradScaler (it runs on CPU too) standing in for the CUDA one: records each call."""
 
     def __init__(self):
+        super().__init__("cpu", init_scale=1024.0)
         self.calls = []
 
-    def scale(self, loss):
+    def scale(self, outputs):
         self.calls.append("scale")
-        return loss * 1024
+        return super().scale(outputs)
 
     def unscale_(self, optimizer):
         self.calls.append("unscale_")
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad /= 1024
+        return super().unscale_(optimizer)
 
-    def step(self, optimizer):
+    def step(self, optimizer, *args, **kwargs):
         self.calls.append("step")
-        optimizer.step()
+        return super().step(optimizer, *args, **kwargs)
 
-    def update(self):
+    def update(self, new_scale=None):
         self.calls.append("update")
-
-    def state_dict(self):
-        return {"scale": 1024.0}
+        return super().update(new_scale)
 
 
 def test_fp16_steps_go_through_the_scaler_unscaled_before_clipping(monkeypatch):
-    """The fp16 path on a fake scaler: loss scaled before backward, gradients unscaled before the
-    clip, the step taken by the scaler, then update — and the gradient the optimizer sees is the true one."""
+    """The fp16 path on a real GradScaler: loss scaled before backward, gradients unscaled, then
+    clipped (the clip sees the true gradient norm, ~1000× smaller than the scaled one), then the
+    step taken by the scaler and update: the step is lr × the clip value along the true gradient."""
     from torch import nn
 
     from ddp.config import load_recipe
@@ -169,21 +167,38 @@ def test_fp16_steps_go_through_the_scaler_unscaled_before_clipping(monkeypatch):
 
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    scaler = FakeScaler()
+    inputs, targets = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    nn.functional.cross_entropy(model(inputs), targets).backward()
+    true_grads = [p.grad.clone() for p in model.parameters()]
+    true_norm = torch.sqrt(sum((g ** 2).sum() for g in true_grads)).item()
+    clip = 0.01
+    assert true_norm > 10 * clip  # the clip really clips
+    model.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    scaler = RecordingScaler()
+    clip_norms = []
+    original_clip = nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        scaler.calls.append("clip")
+        clip_norms.append(torch.sqrt(sum((p.grad ** 2).sum() for p in parameters)).item())
+        return original_clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_", recording_clip)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.0)
     parts = TrainParts(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), None, None,
                        torch.device("cpu"), scaler=scaler)
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.parts, trainer._group, trainer._classifies = \
-        load_recipe(None, ["train.clip_grad_norm=1000"]), parts, (0, 1), True
-    inputs, targets = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+        load_recipe(None, [f"train.clip_grad_norm={clip}"]), parts, (0, 1), True
     trainer._run_batch(inputs, targets, torch.zeros(3, dtype=torch.float64))
-    assert scaler.calls == ["scale", "unscale_", "step", "update"]
-    model.zero_grad()
-    nn.functional.cross_entropy(model(inputs), targets).backward()
-    expected = model.weight.grad.clone()
-    trainer._run_batch(inputs, targets, torch.zeros(3, dtype=torch.float64))
-    assert torch.allclose(model.weight.grad, expected, atol=1e-6)  # unscaled: the true gradient
+    assert scaler.calls == ["scale", "unscale_", "clip", "step", "update"]
+    assert clip_norms == [pytest.approx(true_norm, rel=1e-5)]  # the clip saw the true gradients, not ×1024
+    for param, start, grad in zip(model.parameters(), before, true_grads):
+        # the step actually taken: lr × clip along the true gradient (not clipped to clip/1024)
+        torch.testing.assert_close(param.detach(), start - 1.0 * grad * (clip / true_norm), rtol=1e-4, atol=1e-7)
 
 
 # ---------------------------------------------------------------- SyncBatchNorm
