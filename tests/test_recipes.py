@@ -115,13 +115,29 @@ def test_finetune_resnet18_freezes_the_backbone_and_trains_a_new_head(tmp_path, 
 
 
 def test_finetune_resnet18_unfreezes_after_the_configured_epoch(tmp_path, monkeypatch):
+    """unfreeze_after_epochs=1: the backbone is bitwise the cached weights after epoch 1 (while the
+    head trained), and every backbone layer has moved after epoch 2."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     imagenet = fake_hub_weights(tmp_path / "torch_home")
     run_dir = _finetune(tmp_path, monkeypatch, "finetune_resnet18.yaml", "model.unfreeze_after_epochs=1",
                         "train.epochs=2", "train.max_steps=4", "data.batch_size=4")
     assert [e["step"] for e in _epochs(run_dir)] == [2, 4]
-    weights = _final_checkpoint(run_dir)["model"]
-    assert not torch.equal(weights["layer1.0.conv1.weight"], imagenet["layer1.0.conv1.weight"])  # trained in epoch 2
+    checkpoints = run_dir / "version_0" / "checkpoints"
+    after_1, after_2 = (torch.load(checkpoints / f"step-0000000{step}.pt", map_location="cpu",
+                                   weights_only=False)["model"] for step in (2, 4))
+    backbone = [k for k in imagenet if not k.startswith("fc.") and "running_" not in k and "num_batches" not in k]
+    assert len(backbone) == 60
+    changed_in_1 = [k for k in backbone if not torch.equal(after_1[k], imagenet[k])]
+    assert changed_in_1 == []  # frozen through epoch 1
+    from ddp.config import load_recipe
+    from ddp.engine.seeding import seed_everything
+    from ddp.model.finetune import torchvision_model
+
+    seed_everything(0, False)
+    initial_head = torchvision_model(load_recipe(RECIPES / "finetune_resnet18.yaml").model, 2).fc.weight
+    assert not torch.equal(after_1["fc.weight"], initial_head)  # while the head trained
+    unchanged_in_2 = [k for k in backbone if torch.equal(after_2[k], after_1[k])]
+    assert unchanged_in_2 == []  # every backbone tensor trained in epoch 2
 
 
 def test_pretrained_without_cached_weights_is_refused_never_a_random_init(tmp_path, monkeypatch, capsys):
