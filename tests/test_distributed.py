@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from ddp.config import load_recipe
 from ddp.data.datasets import load_digits
@@ -83,17 +83,54 @@ def _indices_per_epoch(env, size: int, epochs: int):
     return seen
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_each_training_sample_seen_once_per_epoch_across_ranks(world):
-    size = 24  # divisible by 2, 3 and 4
-    per_rank = spawn_ranks(_indices_per_epoch, world, size, 3, init_group=False)
-    epochs = []
-    for epoch in range(3):
+def _indexed_splits(size: int):
+    """Images whose first pixel is the sample's index, as a Dataset and as in-memory tensors."""
+    from ddp.data.datasets import Splits, Tensors
+
+    images = torch.randn(size, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    images[:, 0, 0, 0] = torch.arange(size, dtype=torch.float32)
+    labels = torch.arange(size) % 10
+    tensors = Tensors(images, labels, images[:8], labels[:8])
+    return Splits(TensorDataset(images, labels), TensorDataset(images[:8], labels[:8]), (1, 8, 8), 10, True,
+                  materialise=lambda: tensors)
+
+
+def _trained_sample_order(env, tmp: str, size: int, epochs: int, loader: str):
+    """The sample indices this rank trained on, per epoch, through the real trainer (which alone
+    tells the sampler the epoch)."""
+    from ddp import runner
+    from ddp.engine.trainer import Trainer
+
+    seen: list[list[int]] = [[] for _ in range(epochs)]
+    original = Trainer._run_batch
+
+    def recording(self, inputs, targets, sums):
+        seen[self.state.epoch].extend(int(v) for v in inputs[:, 0, 0, 0].tolist())
+        return original(self, inputs, targets, sums)
+
+    runner.build_datasets = lambda cfg: _indexed_splits(size)
+    Trainer._run_batch = recording
+    try:
+        execute(load_recipe(None, ["data.batch_size=4", f"train.epochs={epochs}", f"run.dir={tmp}",
+                                   f"data.loader={loader}", "log.tensorboard=false", "log.progress=false"]), env)
+    finally:
+        Trainer._run_batch = original
+    return seen
+
+
+@pytest.mark.parametrize("world, loader", [(2, "memory"), (3, "dataloader")])
+def test_each_training_sample_seen_once_per_epoch_across_ranks(tmp_path, world, loader):
+    """Through the trainer: every sample exactly once per epoch over the ranks, the same number of
+    steps on each rank, and a new order every epoch (the trainer reseeds the sampler itself)."""
+    size, epochs = 24, 3  # divisible by 2 and 3: no padding
+    per_rank = spawn_ranks(_trained_sample_order, world, str(tmp_path / "run"), size, epochs, loader,
+                           init_group=False, timeout=180)
+    for epoch in range(epochs):
         union = sorted(i for rank in per_rank for i in rank[epoch])
         assert union == list(range(size)), f"epoch {epoch}"
-        epochs.append([rank[epoch] for rank in per_rank])
-        assert len({len(rank[epoch]) for rank in per_rank}) == 1  # same number of steps everywhere
-    assert epochs[0] != epochs[1] != epochs[2]  # set_epoch reshuffles
+        assert {len(rank[epoch]) for rank in per_rank} == {size // world}, f"epoch {epoch}"
+    orders = [[rank[epoch] for rank in per_rank] for epoch in range(epochs)]
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
 
 
 def test_uneven_training_set_is_padded_like_distributed_sampler():
