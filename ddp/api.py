@@ -7,6 +7,7 @@ resume), on one process or on every rank of torchrun / srun. All ranks must call
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,11 @@ from ddp.cluster.environment import detect_environment, launcher_rank
 from ddp.errors import DDPError, print_error
 
 
-def fit(recipe: str | Path | None = None, *, model: Any = None, data: Any = None,
+def fit(recipe: str | Path | Mapping[str, Any] | None = None, *, model: Any = None, data: Any = None,
         **overrides: Any) -> Any:
     """Train and return the ``ddp.runner.RunResult`` (metrics of the last epoch, final weights, run dir).
 
-    ``recipe``: a YAML path, or None for the defaults. ``model``: an nn.Module,
+    ``recipe``: a YAML path, a dict of sections (``{"train": {"epochs": 3}}``), or None for the defaults. ``model``: an nn.Module,
     or a class/function returning one (called with ``model.args``). ``data``: a (train, test) pair of
     Datasets, or a function returning one (called with ``data.args``). ``overrides``: recipe keys
     with '__' for '.', e.g. ``train__epochs=3`` (or ``**{"train.epochs": 3}``).
@@ -44,13 +45,44 @@ def fit(recipe: str | Path | None = None, *, model: Any = None, data: Any = None
     return result
 
 
-def _recipe(recipe: str | Path | None, overrides: dict[str, Any], model: Any, data: Any) -> Recipe:
+def build_run(recipe: str | Path | Mapping[str, Any] | None, overrides: dict[str, Any]) -> Any:
+    """All ranks must call. An open ``ddp.run.Run`` for ``ddp.setup``; a refusal is said once
+    (rank 0) and raises ``SystemExit`` on every rank."""
+    from ddp import runner
+    from ddp.run import Run
+
+    try:
+        resolved = _recipe(recipe, overrides, None, None)
+        env = detect_environment()
+        placement, devices, threads = runner.place_rank(resolved, env)
+        return Run(resolved, env, placement, devices, threads).open()
+    except DDPError as err:
+        print_error(err, launcher_rank())
+        raise SystemExit(err.exit_code) from None
+
+
+def _recipe(recipe: str | Path | Mapping[str, Any] | None, overrides: dict[str, Any], model: Any,
+            data: Any) -> Recipe:
+    if isinstance(recipe, Mapping):  # ddp.fit({"train": {"epochs": 3}}): the same as overrides
+        overrides, recipe = {**_dotted(recipe), **overrides}, None
     items = [f"{key.replace('__', '.')}={_yaml(value)}" for key, value in overrides.items()]
     if model is not None:
         items.append(f"model.name={_qualified(model)}")
     if data is not None:
         items.append(f"data.name={_qualified(data)}")
     return load_recipe(recipe, items)
+
+
+def _dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"epochs": 3}} → {"train.epochs": 3}; dict-valued keys (``model.args``) stay whole."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and "." not in name:
+            out.update(_dotted(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
 
 
 def _qualified(value: Any) -> str:

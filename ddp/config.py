@@ -153,6 +153,7 @@ class TrainConfig:
     deterministic: bool = setting(False, resume=HONOURED)  # also force deterministic CUDA kernels (slower)
     resume: str = setting("auto", resume=IGNORED)  # auto: newest valid checkpoint of the run dir | never | <checkpoint file or dir>
     loss: str = setting("cross_entropy", resume=refused(_OTHER_LOSS))  # cross_entropy | mse | your own: mypkg.losses:focal (outputs, targets) → scalar
+    metrics: Optional[str] = setting(None, resume=HONOURED)  # your own: mypkg.metrics:fn (outputs, targets) → {name: per-sample values or batch mean}, reported as test_<name>
     label_smoothing: float = setting(0.0, minimum=0.0, maximum=0.99, resume=HONOURED)  # cross_entropy only
     clip_grad_norm: float = setting(0.0, minimum=0.0, resume=HONOURED)  # clip the global gradient norm to this; 0 = off
     accumulate: int = setting(1, minimum=1, resume=HONOURED)  # micro-batches per optimizer step (DDP syncs on the last only)
@@ -171,8 +172,8 @@ class CheckpointConfig:
     every_steps: int = setting(0, minimum=0, resume=HONOURED)  # save every N optimizer steps; 0 = off
     every_epochs: int = setting(1, minimum=0, resume=HONOURED)  # save every N epochs (after evaluation); 0 = off
     keep: int = setting(3, minimum=2, resume=HONOURED)  # newest checkpoints kept (the best one is kept besides)
-    best_metric: str = setting("test_acc", resume=HONOURED)  # epoch-record field that ranks checkpoints
-    best_mode: BestMode = setting(BestMode.max, resume=HONOURED)
+    best_metric: str = setting("auto", resume=HONOURED)  # epoch-record field that ranks checkpoints; auto = test_acc when reported, else test_loss (lower is better)
+    best_mode: BestMode = setting(BestMode.max, resume=HONOURED)  # for a named best_metric: is higher (max) or lower (min) better
     signal_poll_s: float = setting(0.25, minimum=0.0, resume=HONOURED)  # ranks agree on preemption signals this often; 0 = every step
 
 
@@ -257,7 +258,7 @@ def per_machine(key: str) -> bool:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-BEST_METRICS = ("test_acc", "test_loss", "train_acc", "train_loss")
+BEST_METRICS = ("auto", "test_acc", "test_loss", "train_acc", "train_loss")
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -425,9 +426,10 @@ def _check_choices(recipe: Recipe) -> None:
     """Choices config.py can check alone; model/data/loss names are checked by ``ddp.model.registry``."""
     if recipe.log.level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log.level={recipe.log.level!r} is not known.", f"choose one of: {', '.join(LOG_LEVELS)}")
-    if recipe.checkpoint.best_metric not in BEST_METRICS:
-        raise ConfigError(f"checkpoint.best_metric={recipe.checkpoint.best_metric!r} is not an epoch metric.",
-                          f"choose one of: {', '.join(BEST_METRICS)}")
+    best = recipe.checkpoint.best_metric
+    if best not in BEST_METRICS and not (recipe.train.metrics and best.startswith("test_")):
+        raise ConfigError(f"checkpoint.best_metric={best!r} is not an epoch metric.",
+                          f"choose one of: {', '.join(BEST_METRICS)}, or test_<name> for a name train.metrics reports")
     shape = recipe.data.synthetic_shape
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"data.synthetic_shape={list(shape)} is invalid: it must be [channels, height, width].",

@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from ddp.cluster import comm
 from ddp.cluster.devices import Devices, Placement, check_parallel, choose_backend, place, detect_devices
 from ddp.config import Recipe
-from ddp.model.registry import Given, build_components, build_loss, check_recipe, eval_loss
+from ddp.model.registry import Given, build_components, build_loss, build_metrics, check_recipe, eval_loss
 from ddp.data.datasets import Splits, build_datasets
 from ddp.cluster.environment import ClusterEnv, available_cpus, hostname
 from ddp.errors import DDPError, print_error
@@ -141,16 +141,22 @@ def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None, giv
     the data and the model are built here (``ddp.model.registry``), so a bad name or result is refused."""
     given = given or Given()
     check_recipe(recipe, given)
+    placement, devices, threads = place_rank(recipe, env, devices)
+    check_precision(recipe.train.precision, placement.device)
+    splits, model = build_components(recipe, given, build_datasets)
+    check_budget(recipe, env, splits, placement.device, model)  # data.batch_size=auto: the model state must fit the budget
+    return Plan(placement, devices, threads, splits, model)
+
+
+def place_rank(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) -> tuple[Placement, Devices, int]:
+    """This rank's backend, device and CPU threads, checked before any process group forms; seeds
+    every RNG from ``train.seed``. Shared by the trainer and ``ddp.setup``."""
     devices = devices or detect_devices()
     check_parallel(recipe.dist.parallel, env)
     placement = place(choose_backend(recipe.dist.backend, env, devices), recipe.dist.parallel, env, devices)
-    device = placement.device
-    check_precision(recipe.train.precision, device)
-    check_sync_bn(recipe.dist.sync_bn, device, env.world_size)
+    check_sync_bn(recipe.dist.sync_bn, placement.device, env.world_size)
     seed_everything(recipe.train.seed, recipe.train.deterministic)
-    splits, model = build_components(recipe, given, build_datasets)
-    check_budget(recipe, env, splits, device, model)  # data.batch_size=auto: the model state must fit the budget
-    return Plan(placement, devices, _set_threads(recipe, env), splits, model)
+    return placement, devices, _set_threads(recipe, env)
 
 
 def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: RankLogs | None = None) -> RunResult:
@@ -299,7 +305,7 @@ def build_parts(recipe: Recipe, plan: Plan, wrap: bool = True) -> TrainParts:
     parts = TrainParts(rewrap(model) if wrap else model, optimizer, None, train, test, device,  # type: ignore[arg-type]
                        loss=build_loss(recipe.train), eval_loss=eval_loss(recipe.train),
                        rewrap=rewrap,
-                       scaler=make_scaler(recipe.train.precision, device))
+                       scaler=make_scaler(recipe.train.precision, device), metrics=build_metrics(recipe.train))
     parts.scheduler = _scheduler(recipe, parts, None)
     log.info("%d train / %d test samples, %d steps per epoch at %d per rank × %d ranks, %s",
              len(splits.train), len(splits.test), len(train), recipe.data.batch_size, comm.world_size(), how)

@@ -55,9 +55,11 @@ class Checkpointer:
 
     # --- saving ---------------------------------------------------------------------------
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
-             metric: float | None = None, scaler: Any = None) -> None:
-        """All ranks must call. Rank 0 writes; every rank returns once the file is durable."""
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any, state: TrainState,
+             metric: float | None = None, scaler: Any = None, mode: BestMode | None = None) -> None:
+        """All ranks must call. Rank 0 writes; every rank returns once the file is durable.
+        ``metric`` ranks the checkpoint (``best``), higher or lower is better by ``mode``
+        (default ``checkpoint.best_mode``)."""
         per_rank = comm.all_gather_object({"rng": capture_rng(), "sums": list(state.partial_sums)})
         outcome = None
         if comm.is_main():
@@ -65,7 +67,7 @@ class Checkpointer:
                 payload = self._payload(model, optimizer, scheduler, state, per_rank, scaler)
                 manifest = files.save(self.directory, payload, state.global_step, state.epoch, metric,
                                       self.recipe_yaml)
-                self._after_save(manifest)
+                self._after_save(manifest, mode or self.cfg.best_mode)
             except Exception as err:  # noqa: BLE001 - every rank must hear about it
                 outcome = f"{type(err).__name__}: {err}"
         outcome = comm.broadcast_object(outcome)
@@ -73,15 +75,15 @@ class Checkpointer:
             raise CheckpointError(f"saving a checkpoint in {self.directory} failed on rank 0: {outcome}",
                                   "check free disk space and permissions of the run dir")
 
-    def _payload(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
+    def _payload(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any, state: TrainState,
                  per_rank: list[dict[str, Any]], scaler: Any) -> dict[str, Any]:
         saved_state = asdict(state)
         saved_state.pop("partial_sums")
         return {
             "format": FORMAT,
             "model": unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": saved_state,
             "ranks": per_rank,  # index r: rank r's RNG states and partial epoch sums
@@ -90,9 +92,9 @@ class Checkpointer:
             "versions": {"ddp": ddp.__version__, "torch": str(torch.__version__), "python": platform.python_version()},
         }
 
-    def _after_save(self, manifest: files.Manifest) -> None:
+    def _after_save(self, manifest: files.Manifest, mode: BestMode) -> None:
         best = self._best_manifest()
-        if manifest.metric is not None and (best is None or self._better(manifest.metric, best.metric)):
+        if manifest.metric is not None and (best is None or _better(manifest.metric, best.metric, mode)):
             write_text_atomic(self.directory / "best", manifest.file + "\n")
             best = manifest
         removed = files.prune(self.directory, self.cfg.keep, protect={best.file} if best else set())
@@ -108,25 +110,26 @@ class Checkpointer:
         except CheckpointError:
             return None
 
-    def _better(self, value: float, than: float | None) -> bool:
-        if than is None:
-            return True
-        return value > than if self.cfg.best_mode == BestMode.max else value < than
 
     # --- resuming -------------------------------------------------------------------------
 
-    def resume(self, path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer,
-               scaler: Any = None) -> TrainState | None:
+    def resume(self, path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+               scaler: Any = None, scheduler: Any = None) -> TrainState | None:
         """All ranks must call, with the same ``path`` (None: nothing to resume). Loads weights,
         optimizer state and this rank's RNG and epoch sums; the optimizer keeps the recipe's
-        hyperparameters (lr, momentum, weight decay...), only its state comes from the file."""
+        hyperparameters (lr, momentum, weight decay...), only its state comes from the file.
+        ``scheduler``: a schedule of the user's own loop, loaded from the file (our trainer
+        rebuilds its schedule from the recipe instead)."""
         if path is None:
             return None
         payload = files.load(path)  # onto the CPU; load_state_dict moves each tensor to its parameter
         weights = _strip_prefixes(payload["model"])
         check_compatible(payload, weights, self.recipe, unwrap_model(model), path)
         unwrap_model(model).load_state_dict(weights)
-        _load_optimizer_state(optimizer, payload["optimizer"])
+        if optimizer is not None and payload.get("optimizer"):
+            _load_optimizer_state(optimizer, payload["optimizer"])
+        if scheduler is not None and payload.get("scheduler"):
+            scheduler.load_state_dict(payload["scheduler"])
         if scaler is not None and payload.get("scaler"):
             scaler.load_state_dict(payload["scaler"])
         state = self._restore_rank_state(payload)
@@ -144,6 +147,28 @@ class Checkpointer:
         else:  # the epoch's running sums are totals: give them all to rank 0
             sums = [sum(r["sums"][i] for r in ranks) for i in range(3)] if rank == 0 else [0.0, 0.0, 0.0]
         return TrainState(**payload["state"], partial_sums=sums)
+
+
+def _better(value: float, than: float | None, mode: BestMode) -> bool:
+    if than is None:
+        return True
+    return value > than if mode == BestMode.max else value < than
+
+
+AUTO_RANKING = (("test_acc", BestMode.max), ("accuracy", BestMode.max), ("test_loss", BestMode.min),
+                ("loss", BestMode.min))  # checkpoint.best_metric=auto: the first a run reports
+
+
+def ranking(record: dict[str, Any], cfg: CheckpointConfig) -> tuple[float | None, BestMode]:
+    """The value of an epoch record that ranks its checkpoint, and which way is better.
+    ``checkpoint.best_metric=auto`` takes accuracy when the run reports it (classification),
+    else the loss (lower is better), so a regression run has a ``best`` too."""
+    if cfg.best_metric != "auto":
+        return record.get(cfg.best_metric), cfg.best_mode
+    for name, mode in AUTO_RANKING:
+        if record.get(name) is not None:
+            return float(record[name]), mode
+    return None, cfg.best_mode
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:

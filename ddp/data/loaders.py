@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -100,3 +101,62 @@ def _loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, device: to
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),  # seeds workers' augmentation RNG
     )
+
+
+class EpochLoader:
+    """A training DataLoader that knows where it is, for a loop the user writes (``ddp.Run.loader``).
+
+    Every pass over it is one epoch: it reseeds its ``ResumableSampler`` with the epoch number
+    (so each epoch has its own order, the same on every rank and after a resume) and counts the
+    samples all ranks consumed, so a save mid-epoch can resume at the same sample. Batches come
+    out on ``device``.
+    """
+
+    def __init__(self, loader: DataLoader, sampler: ResumableSampler | ShardSampler, device: torch.device,
+                 world: int) -> None:
+        self.loader, self.sampler, self.device, self.world = loader, sampler, device, world
+        self.epoch = 0  # the epoch the next (or current) pass is
+        self.consumed = 0  # samples of that epoch consumed by all ranks together
+        self._start = 0  # where the next pass starts (a resumed mid-epoch position)
+
+    def place(self, epoch: int, consumed: int) -> None:
+        """Continue at ``consumed`` samples into ``epoch`` (after a resume)."""
+        self.epoch, self.consumed, self._start = epoch, consumed, consumed
+
+    def __iter__(self) -> Iterator[Any]:
+        self._place_sampler()
+        self.consumed, self._start = self._start, 0
+        for batch in self.loader:
+            self.consumed += _batch_size(batch) * self.world
+            yield to_device(batch, self.device)
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+    def __len__(self) -> int:
+        self._place_sampler()
+        return len(self.loader)
+
+    def _place_sampler(self) -> None:
+        if isinstance(self.sampler, ResumableSampler):  # an evaluation ShardSampler has no epochs
+            self.sampler.set_epoch(self.epoch, self._start)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors in a batch (nested in tuples, lists and dicts) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(item, device) for item in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        return _batch_size(item)
+    return 1

@@ -1,17 +1,28 @@
-"""Exact distributed evaluation: every test sample counted once, whatever the world size."""
+"""Exact distributed evaluation: every test sample counted once, whatever the world size.
+
+Each rank sums its values over its unpadded shard (``ddp.data.loaders.ShardSampler``); one
+all_reduce adds the ranks' sums, and every result is a sum over the whole test set divided by its
+sample count. So only means over samples are exact here: loss, accuracy, and any metric function
+that returns, per batch, one value per sample (a tensor of shape ``[batch]``) or the batch mean
+(a 0-d tensor or a float, weighted by the batch size).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
 from ddp.cluster import comm
+from ddp.errors import ConfigError
 from ddp.model.registry import classifies
+
+MetricFn = Callable[[torch.Tensor, torch.Tensor], Mapping[str, Any]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -19,36 +30,79 @@ class EvalResult:
     loss: float
     accuracy: float | None  # None when the outputs are not class logits (then only the loss is reported)
     count: int
+    metrics: dict[str, float] = field(default_factory=dict)  # from a metric function: name → mean over samples
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
-             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, loss_fn: LossFn | None = None,
+             metric_fn: MetricFn | None = None) -> EvalResult:
     """All ranks must call. ``model`` must be the UNWRAPPED module (no DDP hooks: shards differ
     in length by one sample, so a DDP forward could wait on a peer that has finished).
 
-    Each rank sums (loss, correct, count) over its unpadded shard; one all_reduce adds them.
-    ``loss_fn`` (a batch mean) replaces cross entropy; accuracy needs class logits on every rank.
+    The loss is cross entropy unless ``loss_fn`` (a batch mean) is given; accuracy is reported when
+    every batch on every rank had class logits; ``metric_fn(outputs, targets)`` adds named means.
     """
+
+    def per_batch(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+        if loss_fn is None:
+            values: dict[str, Any] = {"loss": F.cross_entropy(outputs, targets, reduction="none")}
+        else:
+            values = {"loss": loss_fn(outputs, targets)}
+        logits = classifies(outputs, targets)
+        values["correct"] = (outputs.argmax(dim=1) == targets).double() if logits else outputs.new_zeros(())
+        values["unclassified"] = outputs.new_zeros(()) if logits else outputs.new_ones(()) / targets.shape[0]
+        if metric_fn is not None:
+            values.update(_named(metric_fn(outputs, targets)))
+        return values
+
+    means, count = mean_over_samples(model, loader, device, per_batch)
+    extra = {name: value for name, value in means.items() if name not in ("loss", "correct", "unclassified")}
+    accuracy = means["correct"] if means.get("unclassified", 0.0) == 0.0 and count else None
+    return EvalResult(loss=means.get("loss", float("nan")), accuracy=accuracy, count=count, metrics=extra)
+
+
+@torch.no_grad()
+def mean_over_samples(model: nn.Module, loader: Iterable, device: torch.device,
+                      per_batch: Callable[[torch.Tensor, torch.Tensor], Mapping[str, Any]]
+                      ) -> tuple[dict[str, float], int]:
+    """All ranks must call. ``per_batch(outputs, targets)`` → named values, each per sample
+    (shape ``[batch]``) or a batch mean; returns (name → mean over every sample of every rank,
+    the sample count). Names are agreed between ranks, so a rank with an empty shard takes part."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, count, batches without logits
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
     for inputs, targets in loader:
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        logits = model(inputs)
-        if loss_fn is None:
-            sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-        else:
-            sums[0] += loss_fn(logits, targets).double() * targets.shape[0]
-        if classifies(logits, targets):
-            sums[1] += (logits.argmax(dim=1) == targets).sum()
-        else:
-            sums[3] += 1
-        sums[2] += targets.shape[0]
-    comm.all_reduce_sum(sums)
+        outputs = model(inputs)
+        size = targets.shape[0]
+        for name, value in per_batch(outputs, targets).items():
+            total = _batch_sum(name, value, size, device)
+            sums[name] = sums[name] + total if name in sums else total
+        count += size
     model.train(was_training)
-    loss_sum, correct, count, unclassified = sums.tolist()
-    count = int(round(count))
-    accuracy = correct / max(count, 1) if unclassified == 0 else None
-    return EvalResult(loss=loss_sum / max(count, 1), accuracy=accuracy, count=count)
+    names = sorted(set().union(*comm.all_gather_object(sorted(sums))))
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    packed = torch.stack([sums.get(name, zero) for name in names] + [zero + count])
+    totals = comm.all_reduce_sum(packed).tolist()
+    count = int(round(totals[-1]))
+    return {name: total / max(count, 1) for name, total in zip(names, totals)}, count
+
+
+def _named(values: Any) -> dict[str, Any]:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"a metric function must return a dict of name → value, got {type(values).__name__}.",
+                          "return e.g. {'mae': (outputs - targets).abs().mean(dim=1)}")
+    return dict(values)
+
+
+def _batch_sum(name: str, value: Any, size: int, device: torch.device) -> torch.Tensor:
+    """The batch's sum of ``value``: per-sample values are added, a batch mean is weighted by ``size``."""
+    tensor = torch.as_tensor(value, device=device).detach().double()
+    if tensor.dim() == 0:
+        return tensor * size
+    if tensor.dim() == 1 and tensor.shape[0] == size:
+        return tensor.sum()
+    raise ConfigError(f"metric {name!r} has shape {list(tensor.shape)} for a batch of {size}: it must be one value "
+                      "per sample or the batch mean.", "reduce it per sample, e.g. .mean(dim=1), or to a scalar")

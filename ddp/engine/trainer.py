@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ddp.cluster import comm
-from ddp.checkpoint.checkpointer import Checkpointer, TrainState
+from ddp.checkpoint.checkpointer import Checkpointer, TrainState, ranking
 from ddp.model.registry import classifies
 from ddp.config import Recipe
 from ddp.engine.evaluation import evaluate
@@ -48,6 +48,7 @@ class TrainParts:
     eval_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # None: exact cross entropy
     rewrap: Callable[[nn.Module], nn.Module] | None = None  # wraps the plain model again (after unfreezing)
     scaler: Any = None  # torch.amp.GradScaler for train.precision=fp16 (CUDA); None otherwise
+    metrics: Callable[[torch.Tensor, torch.Tensor], Any] | None = None  # train.metrics: reported as test_<name>
 
 
 @dataclass
@@ -183,21 +184,23 @@ class Trainer:
         stays open, so a later run with more steps resumes inside it."""
         loss_sum, correct, count = totals
         result = evaluate(unwrap_model(self.parts.model), self.parts.test_loader, self.parts.device,
-                          self.parts.eval_loss)
+                          self.parts.eval_loss, self.parts.metrics)
         record = {
             "kind": "epoch", "epoch": epoch + 1, "step": self.state.global_step,
             "train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1) if self._classifies else None,
             "test_loss": result.loss, "test_acc": result.accuracy, "test_count": result.count,
+            **{f"test_{name}": value for name, value in result.metrics.items()},
             "lr": self.parts.optimizer.param_groups[0]["lr"],
             "samples_per_s": count / seconds if seconds > 0 else 0.0, "epoch_time_s": seconds,
         }
         if not complete:
             record["partial"] = True
         self.metrics.write(record)
-        log.info("epoch %d/%d step %d%s: train loss %.4f%s | test loss %.4f%s (%d samples)"
+        extra = "".join(f" {name} {value:.4f}" for name, value in result.metrics.items())
+        log.info("epoch %d/%d step %d%s: train loss %.4f%s | test loss %.4f%s%s (%d samples)"
                  " | %.0f samples/s, %.2f s", epoch + 1, self.cfg.train.epochs, self.state.global_step,
                  "" if complete else " (max_steps)", record["train_loss"], _acc(record["train_acc"]),
-                 result.loss, _acc(result.accuracy), result.count, record["samples_per_s"], seconds)
+                 result.loss, _acc(result.accuracy), extra, result.count, record["samples_per_s"], seconds)
         self.state.last_record = record
         if not complete:
             return
@@ -220,9 +223,11 @@ class Trainer:
 
     def _save(self) -> None:
         """All ranks must call."""
-        metric = self.state.last_record.get(self.cfg.checkpoint.best_metric) if self.state.sample_index == 0 else None
+        metric, mode = ranking(self.state.last_record, self.cfg.checkpoint)
+        if self.state.sample_index:
+            metric = None  # a mid-epoch checkpoint has no evaluation of its own
         self.checkpointer.save(self.parts.model, self.parts.optimizer, self.parts.scheduler, self.state, metric,
-                               self.parts.scaler)
+                               self.parts.scaler, mode)
         self._saved_step = self.state.global_step
 
     def _progress_bar(self, epoch: int) -> tqdm:

@@ -53,6 +53,8 @@ def check_recipe(recipe: Recipe, given: Given | None = None) -> None:
     if given.data is None:
         _check_name("data.name", recipe.data.name, DATASETS, recipe.data.args, "data.args")
     _check_name("train.loss", recipe.train.loss, LOSSES, {}, "", leading=(None, None))
+    if recipe.train.metrics:
+        _check_name("train.metrics", recipe.train.metrics, (), {}, "", leading=(None, None))
     if recipe.model.pretrained and recipe.model.name not in PRETRAINABLE:
         raise ConfigError(f"model.pretrained=true, but model.name={recipe.model.name!r} has no torchvision weights.",
                           f"use model.name={' or '.join(PRETRAINABLE)}, or model.weights=<state_dict file>")
@@ -71,8 +73,8 @@ def _check_name(key: str, name: str, builtins: Mapping[str, Any] | tuple[str, ..
                 args_key: str, leading: tuple[Any, ...] = ()) -> None:
     if not is_import_path(name):
         if name not in builtins:
-            raise ConfigError(f"{key}={name!r} is not known.",
-                              f"choose one of: {', '.join(builtins)}; or name your own as mypkg.module:attr")
+            choose = f"choose one of: {', '.join(builtins)}; or " if builtins else ""
+            raise ConfigError(f"{key}={name!r} is not known.", f"{choose}name your own as mypkg.module:attr")
         return
     target = resolve(key, name)
     if not callable(target):
@@ -193,6 +195,11 @@ def build_loss(cfg: TrainConfig) -> Loss:
         return F.mse_loss
     target = resolve("train.loss", cfg.loss)
     return target() if inspect.isclass(target) else target  # a class (nn.Module loss) is instantiated
+
+
+def build_metrics(cfg: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor], Mapping[str, Any]] | None:
+    """``train.metrics``: the user's (outputs, targets) → {name: value} function, or None."""
+    return resolve("train.metrics", cfg.metrics) if cfg.metrics else None
 
 
 def eval_loss(cfg: TrainConfig) -> Loss | None:
