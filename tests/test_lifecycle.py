@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from ddp.config import load_recipe, to_yaml
 from ddp.lifecycle.changes import Policy, policy_of, recipe_changes
 from ddp.model.optim import build_optimizer, build_scheduler, schedule_position
-from tests.harness import python_env, run_cli
+from tests.harness import REPO, python_env, run_cli
 
 QUIET = ("log.tensorboard=false", "log.progress=false")
 
@@ -130,14 +131,17 @@ def test_ctrl_c_on_one_process_checkpoints_exits_130_and_the_rerun_resumes(tmp_p
 
 
 def test_ctrl_c_on_two_torchrun_ranks_checkpoints_once_and_resumes(tmp_path):
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-            "ddp.train", *QUIET, "train.epochs=40", "log.every_steps=5"]
+    """Every rank exits 130 after checkpointing at the same step (the one the checkpoint holds), and
+    the same command resumes from it. Each rank is ``python -m ddp.train`` run by a shim that writes
+    the status it exits with (torchrun does not report its ranks' exit codes after a signal)."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(REPO / "tests" / "workers" / "record_exit.py"), *QUIET, "train.epochs=40", "log.every_steps=5"]
     proc = subprocess.Popen(args, cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     version = tmp_path / "runs" / "digits" / "version_0"
     try:
         _wait_for_steps(version / "metrics.jsonl", proc, 3)
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: torchrun and both ranks get it
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: torchrun gets it and forwards it to the ranks
         out, _ = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
@@ -146,11 +150,14 @@ def test_ctrl_c_on_two_torchrun_ranks_checkpoints_once_and_resumes(tmp_path):
     # the ranks print no traceback, say once what happened, and checkpoint together.
     assert "KeyboardInterrupt" not in out and "/ddp/" not in out, out[-3000:]
     assert out.count("stopped by SIGINT at step") == 1, out[-3000:]
-    for rank in (0, 1):
-        text = (version / "logs" / f"rank{rank}.log").read_text()
-        assert "stopped by SIGINT" in text and "Exit code 130" in text
+    assert [(tmp_path / f"exit-rank{rank}.txt").read_text().strip() for rank in (0, 1)] == ["130", "130"]
     latest = (version / "checkpoints" / "latest").read_text().strip()
     step = int(latest.removeprefix("step-").removesuffix(".pt"))
+    for rank in (0, 1):
+        text = (version / "logs" / f"rank{rank}.log").read_text()
+        assert re.findall(r"stopped by SIGINT at step (\d+)", text) == [str(step)], f"rank {rank}"
+        assert "Exit code 130" in text
+    assert step >= 3 * 5  # after the 3 step records the test waited for
     resumed = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ddp.train",
                        *QUIET, "train.epochs=40", f"train.max_steps={step + 4}"], cwd=tmp_path, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
