@@ -131,21 +131,76 @@ SLOW_SAVER = textwrap.dedent("""
     print("finished", flush=True)
 """)
 
+TORN_WRITER = textwrap.dedent("""
+    import builtins, io, os, sys, time, torch
+    from pathlib import Path
+    from ddp.checkpoint import files
+    directory, target = Path(sys.argv[1]), sys.argv[2]
+    files.save(directory, {"format": 1, "model": {"w": torch.ones(8)}}, 1, 0, None)
+    real_open = io.open
 
-def test_kill_9_during_a_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVER, str(tmp_path)], env=python_env(), cwd=REPO,
+    class Torn:  # writes half of its first write, says so, then waits for the kill
+        def __init__(self, handle):
+            self.handle = handle
+        def write(self, data):
+            self.handle.write(data[: max(1, len(data) // 2)])
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            print("saving", flush=True)
+            time.sleep(120)
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    def watched_open(file, mode="r", *args, **kwargs):  # every open, os.fdopen and Path.write_text
+        handle = real_open(file, mode, *args, **kwargs)
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.fspath(file))
+        if any(m in mode for m in "wax") and (name == target or name.startswith(f".{target}.")):
+            return Torn(handle)
+        return handle
+
+    io.open = builtins.open = watched_open
+    files.save(directory, {"format": 1, "model": {"w": torch.full((8,), 2.0)}}, 2, 1, None)
+    print("finished", flush=True)
+""")
+
+
+def _killed_while_saving(tmp_path, script: str, *args: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), *args], env=python_env(), cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "saving"
+        line = proc.stdout.readline().strip()
+        assert line == "saving", f"the save never wrote {args or 'the .pt'} through the hook: {line!r}"
         time.sleep(0.3)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    assert list(tmp_path.glob(".step-00000002.pt.*.tmp"))  # the torn write is only a temporary file
-    assert not (tmp_path / "step-00000002.pt").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the torn-write hook reads /proc/self/fd")
+@pytest.mark.parametrize("moment", [".pt", "manifest", "latest"])
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_in_charge(tmp_path, moment):
+    """kill -9 while the .pt streams, while its manifest is half written, while ``latest`` is half
+    written: never a torn file under a real name; ``latest`` still names the previous checkpoint;
+    auto-resume takes the previous one, or the new one only where it is complete (pt and manifest)."""
+    if moment == ".pt":
+        _killed_while_saving(tmp_path, SLOW_SAVER)
+    else:
+        _killed_while_saving(tmp_path, TORN_WRITER, "step-00000002.json" if moment == "manifest" else "latest")
     assert files.read_pointer(tmp_path, "latest") == "step-00000001.pt"
+    torn = {".pt": ".step-00000002.pt.*.tmp", "manifest": ".step-00000002.json.*.tmp", "latest": ".latest.*.tmp"}
+    assert list(tmp_path.glob(torn[moment]))  # the torn write is only a temporary file
     chosen = newest_valid(tmp_path)  # what train.resume=auto resumes from
+    if moment == "latest":  # the .pt and its manifest were complete: the new checkpoint is whole
+        assert chosen == tmp_path / "step-00000002.pt" and files.verify(chosen).step == 2
+        assert torch.equal(files.load(chosen)["model"]["w"], torch.full((8,), 2.0))
+        return
+    assert (tmp_path / "step-00000002.pt").exists() == (moment == "manifest")  # renamed only once complete
+    assert not (tmp_path / "step-00000002.json").exists()
     assert chosen == tmp_path / "step-00000001.pt"
     assert torch.equal(files.load(chosen)["model"]["w"], torch.ones(8))
