@@ -164,9 +164,43 @@ def test_ctrl_c_on_two_torchrun_ranks_checkpoints_once_and_resumes(tmp_path):
     assert f"resumed from runs/digits/version_0/checkpoints/{latest}" in resumed.stderr
 
 
-def test_a_second_ctrl_c_quits_at_once_but_the_same_keypress_forwarded_does_not(monkeypatch):
+_SECOND_CTRL_C = """
+import os, signal, sys, time
+from ddp.engine.trainer import Trainer
+from ddp.train import main
+
+original = Trainer._run_batch
+
+
+def run_batch(self, inputs, targets, sums):
+    if self.state.global_step == 2 and not getattr(run_batch, "sent", False):
+        run_batch.sent = True
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: a checkpoint after this step is asked for
+        time.sleep(1.5)  # longer than one keypress reaching the process twice
+        os.kill(os.getpid(), signal.SIGINT)  # pressed again
+        print("still running after the second Ctrl-C", file=sys.stderr, flush=True)
+    return original(self, inputs, targets, sums)
+
+
+Trainer._run_batch = run_batch
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_second_ctrl_c_quits_at_once_but_the_same_keypress_forwarded_does_not(monkeypatch, tmp_path):
     from ddp.engine import stop as signals
 
+    # a real process: the second Ctrl-C, 1.5 s after the first and within the same step, exits 130
+    # at once — the step is not finished and nothing is saved
+    done = run_cli(["-c", _SECOND_CTRL_C, *QUIET, "train.epochs=2"], cwd=tmp_path, timeout=120)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "interrupted again: exiting now, without a checkpoint" in done.stderr
+    assert "still running after the second Ctrl-C" not in done.stderr and "stopped by" not in done.stderr
+    checkpoints = tmp_path / "runs" / "digits" / "version_0" / "checkpoints"
+    assert not (checkpoints.exists() and list(checkpoints.iterdir()))  # no checkpoint, no pointer, no temp file
+
+    # in-process, on a fake clock: a second SIGINT 0.2 s after the first is torchrun forwarding the
+    # same keypress and does not quit; one 2 s later does
     class Quit(Exception):
         pass
 
