@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ddp.checkpoint import files
+from ddp.lifecycle.history import read_history
 from tests.harness import python_env
 
 RECIPE = ("train.epochs=3", "checkpoint.every_steps=5", "log.every_steps=1", "log.tensorboard=false")
@@ -67,13 +68,26 @@ def uninterrupted(tmp_path_factory):
     return _final_weights(cwd / "runs" / "digits" / "version_0")
 
 
+def _step_records(run_dir: Path) -> dict[int, str]:
+    """metrics.jsonl's per-step records as written (each carries the time it was written), by step."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    records = [(json.loads(line), line) for line in lines if line.endswith("}")]
+    return {record["step"]: line for record, line in records if record["kind"] == "step"}
+
+
 @pytest.mark.parametrize("attempt", range(5))
 def test_sigkill_of_a_rank_under_max_restarts_resumes_to_identical_weights(tmp_path, uninterrupted, attempt):
     run_dir = tmp_path / "runs" / "digits" / "version_0"  # checkpoints every 5 steps: restarts resume it
     proc = _torchrun(tmp_path, "--max-restarts=3")
     try:
         _wait_for_step(proc, run_dir, 12 + 7 * attempt)  # mid-epoch, at a different step each time
-        _worker(proc.pid, rank=attempt % 2).kill()
+        worker = _worker(proc.pid, rank=attempt % 2)
+        before = _step_records(run_dir)  # what the first attempt had logged when the rank died
+        killed_at = time.time()
+        worker.kill()
         out, _ = proc.communicate(timeout=180)
     finally:
         proc.kill()
@@ -84,6 +98,20 @@ def test_sigkill_of_a_rank_under_max_restarts_resumes_to_identical_weights(tmp_p
     assert weights.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         assert torch.equal(weights[name], tensor), name
+    # the restarted group resumed from the last checkpoint before the kill, not from step 0
+    seen = max(before)
+    history = read_history(run_dir / "history.jsonl")
+    assert [(h["event"], h["world_size"]) for h in history] == [("start", 2), ("resume", 2)], history
+    resumed = history[1]["step"]
+    assert 5 * ((seen - 1) // 5) <= resumed, (seen, history)  # saves ≤ that step were durable before it was logged
+    assert Path(history[1]["checkpoint"]).name == files.checkpoint_name(resumed)
+    # ... and ran each later step once: the steps up to the checkpoint are the first attempt's own
+    # records (the very lines it wrote), every later one was written after the kill
+    after = _step_records(run_dir)
+    assert sorted(after) == list(range(1, max(after) + 1))
+    for step in range(1, min(resumed, seen) + 1):
+        assert after[step] == before[step], step
+    assert all(json.loads(after[step])["time"] > killed_at for step in after if step > resumed)
 
 
 def _manual_rank(rank: int, port: int, cwd: Path, *overrides: str) -> subprocess.Popen:
