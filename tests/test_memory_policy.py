@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 import torch
 
-from bench.simulated_memory import SimulatedDevice
+from bench.simulated_memory import MB, SimulatedDevice
 from ddp.memory.estimate import estimate_state
-from ddp.memory.policy import MAX_VERIFY, Fit, Search, back_off, fit_affine, largest_under, safe_bound
+from ddp.memory.policy import MAX_BISECT, MAX_VERIFY, Fit, Search, back_off, fit_affine, largest_under, safe_bound
 from ddp.memory.trials import probe_model
 from ddp.model.zoo import mnist_mlp
 
@@ -116,3 +117,84 @@ def test_probe_on_a_real_model_against_the_simulated_device(cap):
     assert 0.95 * cap <= results["train"].pick <= cap
     measured = search.count("measure")
     assert measured <= 3 and search.count("verify") <= 3 and device.forwards == measured + search.count("verify")
+
+
+class CurvedDevice:
+    """A device whose memory is NOT affine in the batch: allocator blocks (readings rounded up),
+    one fragmentation jump at a batch, a quadratic or power-law term, and noise. The true maximum
+    is the largest batch whose exact memory is within the budget; above it the device runs out
+    of memory, below it every reading is the exact memory ± noise."""
+
+    def __init__(self, budget: float, seed: int, *, fixed: float = 0.02, block: float = 0.0, jump: float = 0.0,
+                 quadratic: float = 0.0, power: float = 1.0, noise: float = 0.003) -> None:
+        rng = random.Random(seed)
+        self.budget, self.noise, self._rng = budget, noise, rng
+        samples = budget / MB  # an affine device with 1 MB per sample would hold about this many
+        self.fixed, self.block, self.jump = fixed * budget, block * budget, jump * budget
+        self.jump_at = max(2, int(rng.uniform(0, 1) * samples))  # anywhere, below or above the measurements
+        self.quadratic = quadratic * budget / samples**2  # its share of the budget at ``samples``
+        self.per_sample = MB * samples ** (1 - power)  # b**power: the same 1 MB/sample at ``samples``
+        self.power = power
+        low, high = 0, 1
+        while self.exact(high) <= budget:
+            high *= 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.exact(middle) <= budget else (low, middle)
+        self.cap = low
+
+    def exact(self, batch: int) -> float:
+        bytes_ = self.fixed + self.per_sample * batch**self.power + self.quadratic * batch**2
+        bytes_ += self.jump if batch >= self.jump_at else 0.0
+        return math.ceil(bytes_ / self.block) * self.block if self.block else bytes_
+
+    def reading(self, batch: int) -> float | None:
+        if batch > self.cap:
+            return None  # out of memory
+        return self.exact(batch) * (1 + self._rng.uniform(-self.noise, self.noise))
+
+
+def _curved_picks(**shape: float) -> list[float]:
+    """The pick as a share of the true maximum on 100 seeds at 3 sizes (~100, 5,000 and 100,000 samples)."""
+    shares = []
+    for samples in (100, 5_000, 100_000):
+        for seed in range(100):
+            device = CurvedDevice(samples * MB, seed * 7919 + samples, **shape)
+            search = Search(budget=device.budget, limit=10**7)
+            while (planned := search.next()) is not None:
+                search.record(planned[0], planned[1], device.reading(planned[0]))
+            assert search.good <= device.cap  # never above: the pick is a batch that ran within the budget
+            assert search.good in {t.batch for t in search.trials if t.fits and t.reading <= device.budget}
+            assert search.count("verify") <= MAX_VERIFY + MAX_BISECT
+            shares.append(search.good / device.cap)
+    return shares
+
+
+# docs/memory.md "Memory that is not affine" states these bounds: keep them in step
+HOLDS = {
+    "noise ±2%": dict(noise=0.02),
+    "allocator blocks of 2% of the budget": dict(block=0.02),
+    "a fragmentation jump of 5% of the budget at any batch": dict(jump=0.05),
+    "a quadratic term, 80% of the budget at the maximum": dict(quadratic=0.8),
+    "memory growing as batch^1.3": dict(power=1.3),
+    "blocks 1%, jump 5%, quadratic 30%, noise ±1% together": dict(block=0.01, jump=0.05, quadratic=0.3, noise=0.01),
+}
+BREAKS = {  # name: (shape, the floor docs/memory.md gives)
+    "noise ±5%": (dict(noise=0.05), 0.9),
+    "allocator blocks of 5% of the budget": (dict(block=0.05), 0.9),
+    "a fragmentation jump of 20% of the budget": (dict(jump=0.2), 0.7),
+    "memory growing as batch^0.8": (dict(power=0.8), 0.9),
+}
+
+
+@pytest.mark.parametrize("shape", list(HOLDS.values()), ids=list(HOLDS))
+def test_non_affine_device_within_the_documented_bounds_picks_at_least_95_percent_never_above(shape):
+    assert min(_curved_picks(**shape)) >= 0.95
+
+
+@pytest.mark.parametrize("shape, floor", list(BREAKS.values()), ids=list(BREAKS))
+def test_beyond_the_documented_bounds_the_pick_can_fall_below_95_percent_but_never_above(shape, floor):
+    """Where docs/memory.md says the 95% promise breaks, it does, down to the floor it gives (when
+    the policy gets better, move the case to HOLDS and the docs with it); never above holds everywhere."""
+    shares = _curved_picks(**shape)
+    assert floor <= min(shares) < 0.95

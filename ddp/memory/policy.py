@@ -11,10 +11,13 @@ optimizer state, which are allocated first). ``Search`` decides which batch to t
    together to resolve the slope (largest < ``SPREAD`` × smallest), at most ``MAX_POINTS`` points;
 3. verify the predicted largest batch (aiming at ``AIM`` of the budget) by running it. A success is
    kept (and, when the refit promises ``REFINE`` more, tried once more); an over-budget reading is
-   refitted (it lies close to the budget, so the new line is accurate there); an out-of-memory
-   error backs off by ``back_off``. At most ``MAX_VERIFY`` steps follow the measurement points
-   (``MAX_BISECT`` more once repeated out-of-memory errors show the device holds less than the
-   budget said); the pick is always a batch that actually ran within the budget.
+   refitted (it lies close to the budget, so the new line is usually accurate there); an
+   out-of-memory error backs off by ``back_off``; after that every failure, out of memory or over
+   the budget, bisects (a line that missed twice is no guide: memory is not affine there, or the
+   device holds less than the budget said). At most ``MAX_VERIFY`` steps follow the measurement
+   points (``MAX_BISECT`` more once there were repeated failures); the pick is always a batch that
+   actually ran within the budget. ``tests/test_memory_policy.py`` also runs it against devices
+   that are not affine (docs/memory.md says how far the 95% goes there).
 """
 
 from __future__ import annotations
@@ -146,12 +149,12 @@ class Search:
         return max(readings) >= SPREAD * max(min(readings), 1.0)
 
     def _verify_step(self) -> tuple[int, str] | None:
-        oom = sum(t.reading is None for t in self.trials)
-        if self.count("verify") >= MAX_VERIFY + (MAX_BISECT if oom > 1 else 0):
+        failures = sum(not t.fits for t in self.trials)  # out of memory, or over the budget
+        if self.count("verify") >= MAX_VERIFY + (MAX_BISECT if failures > 1 else 0):
             return None
         last = self.trials[-1]
-        if last.reading is None:  # out of memory: no reading to refit, back off
-            target = back_off(last.batch, self.good, oom - 1)
+        if last.reading is None or (not last.fits and failures > 1):  # no reading, or the refit missed: back off
+            target = back_off(last.batch, self.good, failures - 1)
         else:
             target = self.prediction()
             if not self._slope_resolved():
