@@ -150,6 +150,57 @@ def test_pretrained_without_cached_weights_is_refused_never_a_random_init(tmp_pa
     assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
 
 
+def test_model_weights_file_is_where_a_torchvision_model_starts_without_the_hub_cache(tmp_path, monkeypatch):
+    """model.weights=<file> for resnet18 with an empty torch hub: the frozen backbone is bitwise the
+    file's weights (not the hub's, not a random init)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    from torchvision.models import get_model
+
+    torch.manual_seed(7)
+    own = get_model("resnet18", weights=None).state_dict()
+    torch.save(own, tmp_path / "mine.pth")
+    run_dir = _finetune(tmp_path, monkeypatch, "finetune_resnet18.yaml", "model.unfreeze_after_epochs=-1",
+                        f"model.weights={tmp_path / 'mine.pth'}", "train.max_steps=1")
+    weights = _final_checkpoint(run_dir)["model"]
+    backbone = [k for k in own if not k.startswith("fc.") and "running_" not in k and "num_batches" not in k]
+    assert len(backbone) == 60 and all(torch.equal(weights[k], own[k]) for k in backbone)
+
+
+def test_model_weights_file_is_where_your_own_model_starts_and_a_missing_one_is_refused(in_tmp, monkeypatch,
+                                                                                       capsys):
+    from ddp.engine.trainer import Trainer
+    from ddp.model.parallel import unwrap_model
+    from ddp.model.zoo import digits_cnn
+
+    torch.manual_seed(7)
+    own = digits_cnn((1, 8, 8), 10).state_dict()
+    torch.save(own, in_tmp / "mine.pt")
+    started = []
+    original = Trainer._run_batch
+
+    def first_batch(self, inputs, targets, sums):
+        if not started:
+            started.append({k: v.clone() for k, v in unwrap_model(self.parts.model).state_dict().items()})
+        return original(self, inputs, targets, sums)
+
+    monkeypatch.setattr(Trainer, "_run_batch", first_batch)
+    quiet = ["log.progress=false", "log.tensorboard=false", "train.max_steps=1"]
+    assert main([*quiet, f"model.weights={in_tmp / 'mine.pt'}", "run.name=mine"]) == 0
+    assert started[0].keys() == own.keys() and all(torch.equal(started[0][k], own[k]) for k in own)
+    capsys.readouterr()
+    assert main([*quiet, f"model.weights={in_tmp / 'nope.pt'}", "run.name=nope"]) == 2
+    err = capsys.readouterr().err
+    assert "model.weights: weights file" in err and "nope.pt' not found" in err and err.count("\n") == 1
+    assert not (in_tmp / "runs" / "nope").exists()
+
+
+def test_a_freeze_pattern_matching_nothing_is_refused_in_one_line(in_tmp, capsys):
+    assert main(["model.freeze=[0.*, nothing.*]", "log.progress=false", "log.tensorboard=false"]) == 2
+    err = capsys.readouterr().err
+    assert "model.freeze pattern 'nothing.*' matches no parameter" in err and err.count("\n") == 1
+    assert "Traceback" not in err and not (in_tmp / "runs").exists()
+
+
 def test_finetune_vgg16_recipe_trains_the_classifier_only(tmp_path, monkeypatch):
     """VGG-16 at 32×32 without the 528 MB ImageNet file (model.pretrained=false): the freeze
     patterns, the head and the loop are the recipe's own."""
