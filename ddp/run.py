@@ -68,7 +68,7 @@ class Run:
         self.recipe, self.env, self.placement, self.devices, self.threads = recipe, env, placement, devices, threads
         self.state = TrainState()  # where training stands: set by resume, advanced by the loop
         self.decision: Decision | None = None
-        self.checkpointer: Checkpointer | None = None
+        self._checkpointer: Checkpointer | None = None
         self.stop: StopRequest | None = None
         self.logs: RankLogs | None = None
         self.metrics: MetricsWriter | None = None
@@ -122,26 +122,50 @@ class Run:
 
     # --- opening and closing ----------------------------------------------------------------
 
-    def open(self, logs: RankLogs | None = None) -> Run:
+    def open(self, logs: RankLogs | None = None, *, start_logs: bool = True, listen: bool = True) -> Run:
         """All ranks must call. Forms the process group, decides the version directory (rank 0,
         told to all) and starts this rank's log file in it. A refusal raises ``DDPError`` on every
-        rank, with nothing written."""
+        rank, with nothing written. ``logs``: the rank logging already running (else it starts here,
+        unless ``start_logs`` is false); ``listen``: take stop signals from now on (else ``listen()``)."""
         try:
-            self.logs = logs or self._stack.enter_context(
-                rank_logging(self.rank, self.world_size, hostname(), self.recipe.log.level))
+            if logs is None and start_logs:
+                logs = self._stack.enter_context(
+                    rank_logging(self.rank, self.world_size, hostname(), self.recipe.log.level))
+            self.logs = logs
             self._form_group()
             self.decision = _decide(self.recipe)
             if not self.decision.done:
                 self._stack.callback(lock.release, self.decision.run_dir)
-                self.logs.attach(RunDir(self.decision.run_dir).rank_log(self.rank))
-                self.checkpointer = Checkpointer(self.recipe.checkpoint, RunDir(self.decision.run_dir).checkpoints,
-                                                 self.recipe)
-            self.stop = StopRequest(self.recipe.dist.timeout_s, self.recipe.checkpoint.signal_poll_s).install()
-            self._stack.callback(self._close_stop)
+                if start_logs and self.logs is not None:  # a caller with its own logs attaches them itself
+                    self.logs.attach(RunDir(self.decision.run_dir).rank_log(self.rank))
+            if listen:
+                self.listen()
         except BaseException:
             self._stack.__exit__(*sys.exc_info())
             raise
         return self
+
+    def listen(self) -> StopRequest:
+        """All ranks must call (it forms a group), once. From here SIGTERM, SIGUSR1/2 and Ctrl-C
+        ask for a stop that ``should_stop`` agrees on, instead of ending the process."""
+        if self.stop is None:
+            self.stop = StopRequest(self.recipe.dist.timeout_s, self.recipe.checkpoint.signal_poll_s).install()
+            self._stack.push(self._close_stop)
+        return self.stop
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """Made on first use, from the recipe as it is then (``auto`` batch sizes resolved)."""
+        if self._checkpointer is None:
+            assert self.decision is not None and not self.decision.done, "the run is finished: nothing to save"
+            self._checkpointer = Checkpointer(self.recipe.checkpoint, RunDir(self.decision.run_dir).checkpoints,
+                                              self.recipe)
+        return self._checkpointer
+
+    @property
+    def resumed(self) -> bool:
+        """True once ``resume`` loaded a checkpoint."""
+        return self._resumed
 
     def _form_group(self) -> None:
         plan, recipe = self.placement, self.recipe
@@ -152,9 +176,10 @@ class Run:
         if plan.backend == "nccl":
             make_dump_dir(dumps)
 
-    def _close_stop(self) -> None:
+    def _close_stop(self, kind: Any, error: Any, trace: Any) -> bool:
         if self.stop is not None:
-            self.stop.close(abandon=sys.exc_info()[0] is not None)
+            self.stop.close(abandon=error is not None)  # after an error, peers may be gone: no last poll
+        return False
 
     def close(self) -> None:
         """All ranks must call (last). Waits for the other ranks, tears the group down, closes the
@@ -235,7 +260,7 @@ class Run:
         interrupted run, or ``train.resume=<path>``) into the model, optimizer, your LR scheduler
         and grad scaler, restores every rank's RNG, and places the loaders where it stopped.
         Returns the state (``.epoch``, ``.global_step``); a fresh run returns epoch 0, step 0."""
-        assert self.checkpointer is not None and self.decision is not None, "nothing to resume: the run is finished"
+        assert self.decision is not None, "Run.open() first"
         with comm.all_or_none("loading the checkpoint"):
             state = self.checkpointer.resume(self.decision.checkpoint, model, optimizer, scaler, scheduler)
         if state is not None:
@@ -256,7 +281,6 @@ class Run:
             metric, mode = ranking(self.state.last_record, self.recipe.checkpoint)
         else:
             mode = None
-        assert self.checkpointer is not None
         self.checkpointer.save(model, optimizer, scheduler, self.state, metric, scaler, mode)
         return self.checkpointer.directory
 
@@ -270,8 +294,7 @@ class Run:
     def should_stop(self) -> bool:
         """All ranks must call, after every optimizer step. True (on every rank at the same step)
         once any rank received SIGTERM, SIGUSR1, SIGUSR2 or Ctrl-C: then ``save`` and ``exit``."""
-        assert self.stop is not None
-        return self.stop.poll()
+        return self.listen().poll()
 
     def evaluate(self, model: nn.Module, data: Dataset | Iterable, metric_fn: MetricFn | None = None, *,
                  loss_fn: LossFn | None = None, batch_size: int = 512) -> dict[str, float]:

@@ -32,23 +32,18 @@ from ddp.data.loaders import ResumableSampler, ShardSampler, auto_workers, eval_
 from ddp.memory.readers import peak_memory_mb as device_peak_mb, reset_peak_memory
 from ddp.memory.resolve import check_budget, resolve_batch_sizes
 from ddp.data.device_data import MemoryLoader, choose_loader
-from ddp.lifecycle import lock
-from ddp.lifecycle.changes import Policy, describe
-from ddp.lifecycle.decision import Decision, decide
-from ddp.lifecycle.history import record_start
+from ddp.lifecycle.decision import Decision
 from ddp.reporting.logs import RankLogs, rank_logging
-from ddp.reporting.metrics import MetricsWriter
-from ddp.cluster.nccl import DUMP_SUBDIR, make_dump_dir
 from ddp.model.optim import build_optimizer, build_scheduler, schedule_position
 from ddp.model.parallel import check_sync_bn, convert_sync_bn, unwrap_model, wrap_model
 from ddp.model.precision import check_precision, make_scaler
-from ddp.cluster.process_group import process_group
 from ddp.reporting.report import summary
 from ddp.lifecycle.run_dir import RunDir
 from ddp.engine.seeding import not_deterministic, seed_everything
-from ddp.checkpoint.checkpointer import Checkpointer, TrainState
-from ddp.engine.stop import EXIT_INTERRUPTED, stop_request
+from ddp.checkpoint.checkpointer import TrainState
+from ddp.engine.stop import EXIT_INTERRUPTED
 from ddp.engine.trainer import FitResult, Trainer, TrainParts
+from ddp.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -160,25 +155,18 @@ def place_rank(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) 
 
 
 def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: RankLogs | None = None) -> RunResult:
-    """All ranks must call. Decides the run's directory and checkpoint (``ddp.lifecycle``), trains,
-    and returns the outcome. Nothing is written until the run is sure to start."""
+    """All ranks must call. Opens the run (``ddp.run.Run``: process group, run directory, resume
+    decision), trains, and returns the outcome. Nothing is written until the run is sure to start."""
     plan = plan or prepare(recipe, env)
     started = time.perf_counter()
-    gpu = plan.devices.identity(plan.placement.gpu) if plan.placement.gpu is not None else None
-    dumps = recipe.run_dir / DUMP_SUBDIR
-    with process_group(env, plan.backend, plan.device, recipe.dist.timeout_s, recipe, gpu=gpu, nccl_dumps=dumps):
-        decision = _decide(recipe)
-        if plan.backend == "nccl" and not decision.done:
-            make_dump_dir(dumps)
-        if decision.done:
+    with Run(recipe, env, plan.placement, plan.devices, plan.threads).open(logs, start_logs=False,
+                                                                           listen=False) as run:
+        if run.finished:
             if comm.is_main():
-                log.info("%s", decision.done)
-            return RunResult(metrics={}, state_dict={}, run_dir=decision.run_dir)
-        try:
-            outcome, step, weights = _train(recipe, env, plan, logs, decision)
-        finally:
-            lock.release(decision.run_dir)
-    run_dir = RunDir(decision.run_dir)
+                log.info("%s", run.finished)
+            return RunResult(metrics={}, state_dict={}, run_dir=run.run_dir)
+        outcome, step, weights = _train(run, plan)
+    run_dir = RunDir(run.run_dir)
     _log_outcome(outcome, step, run_dir, env.rank)  # the group is gone: env knows the rank, comm no longer
     if env.rank == 0:
         log.info("summary\n%s", summary(run_dir.root, time.perf_counter() - started, peak_memory_mb(plan.device)))
@@ -186,27 +174,21 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
                      stopped_by=outcome.stopped_by, exit_code=outcome.exit_code)
 
 
-def _train(recipe: Recipe, env: ClusterEnv, plan: Plan, logs: RankLogs | None, decision: Decision
-           ) -> tuple[FitResult, int, dict[str, torch.Tensor]]:
+def _train(run: Run, plan: Plan) -> tuple[FitResult, int, dict[str, torch.Tensor]]:
     """All ranks must call. Sizes ``auto`` batches, builds, resumes, records the start, trains:
     (outcome, step, weights)."""
-    recipe = _resolve_batch_sizes(recipe, env, plan, decision)
+    env = run.env
+    run.recipe = recipe = _resolve_batch_sizes(run, plan)
     reset_peak_memory(plan.device)  # the summary's peak memory leaves out the probe's trial steps
     log.info("%s | backend %s, device %s, %d CPU threads per rank | torch %s, python %s",
              env.describe(), plan.backend, plan.device, plan.threads, torch.__version__,
              platform.python_version())
     _log_placement(plan.placement, env.rank)
-    run_dir = RunDir(decision.run_dir)
-    parts, checkpointer, state = _start(recipe, plan, decision)
-    if logs is not None:
-        logs.attach(run_dir.rank_log(env.rank))
-    _announce(decision, run_dir, state, recipe, env)
-    tensorboard = run_dir.tensorboard if recipe.log.tensorboard else None
-    resumed_step = state.global_step if state else None
-    with MetricsWriter(run_dir.metrics, tensorboard, comm.is_main(), resumed_step) as metrics, \
-            stop_request(recipe.dist.timeout_s, recipe.checkpoint.signal_poll_s) as stop:
-        trainer = Trainer(recipe, parts, metrics, checkpointer, stop, state)
-        outcome = trainer.fit()
+    parts, state = _start(run, plan)
+    if run.logs is not None:
+        run.logs.attach(RunDir(run.run_dir).rank_log(env.rank))  # after every refusal: a refused run leaves no file
+    trainer = Trainer(recipe, parts, run.metrics, run.checkpointer, run.listen(), state)  # type: ignore[arg-type]
+    outcome = trainer.fit()
     weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
     return outcome, trainer.state.global_step, weights  # DDP is freed on return, before the group is destroyed
 
@@ -218,11 +200,14 @@ def _log_placement(placement: Placement, rank: int) -> None:
     log.log(level, "rank %d trains on %s: %s", rank, placement.device, placement.reason)
 
 
-def _resolve_batch_sizes(recipe: Recipe, env: ClusterEnv, plan: Plan, decision: Decision) -> Recipe:
+def _resolve_batch_sizes(run: Run, plan: Plan) -> Recipe:
     """All ranks must call. ``data.batch_size: auto`` → the agreed integers (``ddp.memory``): from
     the checkpoint this run resumes, the probe cache, or trial steps; the recipe then records them."""
+    decision = run.decision
+    assert decision is not None
     with _abandoned_if_refused(decision):
-        resolved = resolve_batch_sizes(recipe, env, plan, RunDir(decision.run_dir), checkpoint=decision.checkpoint)
+        resolved = resolve_batch_sizes(run.recipe, run.env, plan, RunDir(decision.run_dir),
+                                       checkpoint=decision.checkpoint)
     return resolved
 
 
@@ -238,45 +223,22 @@ def _abandoned_if_refused(decision: Decision) -> Iterator[None]:
         raise
 
 
-def _decide(recipe: Recipe) -> Decision:
-    """All ranks must call: rank 0 decides (``ddp.lifecycle.decision``) and tells the others; any
-    failure there (a refusal, an unwritable run dir) is raised on every rank."""
-    choice: Any = None
-    with comm.all_or_none("deciding the run directory"):
-        if comm.is_main():
-            choice = decide(recipe)
-    return comm.broadcast_object(choice)
-
-
-def _start(recipe: Recipe, plan: Plan, decision: Decision
-           ) -> tuple[TrainParts, Checkpointer, TrainState | None]:
-    """All ranks must call. Builds the parts and loads the checkpoint. A failure on one rank (a
-    dataset that will not load, a checkpoint this node cannot read) is raised on every rank before
-    the next collective, so no rank waits for it until ``dist.timeout_s``."""
-    with _abandoned_if_refused(decision):
+def _start(run: Run, plan: Plan) -> tuple[TrainParts, TrainState | None]:
+    """All ranks must call. Builds the parts and loads the checkpoint (``Run.resume``, which also
+    records the start in the run directory). A failure on one rank (a dataset that will not load,
+    a checkpoint this node cannot read) is raised on every rank before the next collective, so no
+    rank waits for it until ``dist.timeout_s``."""
+    recipe = run.recipe
+    assert run.decision is not None
+    with _abandoned_if_refused(run.decision):
         with comm.all_or_none("building the model and data"):
             parts = build_parts(recipe, plan, wrap=False)
         parts.model = parts.rewrap(parts.model)  # type: ignore[misc]  # collective: DDP broadcasts rank 0's weights
-        checkpointer = Checkpointer(recipe.checkpoint, RunDir(decision.run_dir).checkpoints, recipe)
-        with comm.all_or_none("loading the checkpoint"):
-            state = checkpointer.resume(decision.checkpoint, parts.model, parts.optimizer, parts.scaler)
-    if state is not None:
-        parts.scheduler = _scheduler(recipe, parts, state)
-    return parts, checkpointer, state
-
-
-def _announce(decision: Decision, run_dir: RunDir, state: TrainState | None, recipe: Recipe,
-              env: ClusterEnv) -> None:
-    """The run starts: say where and with which changes; rank 0 records it in the run dir."""
-    if not comm.is_main():
-        return
-    if decision.notice:
-        log.info("%s", decision.notice)
-    if any(c.policy == Policy.honoured for c in decision.changes):
-        log.info("resuming with changes: %s", describe(list(decision.changes)))
-    log.info("run dir %s", run_dir.root)
-    record_start(run_dir, recipe, decision.checkpoint, state.global_step if state else 0,
-                 state.epoch if state else 0, decision.changes, env.world_size)
+        state = run.resume(parts.model, parts.optimizer, scaler=parts.scaler)
+    if not run.resumed:
+        return parts, None
+    parts.scheduler = _scheduler(recipe, parts, state)
+    return parts, state
 
 
 def _log_outcome(outcome: FitResult, step: int, run_dir: RunDir, rank: int) -> None:
