@@ -17,10 +17,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+SYSTEM_TESTS = "DDP_TEST_SYSTEM"  # =1: run the tests that need root, start daemons or install packages
+
+
+def system_tests_asked() -> bool:
+    return os.environ.get(SYSTEM_TESTS) == "1"
+
+
+def require_system(what: str, missing: str | None = None) -> None:
+    """Call first in a test or fixture that needs root, starts daemons or installs packages.
+
+    On a user's machine (``make test``) it skips, saying how to ask; with ``DDP_TEST_SYSTEM=1``
+    (what ``.ci/run`` sets) it runs, and anything that stops it running (not root, ``missing``:
+    why it cannot run here) is a failure, so CI never passes on a skipped system test."""
+    if not system_tests_asked():
+        pytest.skip(f"{what}: needs root and changes the machine; run with {SYSTEM_TESTS}=1 as root "
+                    f"(`sudo {SYSTEM_TESTS}=1 make test`, as .ci/run does)")
+    if os.geteuid() != 0:
+        pytest.fail(f"{SYSTEM_TESTS}=1 asks for {what}, but they need root")
+    if missing:
+        pytest.fail(f"{SYSTEM_TESTS}=1 asks for {what}, but {missing}")
 
 
 def free_port() -> int:

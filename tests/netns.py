@@ -27,12 +27,17 @@ IP = "/usr/sbin/ip" if Path("/usr/sbin/ip").exists() else (shutil.which("ip") or
 
 
 def unavailable() -> str | None:
-    """Why namespaces cannot be made here (for ``pytest.skip``), or None."""
-    if os.geteuid() != 0:
-        return "network-namespace tests need root (ip netns add); CI runs them as root"
+    """Why namespaces cannot be made here, or None (``require`` turns it into a skip or a failure)."""
     if not Path(IP).exists() and shutil.which("ip") is None:
-        return "network-namespace tests need iproute2's `ip` (apt-get install iproute2)"
+        return "iproute2's `ip` is missing (apt-get install iproute2)"
     return None
+
+
+def require() -> None:
+    """Network-namespace tests run only when asked (``tests.harness.require_system``)."""
+    from tests.harness import require_system
+
+    require_system("network-namespace tests (ip netns add)", unavailable())
 
 
 @dataclass

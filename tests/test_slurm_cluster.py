@@ -1,4 +1,5 @@
-"""Against a real Slurm cluster: ``python -m slurm.testbed`` on this machine (root only; CI is root).
+"""Against a real Slurm cluster: ``python -m slurm.testbed`` on this machine (root, and asked for with
+``DDP_TEST_SYSTEM=1``, as .ci/run does).
 
 The module fixture starts the testbed (installing the Debian packages if missing) and stops it at
 the end unless it was already up; without root the tests use a testbed that is up, else skip. Jobs run one at a time (the node has the machine's CPUs).
@@ -7,7 +8,6 @@ the end unless it was already up; without root the tests use a testbed that is u
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from slurm import cluster, submit, testbed
-from tests.harness import REPO, python_env, run_cli
+from tests.harness import REPO, python_env, require_system, run_cli, system_tests_asked
 
 SUBMIT = ["-m", "slurm.submit", "--nodes", "1", "--tasks-per-node", "2", "--time", "5"]
 TIMING = {"time", "samples_per_s", "epoch_time_s"}
@@ -26,11 +26,10 @@ TIMING = {"time", "samples_per_s", "epoch_time_s"}
 @pytest.fixture(scope="module")
 def slurm_up():
     was_up = testbed.is_up()
-    if os.geteuid() != 0:
-        if was_up:  # started by root earlier: use it as it is
-            yield
-            return
-        pytest.skip("real-Slurm tests need root to run 'python -m slurm.testbed start' (CI runs them as root)")
+    if was_up and not system_tests_asked():  # started earlier by hand: use it as it is, start nothing
+        yield
+        return
+    require_system("real-Slurm tests (python -m slurm.testbed start installs Slurm and starts its daemons)")
     seconds = testbed.start(quiet=True)
     print(f"testbed up in {seconds:.1f} s")
     yield
