@@ -38,6 +38,7 @@ from ddp.model.optim import build_optimizer, build_scheduler, schedule_position
 from ddp.model.parallel import check_sync_bn, convert_sync_bn, unwrap_model, wrap_model
 from ddp.model.precision import check_precision, make_scaler
 from ddp.reporting.report import summary
+from ddp.reporting.text import count
 from ddp.lifecycle.run_dir import RunDir
 from ddp.engine.seeding import not_deterministic, seed_everything
 from ddp.checkpoint.checkpointer import TrainState
@@ -249,8 +250,9 @@ def _log_outcome(outcome: FitResult, step: int, run_dir: RunDir, rank: int) -> N
                 outcome.exit_code)
     else:
         acc = outcome.last_record.get("test_acc")
-        log.info("done: %s after %d steps; run dir %s", f"test accuracy {acc:.4f}" if acc is not None else
-                 f"test loss {outcome.last_record.get('test_loss', float('nan')):.4f}", step, run_dir.root)
+        log.info("done: %s after %s; run dir %s", f"test accuracy {acc:.4f}" if acc is not None else
+                 f"test loss {outcome.last_record.get('test_loss', float('nan')):.4f}", count(step, "step"),
+                 run_dir.root)
 
 
 def build_parts(recipe: Recipe, plan: Plan, wrap: bool = True) -> TrainParts:
@@ -269,8 +271,8 @@ def build_parts(recipe: Recipe, plan: Plan, wrap: bool = True) -> TrainParts:
                        rewrap=rewrap,
                        scaler=make_scaler(recipe.train.precision, device), metrics=build_metrics(recipe.train))
     parts.scheduler = _scheduler(recipe, parts, None)
-    log.info("%d train / %d test samples, %d steps per epoch at %d per rank × %d ranks, %s",
-             len(splits.train), len(splits.test), len(train), recipe.data.batch_size, comm.world_size(), how)
+    log.info("%d train / %d test samples, %s per epoch at %d per rank × %s, %s", len(splits.train),
+             len(splits.test), count(len(train), "step"), recipe.data.batch_size, count(comm.world_size(), "rank"), how)
     return parts
 
 
@@ -310,7 +312,7 @@ def _loaders(recipe: Recipe, plan: Plan) -> tuple[Any, Any, str]:
     train = train_loader(plan.splits.train, data.batch_size, sampler, recipe.train.seed + rank, plan.device,
                          workers)
     test = eval_loader(plan.splits.test, data.eval_batch_size, rank, world, plan.device, workers)
-    return train, test, f"DataLoader with {workers} workers"
+    return train, test, f"DataLoader with {count(workers, 'worker')}"
 
 
 def _set_threads(recipe: Recipe, env: ClusterEnv) -> int:

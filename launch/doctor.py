@@ -63,6 +63,13 @@ def gpus() -> list[dict[str, Any]]:
         return found
 
 
+def _nccl(version: str | None, built: bool) -> str:
+    """"2.21.5" when NCCL can run here, else whether this torch was built with it."""
+    if version:
+        return version
+    return "built in, no GPU to run it" if built else "no"
+
+
 def _cuda_name(index: int | None) -> str:
     return "not visible to this process" if index is None else f"cuda:{index} here"
 
@@ -143,8 +150,8 @@ def human(report: dict[str, Any]) -> list[str]:
               for g in report["gpus"]]
     lines += [f"cpus: {report['cpu']['usable']} usable, {report['cpu']['threads_per_rank']} threads per rank; "
               f"RAM {report['memory']['available_mib']}/{report['memory']['total_mib']} MiB available",
-              f"torch {v['torch']} (python {v['python']}, cuda {v['cuda']}, nccl {v['nccl']}): "
-              f"gloo {'yes' if v['gloo'] else 'no'}, nccl {'yes' if dist.is_nccl_available() else 'no'}"]
+              f"torch {v['torch']} (python {v['python']}, cuda {v['cuda'] or 'none'}): gloo "
+              f"{'yes' if v['gloo'] else 'no'}, nccl {_nccl(v['nccl'], dist.is_nccl_available())}"]
     lines += [f"interface {name}: {', '.join(addrs) or '-'}" for name, addrs in net["interfaces"].items()]
     route = net["route"]
     if route:

@@ -28,6 +28,7 @@ from ddp.checkpoint.files import CheckpointError
 from ddp.config import BestMode, CheckpointConfig, Recipe, flat, to_yaml
 from ddp.model.parallel import unwrap_model
 from ddp.engine.rng import capture_rng, restore_rng
+from ddp.reporting.text import count
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,8 @@ class Checkpointer:
         if scaler is not None and payload.get("scaler"):
             scaler.load_state_dict(payload["scaler"])
         state = self._restore_rank_state(payload)
-        log.info("resumed from %s: epoch %d, step %d, sample %d of the epoch (saved by %d ranks, now %d)",
-                 path, state.epoch, state.global_step, state.sample_index, payload["world_size"],
+        log.info("resumed from %s: epoch %d, step %d, sample %d of the epoch (saved by %s, now %d)",
+                 path, state.epoch, state.global_step, state.sample_index, count(payload["world_size"], "rank"),
                  comm.world_size())
         return state
 
