@@ -1,3 +1,4 @@
+import re
 
 import pytest
 from omegaconf import OmegaConf
@@ -15,8 +16,14 @@ def test_default_recipe_file_equals_builtin_defaults():
 
 
 def test_every_shipped_recipe_loads():
-    for path in (REPO / "recipes").glob("*.yaml"):
-        load_recipe(path)
+    """Every file in recipes/ loads, and they are exactly the recipes docs/recipes.md lists."""
+    paths = sorted((REPO / "recipes").glob("*.yaml"))
+    table = (REPO / "docs" / "recipes.md").read_text().split("## Shipped recipes", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([\w.]+\.yaml)`", table, re.MULTILINE))
+    assert {"digits.yaml", "mnist_mlp.yaml", "synthetic.yaml"} <= listed, listed
+    assert {path.name for path in paths} == listed
+    for path in paths:
+        assert isinstance(load_recipe(path), Recipe), path
 
 
 def test_overrides_are_typed():
