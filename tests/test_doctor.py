@@ -17,7 +17,9 @@ def test_doctor_human_and_json_with_a_passing_self_test(tmp_path):
     assert "backend (auto): gloo; device: cpu" in done.stdout
     assert "route to 127.0.0.1: 127.0.0.1 via lo" in done.stdout and "interface lo: 127.0.0.1" in done.stdout
     assert "self-test gloo all_reduce on 2 local ranks: ok" in done.stdout
-    report = json.loads(_doctor(tmp_path, "--json", "--nproc", "2").stdout)
+    done = _doctor(tmp_path, "--json", "--nproc", "2")
+    assert done.returncode == 0, done.stderr  # scripts read the verdict from the exit code
+    report = json.loads(done.stdout)
     assert report["environment"] == {"kind": "single process", "rank": 0, "local_rank": 0, "world_size": 1,
                                      "local_world_size": 1, "node_rank": 0, "master_addr": "127.0.0.1",
                                      "master_port": 29500, "distributed": False,
@@ -70,3 +72,6 @@ def test_doctor_fails_when_the_master_address_does_not_resolve(tmp_path):
     done = _doctor(tmp_path, "--no-selftest", "--master-addr", "bad..host")
     assert done.returncode == 1, done.stderr
     assert "route to bad..host: the master address 'bad..host' does not resolve" in done.stdout
+    done = _doctor(tmp_path, "--json", "--no-selftest", "--master-addr", "bad..host")
+    assert done.returncode == 1, done.stderr  # --json fails the same way, with the reason in the report
+    assert "the master address 'bad..host' does not resolve" in json.loads(done.stdout)["network"]["route"]["error"]
