@@ -1,8 +1,13 @@
+import os
+import socket
+
+import psutil
 import pytest
 
 from ddp.cluster.environment import (ClusterEnv, ManualEnv, SingleProcessEnv, SlurmEnv, TorchrunEnv,
                              detect_environment)
 from ddp.errors import ClusterEnvError
+from tests.harness import run_cli
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
             "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29600", "TORCHELASTIC_RUN_ID": "x"}
@@ -143,3 +148,38 @@ def test_incomplete_launcher_variables_are_refused_never_trained_alone(environ, 
         detect_environment(environ)
     assert "\n" not in str(info.value) and "HINT:" in str(info.value)
     assert info.value.exit_code == 2
+
+
+# --- a GLOO_SOCKET_IFNAME the user set is kept, and said (docs/multi-machine.md) ----------------------
+
+TWO_MACHINES = ClusterEnv(rank=1, local_rank=0, world_size=2, local_world_size=1, master_addr="127.0.0.1")
+
+
+def test_the_trainer_keeps_a_gloo_interface_the_user_set_and_says_so(monkeypatch):
+    from ddp.cluster.rendezvous import choose_interface
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    assert choose_interface(TWO_MACHINES) == ["set GLOO_SOCKET_IFNAME=lo (the route to the master 127.0.0.1 via lo "
+                                              "(this machine))"]
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth9")
+    assert choose_interface(TWO_MACHINES) == ["kept GLOO_SOCKET_IFNAME=eth9 (set by you; ours would be lo: the route to "
+                                              "the master 127.0.0.1 via lo (this machine))"]
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "eth9"
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    assert choose_interface(TWO_MACHINES) == ["kept GLOO_SOCKET_IFNAME=lo (already set, same as ours)"]
+
+
+def test_launch_node_keeps_a_gloo_interface_the_user_set_and_says_so(tmp_path):
+    address = next((entry.address for entries in psutil.net_if_addrs().values() for entry in entries
+                    if entry.family == socket.AF_INET and not entry.address.startswith("127.")), None)
+    if address is None:
+        pytest.skip("no non-loopback IPv4 address on this machine: two nodes need one")
+    interface = next(name for name, entries in psutil.net_if_addrs().items()
+                     if any(entry.address == address for entry in entries))
+    done = run_cli(["-m", "launch", "node", "--nnodes", "2", "--node-rank", "0", "--master-addr", address, "--print"],
+                   cwd=tmp_path, timeout=60, GLOO_SOCKET_IFNAME="eth9")
+    assert done.returncode == 0, done.stderr
+    assert f"# kept GLOO_SOCKET_IFNAME=eth9 (set by you; ours would be {interface}: the route to the master " \
+           f"{address} via {interface}" in done.stdout, done.stdout
+    assert "export GLOO_SOCKET_IFNAME" not in done.stdout, done.stdout
