@@ -14,7 +14,11 @@ import pytest
 from tests import netns
 from tests.harness import python_env
 
-pytestmark = pytest.mark.skipif(netns.unavailable() is not None, reason=str(netns.unavailable()))
+
+
+@pytest.fixture(autouse=True)
+def _namespaces_asked() -> None:
+    netns.require()  # root and DDP_TEST_SYSTEM=1 (CI); skipped otherwise, saying how to ask
 
 QUICK = ("train.epochs=2", "log.tensorboard=false", "log.every_steps=5")
 USER_SCRIPT = '''
@@ -122,31 +126,42 @@ def test_c10d_rendezvous_with_a_run_id(tmp_path):
     assert "user script rank=0 world=2" in out and "user script rank=1 world=2" in out, out
 
 
-@pytest.mark.timeout(60)
+# Bounds below only mean "did not wait for the collective timeout": every run here has
+# dist.timeout_s=600, and a node gets at most 120 s to exit; what is checked is what it said and did.
+NEVER = "dist.timeout_s=600"
+
+
+@pytest.mark.timeout(180)
 def test_unreachable_master_fails_preflight_in_one_line(tmp_path):
     with netns.two_hosts() as hosts:
         (tmp_path / "h1").mkdir()
         start = time.monotonic()
-        proc = hosts.popen(1, _node(hosts, 1, *QUICK), _env(), tmp_path / "h1", tmp_path / "h1" / "out.log")
-        code = _wait([proc], 40)[0]
+        proc = hosts.popen(1, _node(hosts, 1, *QUICK, NEVER), _env(), tmp_path / "h1", tmp_path / "h1" / "out.log")
+        code = _wait([proc], 120)[0]
         took = time.monotonic() - start
     out = (tmp_path / "h1" / "out.log").read_text()
     errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert code == 2 and took <= 20, (code, took, out)
+    assert code == 2, (code, took, out)
     assert len(errors) == 1 and f"{hosts.master}:29500" in errors[0] and netns.IFNAME in errors[0], out
+    assert "within 15 s" in errors[0], out  # the preflight's own limit (--preflight-timeout), not a collective's
     assert "start node 0 first" in errors[0] and "Traceback" not in out, out
+    assert not (tmp_path / "h1" / "runs").exists(), out  # refused before any rank started
     print(f"preflight failure after {took:.1f} s: {errors[0]}")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_port_taken_on_the_master_is_named(tmp_path):
-    holder = f"import socket, time\ns = socket.socket()\ns.bind(('', 29500))\ns.listen()\ntime.sleep(60)\n"
+    holder = "import socket, time\ns = socket.socket()\ns.bind(('', 29500))\ns.listen()\nprint('listening', flush=True)\n" \
+             "time.sleep(100)\n"
     with netns.two_hosts() as hosts:
         (tmp_path / "h0").mkdir()
-        hosts.popen(0, [sys.executable, "-c", holder], _env(), tmp_path, tmp_path / "holder.log")
-        time.sleep(1.0)
+        holding = hosts.popen(0, [sys.executable, "-c", holder], _env(), tmp_path, tmp_path / "holder.log")
+        deadline = time.monotonic() + 60
+        while "listening" not in (tmp_path / "holder.log").read_text():  # the port is taken before node 0 starts
+            assert holding.poll() is None and time.monotonic() < deadline, (tmp_path / "holder.log").read_text()
+            time.sleep(0.1)
         proc = hosts.popen(0, _node(hosts, 0, *QUICK), _env(), tmp_path / "h0", tmp_path / "h0" / "out.log")
-        code = _wait([proc], 40)[0]
+        code = _wait([proc], 60)[0]
     out = (tmp_path / "h0" / "out.log").read_text()
     assert code == 2, out
     line = next(line for line in out.splitlines() if line.startswith("error:"))
@@ -154,10 +169,10 @@ def test_port_taken_on_the_master_is_named(tmp_path):
     assert out.count("error:") == 1 and "Traceback" not in out, out
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("dead, names", [(0, "lost contact with node 0 (ranks 0-1 at "), (1, "lost rank 2, 3 of 4")])
 def test_dead_node_ends_the_other_node_promptly(tmp_path, dead, names):
-    long_run = ("train.epochs=200", "log.tensorboard=false", "log.every_steps=1", "checkpoint.every_epochs=0")
+    long_run = ("train.epochs=200", "log.tensorboard=false", "log.every_steps=1", "checkpoint.every_epochs=0", NEVER)
     survivor = 1 - dead
     with netns.two_hosts() as hosts:
         procs, logs = _start_both(hosts, tmp_path, lambda r: _node(hosts, r, *long_run))
@@ -168,9 +183,9 @@ def test_dead_node_ends_the_other_node_promptly(tmp_path, dead, names):
             time.sleep(0.2)
         hosts.kill_host(dead)
         killed = time.monotonic()
-        code = _wait([procs[survivor]], 60)[0]
+        code = _wait([procs[survivor]], 120)[0]  # None: it sat in a collective, waiting for the 600 s timeout
         took = time.monotonic() - killed
     out = logs[survivor].read_text()
-    assert code not in (0, None) and took <= 30, (code, took, out)
+    assert code not in (0, None), (code, took, out)
     assert names in out, out
     print(f"node {survivor} exited {code} {took:.1f} s after node {dead} was killed")
