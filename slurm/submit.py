@@ -225,9 +225,16 @@ def wait(job: submitit.Job, kind: str) -> int:
     time.sleep(0.5)
     for stream in streams:
         stream.pump()
-    state = cluster.final_state(job.job_id) if kind == "slurm" else job.state
+    state = cluster.final_state(job.job_id) if kind == "slurm" else _local_state(job)
     print(f"job {job.job_id}: {state}", file=sys.stderr)
     return 0 if state in ("COMPLETED", "FINISHED") else 1
+
+
+def _local_state(job: submitit.Job) -> str:
+    """submitit's local executor says FINISHED for every process that exited; a task that raised or
+    wrote no result makes it FAILED here."""
+    state = job.state
+    return "FAILED" if state == "FINISHED" and job.exception() is not None else state
 
 
 def _ended(job: submitit.Job, kind: str) -> bool:
