@@ -327,3 +327,37 @@ def test_train_refuses_a_budget_below_the_model_state_before_any_file(tmp_path):
                                   "(parameters 0.6 + gradients 0.6 + optimizer 0.6 + data on device 0.5 MB), more "
                                   "than the memory budget of 1.0 MB. HINT:")
     assert not (tmp_path / "runs").exists()
+
+
+class FixedRoomReader(CpuReader):
+    """Host RAM as it is, except that the free memory reads ``room`` bytes."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self._room = room
+
+    def room(self) -> int:
+        return self._room
+
+
+@pytest.mark.parametrize("fraction", [None, 0.5], ids=["default", "0.5"])
+def test_without_budget_mb_the_budget_is_memory_fraction_of_free_memory_plus_what_the_rank_holds(fraction):
+    """memory.budget_mb unset: the budget is memory.fraction (0.9 by default) × (free memory +
+    the model's parameters + the data the in-memory loader already holds), and the pick fits it."""
+    from ddp.data.datasets import build_datasets
+    from ddp.memory.resolve import probe_recipe
+
+    recipe = load_recipe(None, ["data.batch_size=auto", *([f"memory.fraction={fraction}"] if fraction else [])])
+    assert recipe.memory.budget_mb == 0
+    share = fraction or 0.9
+    splits = build_datasets(recipe.data)
+    parameters = sum(p.numel() * 4 for p in digits_cnn(splits.shape, splits.classes).parameters())
+    data = splits.tensor_bytes + (len(splits.train) + len(splits.test)) * 8  # float32 images, int64 labels
+    room = int(round(16 * MB / share)) - parameters - data  # a budget of 16 MB either way
+    probe = probe_recipe(recipe, splits, torch.device("cpu"), 1, ["train"], FixedRoomReader(room))
+    assert probe.budget == pytest.approx(share * (room + parameters + data), abs=1)
+    assert probe.to_json()["budget_mb"] == pytest.approx(16.0, abs=0.01)
+    train = probe.results["train"]
+    assert 1 < train.pick < len(splits.train)  # the budget, not the data, bounds it
+    picked = next(t for t in train.search.trials if t.batch == train.pick)
+    assert picked.fits and train.search.budget <= probe.budget
