@@ -17,6 +17,7 @@ from typing import Any
 from ddp.checkpoint.files import read_pointer
 from ddp.errors import ConfigError, DDPError, print_error
 from ddp.lifecycle.versions import list_versions
+from ddp.reporting.text import count
 
 
 def version_dir(path: Path) -> Path:
@@ -51,18 +52,24 @@ def summary(version: Path, wall_s: float | None = None, peak_mb: float | None = 
         return f"{version}: no epoch finished yet"
     final = epochs[-1]
     scored = [e for e in epochs if e.get("test_acc") is not None]
-    lines = [f"run {version}: {len(epochs)} epoch records, {final['step']} steps"]
+    lines = [f"run {version}: {count(len(epochs), 'epoch record')}, {count(final.get('step', 0), 'step')}"]
     if scored:
         best = max(scored, key=lambda e: e["test_acc"])
         lines.append(f"  test accuracy: best {best['test_acc']:.4f} (epoch {best['epoch']}), "
                      f"final {final['test_acc']:.4f}")
-    best_loss = min(epochs, key=lambda e: e["test_loss"])
-    lines.append(f"  test loss:     best {best_loss['test_loss']:.4f} (epoch {best_loss['epoch']}), "
-                 f"final {final['test_loss']:.4f}")
+    losses = [e for e in epochs if e.get("test_loss") is not None]
+    if losses:
+        best_loss = min(losses, key=lambda e: e["test_loss"])
+        lines.append(f"  test loss:     best {best_loss['test_loss']:.4f} (epoch {best_loss['epoch']}), "
+                     f"final {losses[-1]['test_loss']:.4f}")
     rates = [e["samples_per_s"] for e in epochs if e.get("samples_per_s")]
-    train_s = sum(e.get("epoch_time_s", 0.0) for e in epochs)
-    lines.append(f"  throughput:    {sum(rates) / max(len(rates), 1):.0f} samples/s (mean over epochs); "
-                 f"{train_s:.1f} s in training epochs" + (f", {wall_s:.1f} s wall" if wall_s is not None else ""))
+    if rates:
+        train_s = sum(e.get("epoch_time_s", 0.0) for e in epochs)
+        starts = len(resumed_at(version)) + 1
+        lines.append(f"  throughput:    {sum(rates) / len(rates):.0f} samples/s (mean over epochs); {train_s:.1f} s "
+                     f"in training epochs" + (f" over the run's {starts} starts" if starts > 1 else ""))
+    if wall_s is not None:
+        lines.append(f"  this start:    {wall_s:.1f} s wall")
     if peak_mb is not None:
         lines.append(f"  peak memory:   {peak_mb:.0f} MB (this process)")
     best_file = read_pointer(version / "checkpoints", "best")
@@ -77,44 +84,87 @@ def table(epochs: list[dict[str, Any]]) -> str:
            f"{'lr':>9} {'samples/s':>9} {'time s':>7}"
     rows = [head]
     for e in epochs:
-        rows.append(f"{e['epoch']:>5} {e['step']:>7} {e['train_loss']:>10.4f} {_num(e.get('train_acc'), 9)} "
-                    f"{e['test_loss']:>9.4f} {_num(e.get('test_acc'), 8)} {e.get('lr', math.nan):>9.3g} "
+        rows.append(f"{e['epoch']:>5} {e.get('step', 0):>7} {_num(e.get('train_loss'), 10)} {_num(e.get('train_acc'), 9)} "
+                    f"{_num(e.get('test_loss'), 9)} {_num(e.get('test_acc'), 8)} {e.get('lr', math.nan):>9.3g} "
                     f"{e.get('samples_per_s', 0):>9.0f} {e.get('epoch_time_s', 0):>7.2f}"
                     + (" (partial)" if e.get("partial") else ""))
     return "\n".join(rows)
 
 
-def plot(version: Path, out: Path) -> Path:
-    """Four panels (loss, accuracy, lr, throughput) written as a PNG."""
+def figure(version: Path) -> Any:
+    """Four panels: loss (log scale), accuracy (or the run's own test metrics), learning rate,
+    throughput; a dashed line where the run was resumed."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs, steps = read_records(version)
     x = [e["epoch"] for e in epochs]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     loss, acc, lr, speed = axes.flat
-    loss.plot(x, [e["train_loss"] for e in epochs], "o-", label="train")
-    loss.plot(x, [e["test_loss"] for e in epochs], "o-", label="test")
+    _curves(loss, epochs, {"train": "train_loss", "test": "test_loss", "loss": "loss"})
+    if all(v > 0 for e in epochs for k, v in e.items() if k.endswith("loss") and isinstance(v, (int, float))):
+        loss.set_yscale("log")  # losses fall by orders of magnitude: a linear axis is flat after a few epochs
     _label(loss, "loss per epoch", "epoch")
-    for split in ("train", "test"):
-        points = [(e["epoch"], e[f"{split}_acc"]) for e in epochs if e.get(f"{split}_acc") is not None]
-        if points:
-            acc.plot(*zip(*points), "o-", label=split)
-    _label(acc, "accuracy per epoch" if any(e.get("test_acc") is not None for e in epochs)
-           else "accuracy (not class logits: loss only)", "epoch")
-    lr_points = [(s["step"], s["lr"]) for s in steps if "lr" in s] or [(e["step"], e["lr"]) for e in epochs]
+    if any(e.get("test_acc") is not None for e in epochs):
+        _curves(acc, epochs, {"train": "train_acc", "test": "test_acc"})
+        _label(acc, "accuracy per epoch", "epoch")
+    else:  # not class logits: the run's own metrics, if any
+        metrics = sorted({k for e in epochs for k, v in e.items() if k.startswith("test_") and k not in
+                          ("test_loss", "test_acc", "test_count") and isinstance(v, (int, float))})
+        _curves(acc, epochs, {name: name for name in metrics})
+        _label(acc, "test metrics per epoch" if metrics else "no accuracy (outputs are not class logits)", "epoch")
+    for ax in (loss, acc, speed):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for epoch in resumed_at(version):
+            ax.axvline(epoch + 0.5, color="grey", linestyle="--", linewidth=1)
+    if resumed_at(version):
+        loss.plot([], [], color="grey", linestyle="--", label="resumed")
+        loss.legend()
+    lr_points = ([(s["step"], s["lr"]) for s in steps if "lr" in s]
+                 or [(e["step"], e["lr"]) for e in epochs if "lr" in e and "step" in e])
     if lr_points:
         lr.plot(*zip(*lr_points), "-")
     _label(lr, "learning rate", "step", legend=False)
-    speed.bar(x, [e.get("samples_per_s", 0) for e in epochs])
+    speed.bar(x, [e.get("samples_per_s", 0) or 0 for e in epochs])
     _label(speed, "throughput (samples/s)", "epoch", legend=False)
     fig.suptitle(str(version))
     fig.tight_layout()
+    return fig
+
+
+def plot(version: Path, out: Path) -> Path:
+    """``figure`` written as a PNG."""
+    from matplotlib import pyplot as plt
+
+    fig = figure(version)
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def _curves(ax: Any, epochs: list[dict[str, Any]], series: dict[str, str]) -> None:
+    """One line per (label → field) that some epoch record has."""
+    for label, field in series.items():
+        points = [(e["epoch"], e[field]) for e in epochs if isinstance(e.get(field), (int, float))]
+        if points:
+            ax.plot(*zip(*points), "o-", label=label)
+
+
+def resumed_at(version: Path) -> list[int]:
+    """The epochs (completed) at which the run was resumed, from ``history.jsonl``."""
+    path = version / "history.jsonl"
+    found = []
+    for line in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else []):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == "resume":
+            found.append(int(entry.get("epoch", 0)))
+    return found
 
 
 def _label(ax: Any, title: str, xlabel: str, legend: bool = True) -> None:
