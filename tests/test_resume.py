@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -38,13 +39,13 @@ def _recipe(run_dir, *extra: str):
 
 
 @contextmanager
-def _signal_before_step(step: int, on_rank: int):
-    """Send SIGTERM to this process just before optimizer step ``step`` on rank ``on_rank``."""
+def _signal_before_step(step: int, on_rank: int, signum: int = signal.SIGTERM):
+    """Send ``signum`` to this process just before optimizer step ``step`` on rank ``on_rank``."""
     original = Trainer._run_batch
 
     def run_batch(self, inputs, targets, sums):
         if comm.rank() == on_rank and self.state.global_step + 1 == step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return original(self, inputs, targets, sums)
 
     Trainer._run_batch = run_batch
@@ -233,3 +234,65 @@ def test_explicit_resume_path_must_be_valid(tmp_path):
 
     with pytest.raises(CheckpointError, match="nope.pt does not exist"):
         execute(_recipe(tmp_path, f"train.resume={tmp_path}/nope.pt"), SingleProcessEnv())
+
+
+def test_sigusr1_and_sigusr2_checkpoint_and_exit_75_like_sigterm(tmp_path):
+    """Both are preemption signals (docs/faults.md): a checkpoint after the step, then exit 75."""
+    from ddp.runner import execute
+
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        run_dir = tmp_path / signum.name
+        with _signal_before_step(4, 0, signum):
+            stopped = execute(_recipe(run_dir), SingleProcessEnv())
+        assert (stopped.stopped_by, stopped.exit_code) == (signum.name, EXIT_PREEMPTED)
+        assert (stopped.run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000004.pt"
+
+
+# ---------------------------------------------------------------- the best checkpoint
+
+def test_best_mode_min_points_at_the_lowest_metric_and_keeps_that_checkpoint(tmp_path):
+    """checkpoint.best_mode=min on test_loss: 2 epochs, then 2 more resumed at a learning rate that
+    ruins the model, so the lowest loss is not the newest checkpoint (nor what best_mode=max would
+    pick); with keep=2 the best one survives pruning."""
+    from ddp.runner import execute
+
+    common = ("checkpoint.best_metric=test_loss", "checkpoint.best_mode=min", "checkpoint.keep=2")
+    execute(_recipe(tmp_path, "train.epochs=2", *common), SingleProcessEnv())
+    result = execute(_recipe(tmp_path, "train.epochs=4", "optim.lr=1.0", *common), SingleProcessEnv())
+    losses = {r["step"]: r["test_loss"] for r in _metrics(result.run_dir) if r["kind"] == "epoch"}
+    lowest, highest = min(losses, key=losses.get), max(losses, key=losses.get)
+    assert lowest not in (max(losses), highest)  # neither the newest nor what best_mode=max would pick
+    directory = result.run_dir / "checkpoints"
+    assert (directory / "best").read_text().strip() == f"step-{lowest:08d}.pt"
+    assert sorted(p.name for p in directory.glob("step-*.pt")) == sorted(
+        {f"step-{lowest:08d}.pt", *(f"step-{s:08d}.pt" for s in sorted(losses)[-2:])})
+
+
+# ---------------------------------------------------------------- TensorBoard after a resume
+
+def test_tensorboard_hides_the_steps_lost_to_a_resume(tmp_path):
+    """A run killed after logging steps its last checkpoint does not hold (simulated: the newest
+    checkpoint removed) resumes from the older one; TensorBoard then shows each step once, with
+    the resumed run's values (here a new optim.lr) after the checkpoint's step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ddp.runner import execute
+
+    common = ("train.epochs=2", "log.tensorboard=true")
+    first = execute(load_recipe(None, [f"run.dir={tmp_path}", "log.progress=false", "log.every_steps=5", *common]),
+                    SingleProcessEnv())
+    checkpoints = first.run_dir / "checkpoints"
+    for name in ("step-00000090.pt", "step-00000090.json"):  # lost: the kill came before this save
+        (checkpoints / name).unlink()
+    resumed = execute(load_recipe(None, [f"run.dir={tmp_path}", "log.progress=false", "log.every_steps=5",
+                                         "optim.lr=0.01", *common]), SingleProcessEnv())
+    assert resumed.run_dir == first.run_dir
+    logged = {r["step"]: r["lr"] for r in _metrics(resumed.run_dir) if r["kind"] == "step"}
+    assert sorted(logged) == list(range(5, 91, 5))
+    board = EventAccumulator(str(first.run_dir / "tensorboard"))
+    board.Reload()
+    shown = [(event.step, event.value) for event in board.Scalars("step/lr")]
+    assert [step for step, _ in shown] == list(range(5, 91, 5))  # each step once, in order
+    assert [value for _, value in shown] == pytest.approx([logged[step] for step, _ in shown], rel=1e-6)
+    assert logged[50] < 0.01  # after step 45: the resumed run's learning rate, not the lost one's (~0.02)
+    assert [event.step for event in board.Scalars("epoch/test_acc")] == [45, 90]
