@@ -332,7 +332,23 @@ def _read_yaml(path: Path) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of sections, got {type(data).__name__}.",
                           "start it with sections such as 'train:' and 'data:'")
+    for key, value in data.items():
+        if key in _sections() and value is not None and not isinstance(value, dict):
+            raise _whole_section(str(key), value, f"recipe '{path}'", in_yaml=True)
     return OmegaConf.create(data)
+
+
+def _sections() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Recipe))
+
+
+def _whole_section(section: str, value: Any, source: str, in_yaml: bool = False) -> ConfigError:
+    """``model=pkg:Net``: one value given to a whole section."""
+    keys = [f.name for f in dataclasses.fields(getattr(Recipe(), section))]
+    first = "name" if "name" in keys else keys[0]
+    example = f"{section}: {{{first}: {value}}}" if in_yaml else f"{section}.{first}={value}"
+    return ConfigError(f"'{section}' is a section of the recipe, not a value: {section}={value!r} (from {source}) "
+                       f"sets none of its keys ({', '.join(keys)}).", f"set a key inside it, e.g. {example}")
 
 
 def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> Any:
@@ -340,6 +356,8 @@ def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> Any:
         key, sep, _ = item.partition("=")
         if not sep or not key or key.startswith("-"):
             raise ConfigError(f"cannot read override '{item}'.", "write overrides as key=value, e.g. train.epochs=3")
+        if key in _sections():
+            raise _whole_section(key, item.partition("=")[2], "overrides")
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except (OmegaConfBaseException, yaml.YAMLError) as err:

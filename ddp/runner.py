@@ -24,7 +24,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from ddp.cluster import comm
 from ddp.cluster.devices import Devices, Placement, check_parallel, choose_backend, place, detect_devices
 from ddp.config import Recipe
-from ddp.model.registry import Given, build_components, build_loss, build_metrics, check_recipe, eval_loss
+from ddp.model.registry import (Given, build_components, build_loss, build_metrics, check_one_batch, check_recipe,
+                                 eval_loss)
 from ddp.data.datasets import Splits, build_datasets
 from ddp.cluster.environment import ClusterEnv, available_cpus, hostname
 from ddp.errors import DDPError, print_error
@@ -140,6 +141,7 @@ def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None, giv
     placement, devices, threads = place_rank(recipe, env, devices)
     check_precision(recipe.train.precision, placement.device)
     splits, model = build_components(recipe, given, build_datasets)
+    check_one_batch(model, splits, build_loss(recipe.train), build_metrics(recipe.train))
     check_budget(recipe, env, splits, placement.device, model)  # data.batch_size=auto: the model state must fit the budget
     return Plan(placement, devices, threads, splits, model)
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import default_collate
 
 from ddp.model import finetune
 from ddp.config import DataConfig, ModelConfig, Recipe, TrainConfig
@@ -50,8 +51,12 @@ def check_recipe(recipe: Recipe, given: Given | None = None) -> None:
     given = given or Given()
     if given.model is None:
         _check_name("model.name", recipe.model.name, MODELS, recipe.model.args, "model.args")
+    elif callable(given.model) and not isinstance(given.model, nn.Module):  # ddp.fit(model=MyNet, model__args=...)
+        _check_args("model", _name_of(given.model), given.model, recipe.model.args, "model.args", ())
     if given.data is None:
         _check_name("data.name", recipe.data.name, DATASETS, recipe.data.args, "data.args")
+    elif callable(given.data) and not isinstance(given.data, (tuple, list)):
+        _check_args("data", _name_of(given.data), given.data, recipe.data.args, "data.args", ())
     _check_name("train.loss", recipe.train.loss, LOSSES, {}, "", leading=(None, None))
     if recipe.train.metrics:
         _check_name("train.metrics", recipe.train.metrics, (), {}, "", leading=(None, None))
@@ -116,6 +121,10 @@ def _check_args(key: str, name: str, target: Callable[..., Any], args: Mapping[s
         what = f"{args_key}={dict(args)}" if args_key else f"{len(leading)} positional arguments"
         fix = f"{name} takes ({takes}): fix {args_key}" if args_key else f"{name} must take (outputs, targets)"
         raise ConfigError(f"{key}={name!r} does not accept {what}: {_first_line(err)}.", fix) from None
+
+
+def _name_of(value: Any) -> str:
+    return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', type(value).__name__)}"
 
 
 def _first_line(err: BaseException) -> str:
@@ -232,4 +241,59 @@ def _sample_shape(dataset: Any) -> tuple[int, ...]:
 
 
 def _is_dataset(value: Any) -> bool:
-    return hasattr(value, "__getitem__") and hasattr(value, "__len__")
+    return hasattr(value, "__getitem__") and hasattr(value, "__len__") and not isinstance(value, torch.Tensor)
+
+
+def check_one_batch(model: nn.Module, splits: Splits, loss: Loss, metrics: Callable[..., Any] | None = None) -> None:
+    """Two training samples through the model, the loss and the metric function, on the CPU before
+    any process group forms: a model that does not fit the data (input shape, class count) is one
+    line naming the problem, not a raw error on every rank after the run directory exists. Runs in
+    eval mode under ``no_grad`` with the RNG forked, so training starts exactly as without it."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return  # nothing to run on (a model built on the meta device)
+    try:
+        inputs, targets = default_collate([splits.train[i] for i in range(min(2, len(splits.train)))])  # type: ignore[arg-type]
+    except Exception as err:  # noqa: BLE001 - the user's dataset
+        raise ConfigError(f"the training data's samples cannot be batched: {type(err).__name__}: {_first_line(err)}.",
+                          "each sample must be an (input tensor, target) pair of the same shapes") from None
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            outputs = model(inputs)
+            loss(outputs, targets)
+            if metrics is not None:
+                metrics(outputs, targets)
+    except Exception as err:  # noqa: BLE001 - the user's model, data or loss
+        raise ConfigError(f"a batch of 2 training samples (inputs {list(inputs.shape)}, targets "
+                          f"{list(targets.shape)}) through the model and train.loss failed: "
+                          f"{type(err).__name__}: {_first_line(err)}.", _batch_hint(err, splits)) from None
+    finally:
+        model.train(was_training)
+    classes = _class_count(splits)
+    if classifies(outputs, targets) and classes is not None and outputs.shape[1] < classes:
+        raise ConfigError(f"the model gives {outputs.shape[1]} outputs per sample but the training targets go up to "
+                          f"class {classes - 1}: a target would be out of bounds in the loss.",
+                          f"the model has fewer outputs than the data has classes ({classes}): give it {classes} "
+                          "outputs (e.g. through model.args)")
+
+
+def _class_count(splits: Splits) -> int | None:
+    """Classes in the training data: its ``classes``, else 1 + the largest integer target of a
+    TensorDataset (read without iterating)."""
+    if splits.classes is not None:
+        return splits.classes
+    tensors = getattr(splits.train, "tensors", None)
+    if tensors and len(tensors) == 2 and not tensors[1].is_floating_point() and tensors[1].numel():
+        return int(tensors[1].max()) + 1
+    return None
+
+
+def _batch_hint(err: Exception, splits: Splits) -> str:
+    text = str(err)
+    if "out of bounds" in text and "arget" in text:
+        return (f"the model has fewer outputs than the data has classes ({splits.classes}): set its output size "
+                "(e.g. model.args) to the class count")
+    if "shapes cannot be multiplied" in text or "Expected" in text and "input" in text:
+        return f"the model's first layers do not take samples of shape {list(splits.shape)}: fix model.args or the data"
+    return "check that the model takes the data's inputs and train.loss its outputs and targets"
