@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +133,69 @@ def test_each_training_sample_seen_once_per_epoch_across_ranks(tmp_path, world, 
         assert {len(rank[epoch]) for rank in per_rank} == {size // world}, f"epoch {epoch}"
     orders = [[rank[epoch] for rank in per_rank] for epoch in range(epochs)]
     assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+
+
+class MarkedDataset(Dataset):
+    """Sample i: an 8×8 image whose first pixels carry i, the pid of the process that loaded it
+    (in two parts, exact in float32) and a draw from torch's RNG there (what a random augmentation
+    in a DataLoader worker would use)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        image = torch.zeros(1, 8, 8)
+        pid = os.getpid()
+        image[0, 0, :4] = torch.tensor([float(index), float(pid // 1000), float(pid % 1000), torch.rand(()).item()])
+        return image, index % 10
+
+
+def _loaded_by_workers(tmp: Path, seed: int) -> tuple[list[set[int]], dict[tuple[int, int], float]]:
+    """Train 2 epochs on MarkedDataset through the DataLoader path with automatic workers: the pids
+    that loaded each epoch's batches, and each (epoch, sample)'s random draw."""
+    from ddp import runner
+    from ddp.data.datasets import Splits
+    from ddp.engine.trainer import Trainer
+
+    pids: list[set[int]] = [set(), set()]
+    draws: dict[tuple[int, int], float] = {}
+    original_batch, original_datasets, threads = Trainer._run_batch, runner.build_datasets, torch.get_num_threads()
+
+    def recording(self, inputs, targets, sums):
+        marks = inputs[:, 0, 0, :4].tolist()
+        for index, high, low, draw in marks:
+            pids[self.state.epoch].add(int(high) * 1000 + int(low))
+            draws[(self.state.epoch, int(index))] = draw
+        inputs = inputs.clone()
+        inputs[:, 0, 0, :4] = 0.0
+        return original_batch(self, inputs, targets, sums)
+
+    runner.build_datasets = lambda cfg: Splits(MarkedDataset(24), MarkedDataset(8), (1, 8, 8), 10, False)
+    Trainer._run_batch = recording
+    try:
+        execute(load_recipe(None, ["data.batch_size=4", "train.epochs=2", f"train.seed={seed}", f"run.dir={tmp}",
+                                   "dist.threads_per_rank=3", "log.tensorboard=false", "log.progress=false"]),
+                SingleProcessEnv())
+    finally:
+        Trainer._run_batch, runner.build_datasets = original_batch, original_datasets
+        torch.set_num_threads(threads)
+    return pids, draws
+
+
+def test_dataloader_workers_are_persistent_and_their_randomness_is_seeded(tmp_path):
+    """docs/architecture.md: a dataset that is not in memory is read by min(4, threads − 1) DataLoader
+    workers (2 at 3 threads), the same processes every epoch, with random draws fixed by train.seed."""
+    pids, draws = _loaded_by_workers(tmp_path / "a", seed=0)
+    assert len(pids[0]) == 2 and os.getpid() not in pids[0]  # two worker processes, not this one
+    assert pids[1] == pids[0]  # persistent: epoch 2 is loaded by the same processes
+    assert len(draws) == 2 * 24
+    _, again = _loaded_by_workers(tmp_path / "b", seed=0)
+    assert again == draws  # other processes, the same draws
+    _, other = _loaded_by_workers(tmp_path / "c", seed=1)
+    assert other.keys() == draws.keys() and all(other[k] != draws[k] for k in draws)
 
 
 def test_uneven_training_set_is_padded_like_distributed_sampler():
