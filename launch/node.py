@@ -107,8 +107,29 @@ def _check(args: argparse.Namespace, program: list[str]) -> None:
     if program and (args.recipe or args.overrides):
         raise LaunchError(f"--recipe/key=value overrides apply to recipes, but a program was given: {program[0]}.",
                           "put the program's own arguments after it; they are passed through untouched")
+    check_program(program, "node ...")
+
+
+def check_program(program: list[str], usage: str) -> None:
+    """The script or module exists, before torchrun starts (else every rank fails on its own)."""
+    if not program:
+        return
     if program == ["-m"]:
-        raise LaunchError("-m needs a module name.", "e.g. python -m launch node ... -m mypkg.train")
+        raise LaunchError("-m needs a module name.", f"e.g. python -m launch {usage} -m mypkg.train")
+    if program[0] == "-m":
+        import importlib.util
+
+        try:
+            found = importlib.util.find_spec(program[1])
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise LaunchError(f"no module named {program[1]!r} (-m {program[1]}).",
+                              "check the name and that its package is installed or in the current directory")
+        return
+    if not os.path.isfile(program[0]):
+        raise LaunchError(f"script {program[0]!r} not found (from {os.getcwd()}).",
+                          "give the path of your training script, relative to here or absolute")
 
 
 def torchrun_command(args: argparse.Namespace, program: list[str], route: Route) -> list[str]:
