@@ -146,8 +146,10 @@ def test_ctrl_c_on_two_torchrun_ranks_checkpoints_once_and_resumes(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    # torchrun itself ends with its own SignalException traceback (its agent re-raises the signal);
-    # the ranks print no traceback, say once what happened, and checkpoint together.
+    # torchrun itself ends with its own SignalException traceback and exit code 1 (its agent re-raises
+    # the signal; docs/runs.md says so); the ranks print no traceback, say once what happened,
+    # checkpoint together and exit 130.
+    assert proc.returncode == 1 and "SignalException" in out, out[-3000:]
     assert "KeyboardInterrupt" not in out and "/ddp/" not in out, out[-3000:]
     assert out.count("stopped by SIGINT at step") == 1, out[-3000:]
     assert [(tmp_path / f"exit-rank{rank}.txt").read_text().strip() for rank in (0, 1)] == ["130", "130"]
