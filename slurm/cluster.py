@@ -12,6 +12,10 @@ FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", 
                 "BOOT_FAIL", "DEADLINE")
 
 
+def has_sbatch() -> bool:
+    return shutil.which("sbatch") is not None
+
+
 def require_sbatch() -> None:
     """SubmitError unless ``sbatch`` (and ``sinfo``) are on PATH."""
     for command in ("sbatch", "sinfo"):

@@ -17,12 +17,15 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from ddp.config import Recipe, load_recipe, to_yaml
+from ddp.config import Recipe, flat, load_recipe, to_yaml
 from ddp.errors import DDPError, print_error
 from slurm import cluster
 from slurm.job import ProgramJob, TrainJob
@@ -126,10 +129,11 @@ def make_job(args: argparse.Namespace) -> tuple[Any, str, Recipe | None]:
     return TrainJob(to_yaml(recipe), cwd), recipe.run.name, recipe
 
 
-def job_folder(recipe: Recipe | None, name: str) -> Path:
-    """submitit's files and the tasks' stdout/stderr: ``<run dir>/slurm/<job id>``."""
-    base = recipe.run_dir if recipe else Path("runs") / name
-    return (base / "slurm").resolve() / "%j"
+def job_folder(recipe: Recipe | None, name: str, kind: str = "slurm") -> Path:
+    """submitit's files and the tasks' stdout/stderr: ``<run dir>/slurm/<job id>`` (Slurm fills in
+    ``%j``); a local job's files are named by its id inside ``<run dir>/slurm/local``."""
+    base = (recipe.run_dir if recipe else Path("runs") / name) / "slurm"
+    return base.resolve() / ("%j" if kind == "slurm" else "local")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if warning:
             print(warning, file=sys.stderr)
         if args.dry_run:
-            print_dry_run(executor, recipe)
+            print_dry_run(executor, job, recipe, partition)
             return 0
         submitted = submit_job(executor, job)
     except DDPError as err:
@@ -190,10 +194,18 @@ def prepare_executor(args: argparse.Namespace, request: Request, name: str,
                      recipe: Recipe | None) -> tuple[submitit.AutoExecutor, str]:
     if args.cluster == "local":
         partition = "local"
+    elif args.dry_run:  # rendered even where Slurm is absent or down: nothing is submitted
+        known = _partitions_if_reachable()
+        partition = (check(request, known).name if known is not None else
+                     f"{request.partition or 'the default'} (not checked: no Slurm controller reachable here)")
     else:
         cluster.require_sbatch()
         partition = check(request, cluster.partitions()).name
-    executor = submitit.AutoExecutor(folder=job_folder(recipe, name), cluster=args.cluster)
+    if args.dry_run:  # the Slurm job, rendered; no folder is created
+        with _srun_assumed():
+            executor = submitit.AutoExecutor(folder=job_folder(recipe, name), cluster="slurm")
+    else:
+        executor = submitit.AutoExecutor(folder=job_folder(recipe, name, args.cluster), cluster=args.cluster)
     params = executor_parameters(request, partition, name)
     if args.cluster == "local":
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
@@ -201,18 +213,65 @@ def prepare_executor(args: argparse.Namespace, request: Request, name: str,
     return executor, partition
 
 
-def print_dry_run(executor: submitit.AutoExecutor, recipe: Recipe | None) -> None:
-    """The sbatch script submitit would submit (its own text), then the resolved recipe."""
+@contextmanager
+def _srun_assumed() -> Iterator[None]:
+    """submitit's Slurm executor refuses to be made where ``srun`` is missing; a dry run only renders
+    its script, so it is made as if ``srun`` were there."""
+    executor_class = submitit.SlurmExecutor
+    original = executor_class.__dict__["affinity"]
+    executor_class.affinity = classmethod(lambda cls: 1)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        executor_class.affinity = original  # type: ignore[assignment]
+
+
+def _partitions_if_reachable() -> dict[str, Any] | None:
+    if not cluster.has_sbatch():
+        return None
+    try:
+        return cluster.partitions()
+    except SubmitError:
+        return None
+
+
+def print_dry_run(executor: submitit.AutoExecutor, job: Any, recipe: Recipe | None, partition: str) -> None:
+    """The sbatch script submitit would submit (its own text), what each task runs as a command
+    you could type, then the resolved recipe. Needs no Slurm: nothing is submitted."""
     inner = executor._executor  # noqa: SLF001 - submitit has no public "render the script" call
     print(inner._make_submission_file_text(inner._submitit_command_str, "dry-run"))  # noqa: SLF001
+    print(f"# partition: {partition}")
+    print(f"# each task runs, in {job.cwd}:")
+    print(f"#   {task_command(job, recipe)}")
     if recipe is not None:
         print("# resolved recipe\n" + to_yaml(recipe), end="")
 
 
+def task_command(job: Any, recipe: Recipe | None) -> str:
+    """What a task runs, as the equivalent command line (submitit runs it from a pickle)."""
+    if recipe is None:
+        return shlex.join(job.argv)
+    defaults, mine = flat(load_recipe(None, [])), flat(recipe)
+    changed = [f"{key}={_value(value)}" for key, value in mine.items() if defaults.get(key) != value]
+    return shlex.join(["python", "-m", "ddp.train", *changed])
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
 def announce(job: submitit.Job, partition: str) -> None:
-    print(f"submitted job {job.job_id} to partition '{partition}'")
+    local = partition == "local"
+    print(f"submitted job {job.job_id} " + ("to run on this machine" if local else f"to partition '{partition}'"))
     print(f"logs: {job.paths.stdout} and {job.paths.stderr} (rank 0; rank r writes {job.job_id}_r_log.*)")
-    print(f"follow: tail -F {shlex.quote(str(job.paths.stderr))}   state: squeue -j {job.job_id}")
+    state = f"   state: squeue -j {job.job_id}" if not local else f"   state: ps -p {job.job_id} (a local process)"
+    print(f"follow: tail -F {shlex.quote(str(job.paths.stderr))}{state}")
 
 
 def wait(job: submitit.Job, kind: str) -> int:

@@ -82,6 +82,15 @@ def test_gpu_job_is_one_task_per_gpu_with_the_warning_signal(in_tmp, monkeypatch
     assert "runs/big/slurm/%j" in script
 
 
+def test_dry_run_works_without_slurm_and_shows_the_command_each_task_runs(in_tmp, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(in_tmp))  # no sbatch, no sinfo
+    assert submit.main(["--tasks-per-node", "2", "--time", "5", "--dry-run", "train.epochs=3", "optim.lr=0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --ntasks-per-node=2" in out and "not checked: no Slurm controller reachable here" in out
+    assert "#   python -m ddp.train optim.lr=0.1 train.epochs=3\n" in out
+    assert not (in_tmp / "runs").exists()  # a dry run creates no folder
+
+
 def test_dry_run_prints_the_script_and_submits_nothing(in_tmp, monkeypatch, capsys):
     submitted = _fake_slurm(in_tmp, monkeypatch)
     assert submit.main(["--tasks-per-node", "2", "--partition", "cpu", "--time", "5", "--dry-run",
@@ -170,9 +179,11 @@ def _submit_local(cwd, *args: str):
 def test_cluster_local_trains_the_recipe_on_two_tasks(tmp_path):
     done = _submit_local(tmp_path, "--tasks-per-node", "2", "train.epochs=1", "log.tensorboard=false")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    job_id = re.search(r"submitted job (\d+) to partition 'local'", done.stdout)[1]
+    job_id = re.search(r"submitted job (\d+) to run on this machine", done.stdout)[1]
     assert f"job {job_id}: FINISHED" in done.stderr and "done: test accuracy" in done.stderr, done.stderr[-3000:]
-    jobs = tmp_path / "runs" / "digits" / "slurm" / job_id
+    assert "squeue" not in done.stdout and f"ps -p {job_id}" in done.stdout  # no Slurm advice for a local job
+    assert not list(tmp_path.rglob("%j"))  # nor a folder literally named %j
+    jobs = tmp_path / "runs" / "digits" / "slurm" / "local"
     assert {f"{job_id}_{rank}_result.pkl" for rank in (0, 1)} <= {p.name for p in jobs.iterdir()}
     assert [p.name for p in (tmp_path / "runs" / "digits").glob("version_*")] == ["version_0"]  # one run, not two
     run = tmp_path / "runs" / "digits" / "version_0"
@@ -188,7 +199,7 @@ def test_wait_exits_non_zero_when_the_job_fails(tmp_path):
     (tmp_path / "failing.py").write_text("import sys\nprint('failing on purpose', flush=True)\nsys.exit(3)\n")
     done = _submit_local(tmp_path, "--tasks-per-node", "1", "failing.py")
     assert done.returncode == 1, done.stdout + done.stderr[-3000:]
-    job_id = re.search(r"submitted job (\d+) to partition 'local'", done.stdout)[1]
+    job_id = re.search(r"submitted job (\d+) to run on this machine", done.stdout)[1]
     assert "failing on purpose" in done.stdout  # rank 0's output, streamed
     assert "rank 0 exited with code 3" in done.stderr and done.stderr.rstrip().endswith(f"job {job_id}: FAILED"), \
         done.stderr[-3000:]
