@@ -121,6 +121,7 @@ class DataConfig:
     image_size: int = setting(224, minimum=8, resume=refused(_OTHER_DATA))  # image_folder: images are resized and cropped to this
     batch_size: Any = setting(32, resume=HONOURED)  # per rank (int ≥ 1, or auto: probed, see ddp.memory); global = this × world size
     eval_batch_size: Any = setting(512, resume=HONOURED)  # per rank (int ≥ 1, or auto)
+    auto_min_steps: int = setting(20, minimum=1, resume=HONOURED)  # batch_size=auto: at most the batch that leaves this many optimizer steps per epoch
     test_fraction: float = setting(0.2, above=0.0, maximum=0.9, resume=refused(_OTHER_SPLIT))  # digits: held-out share
     split_seed: int = setting(0, resume=refused(_OTHER_SPLIT))  # digits: the fixed train/test split
     loader: LoaderKind = setting(LoaderKind.auto, resume=HONOURED)  # auto: in-memory tensors when they fit, else DataLoader

@@ -168,3 +168,12 @@ class Search:
         trial = Trial(batch, reading, phase, predicted, reading is not None and reading <= self.budget)
         self.trials.append(trial)
         return trial
+
+
+def sound_batch(fits: int, train_samples: int, world: int, accumulate: int, min_steps: int) -> int:
+    """``data.batch_size=auto``: the largest per-rank batch that fits, but never so large that an
+    epoch has fewer than ``min_steps`` optimizer steps. The largest batch that fits is often the
+    whole shard (one step per epoch), which trains a poor model at the recipe's learning rate;
+    keeping the steps per epoch near a hand-picked batch's keeps its learning rate sound."""
+    cap = max(1, train_samples // (world * accumulate * max(min_steps, 1)))
+    return max(1, min(fits, cap))

@@ -31,6 +31,7 @@ from ddp.data.datasets import Splits
 from ddp.errors import ConfigError, DDPError
 from ddp.memory import cache
 from ddp.memory.agree import agree
+from ddp.memory.policy import sound_batch
 from ddp.memory.estimate import MB, Estimate, estimate_state
 from ddp.memory.trials import ProbeResult, budget_error, probe_model
 from ddp.memory.readers import MemoryReader, reader_for
@@ -94,8 +95,11 @@ def resolve_batch_sizes(recipe: Recipe, env: ClusterEnv, plan: Plan, run_dir: Ru
     except Exception as err:  # noqa: BLE001 - every rank must hear about it (see agree)
         error = err
     agreed, reports = agree(sizes, error, {"source": source, **report})
-    _publish_from_rank_0(recipe, run_dir, agreed, reports, source, world)
-    data = dataclasses.replace(recipe.data, **{KEYS[kind]: agreed[kind] for kind in kinds})
+    chosen = dict(agreed)
+    if "train" in chosen and source != "checkpoint":  # a checkpoint's batch was chosen when it was written
+        chosen["train"] = _capped(recipe, plan.splits, chosen["train"], world)
+    _publish_from_rank_0(recipe, run_dir, agreed, reports, source, world, chosen)
+    data = dataclasses.replace(recipe.data, **{KEYS[kind]: chosen[kind] for kind in kinds})
     return dataclasses.replace(recipe, data=data)
 
 
@@ -233,6 +237,18 @@ def _key(recipe: Recipe, splits: Splits, reader: MemoryReader, world: int, archi
                            optimizer, world, data)
 
 
+def _capped(recipe: Recipe, splits: Splits, fits: int, world: int) -> int:
+    """``policy.sound_batch``, said in one line (rank 0) when it lowers the batch."""
+    chosen = sound_batch(fits, len(splits.train), world, recipe.train.accumulate,  # type: ignore[arg-type]
+                         recipe.data.auto_min_steps)
+    if chosen < fits and comm.is_main():
+        steps = -(-len(splits.train) // (chosen * world * recipe.train.accumulate))  # type: ignore[arg-type]
+        log.info("data.batch_size=auto: %d per rank fit in memory; using %d so an epoch keeps %d optimizer steps "
+                 "(data.auto_min_steps=%d) at optim.lr=%g", fits, chosen, steps, recipe.data.auto_min_steps,
+                 recipe.optim.lr)
+    return chosen
+
+
 def _from_checkpoint(kinds: list[str], path: Path | None) -> dict[str, int] | None:
     """The sizes the checkpoint this run will resume from was trained with (None: no checkpoint).
     Read from its manifest (``checkpoint_files.saved_recipe``), not by loading the checkpoint."""
@@ -251,13 +267,13 @@ def _from_checkpoint(kinds: list[str], path: Path | None) -> dict[str, int] | No
 
 
 def _publish_from_rank_0(recipe: Recipe, run_dir: RunDir, agreed: dict[str, int], reports: list[dict[str, Any]],
-                         source: str, world: int) -> None:
+                         source: str, world: int, chosen: dict[str, int]) -> None:
     """All ranks must call (one broadcast). Rank 0 publishes; if that fails (an unwritable run dir),
     every rank raises the same error, so none goes on into a collective rank 0 has left."""
     failure = None
     if comm.is_main():
         try:
-            _publish(recipe, run_dir, agreed, reports, source, world)
+            _publish(recipe, run_dir, agreed, reports, source, world, chosen)
         except Exception as err:  # noqa: BLE001 - every rank must hear about it
             failure = f"{type(err).__name__}: {err}"
     failure = comm.broadcast_object(failure)
@@ -267,12 +283,13 @@ def _publish_from_rank_0(recipe: Recipe, run_dir: RunDir, agreed: dict[str, int]
 
 
 def _publish(recipe: Recipe, run_dir: RunDir, agreed: dict[str, int], reports: list[dict[str, Any]], source: str,
-             world: int) -> None:
-    """Rank 0 only: log the table, write memory_probe.json, update the cache."""
+             world: int, chosen: dict[str, int]) -> None:
+    """Rank 0 only: log the table, write memory_probe.json (``agreed``: the sizes the run uses;
+    ``fits``: what every rank's memory holds), update the cache (with what fits)."""
     for line in table_lines(reports[0], agreed):
         log.info("%s", line)
-    record = {"agreed": {KEYS[k]: v for k, v in agreed.items()}, "source": source, "world_size": world,
-              "ranks": reports}
+    record = {"agreed": {KEYS[k]: v for k, v in chosen.items()}, "fits": {KEYS[k]: v for k, v in agreed.items()},
+              "source": source, "world_size": world, "ranks": reports}
     write_text_atomic(Path(run_dir.root) / PROBE_FILE, _json(record))
     if source == "probe" and recipe.memory.cache:
         results = {}
