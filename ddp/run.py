@@ -134,6 +134,8 @@ class Run:
             self.logs = logs
             self._form_group()
             self.decision = _decide(self.recipe)
+            if self.decision.done and self.is_main and start_logs:
+                log.info("%s", self.decision.done)
             if not self.decision.done:
                 self._stack.callback(lock.release, self.decision.run_dir)
                 if start_logs and self.logs is not None:  # a caller with its own logs attaches them itself
@@ -261,6 +263,8 @@ class Run:
         and grad scaler, restores every rank's RNG, and places the loaders where it stopped.
         Returns the state (``.epoch``, ``.global_step``); a fresh run returns epoch 0, step 0."""
         assert self.decision is not None, "Run.open() first"
+        if self.finished:  # said once by rank 0 at open; run.epochs() is then empty
+            return self.state
         with comm.all_or_none("loading the checkpoint"):
             state = self.checkpointer.resume(self.decision.checkpoint, model, optimizer, scaler, scheduler)
         if state is not None:
