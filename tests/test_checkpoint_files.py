@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +206,68 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_in_charge(tmp_path,
     assert not (tmp_path / "step-00000002.json").exists()
     assert chosen == tmp_path / "step-00000001.pt"
     assert torch.equal(files.load(chosen)["model"]["w"], torch.ones(8))
+
+
+def _draws() -> tuple:
+    """What this process's python, numpy and torch generators give next."""
+    import random
+
+    import numpy as np
+
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def _linear() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.Linear(3, 2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _save_on_each_rank(env, directory: str) -> tuple:
+    """Each rank with its own generators and its own running sums of the epoch; then its next draws."""
+    import random
+
+    import numpy as np
+
+    from ddp.checkpoint.checkpointer import TrainState
+
+    seed = 100 + env.rank
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    model, optimizer = _linear()
+    sums = [1.5 * (env.rank + 1), 10.0 * (env.rank + 1), 100.0 * (env.rank + 1)]  # loss·n, correct, n
+    keeper = Checkpointer(CheckpointConfig(), Path(directory), load_recipe(None, []))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    keeper.save(model, optimizer, schedule, TrainState(epoch=0, global_step=3, sample_index=600, partial_sums=sums))
+    return _draws()
+
+
+def _resume_on_each_rank(env, directory: str) -> tuple:
+    import random
+
+    import numpy as np
+
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)  # the same on every rank: the file must set them
+    model, optimizer = _linear()
+    keeper = Checkpointer(CheckpointConfig(), Path(directory), load_recipe(None, []))
+    state = keeper.resume(Path(directory) / "step-00000003.pt", model, optimizer)
+    return state.partial_sums, _draws(), (state.global_step, state.sample_index)
+
+
+def test_resuming_at_another_world_size_deals_rng_states_round_robin_and_the_sums_to_rank_0(tmp_path):
+    """docs/checkpoints.md "Another world size": rank r takes saved rank r mod old world's RNG states
+    (python, numpy, torch); the epoch's running sums go to rank 0 (totals), the others start at 0."""
+    from ddp.engine.rng import capture_rng, restore_rng
+    from tests.harness import spawn_ranks
+
+    saved = spawn_ranks(_save_on_each_rank, 2, str(tmp_path))  # real Gloo ranks: rank 1's states gathered to 0
+    assert saved[0] != saved[1]
+    totals = [1.5 + 3.0, 10.0 + 20.0, 100.0 + 200.0]
+    three = spawn_ranks(_resume_on_each_rank, 3, str(tmp_path))
+    assert [draws for _, draws, _ in three] == [saved[0], saved[1], saved[0]]  # rank 2 takes saved rank 0
+    assert [sums for sums, _, _ in three] == [totals, [0.0] * 3, [0.0] * 3]
+    assert {where for _, _, where in three} == {(3, 600)}  # the same step and sample position on every rank
+    before = capture_rng()
+    try:  # one rank, no group: this process
+        sums, draws, where = _resume_on_each_rank(types.SimpleNamespace(rank=0), str(tmp_path))
+    finally:
+        restore_rng(before)
+    assert (sums, draws, where) == (totals, saved[0], (3, 600))
