@@ -3,8 +3,9 @@ checkpoint and stop; the run exits 75 after a preemption signal and 130 after Ct
 
 The handler only records the signal (and, for a first Ctrl-C, says once on rank 0 what happens
 next). A second Ctrl-C more than a second after the first exits at once, without a checkpoint;
-closer together they are one keypress reaching the process twice (a terminal signals torchrun and
-every rank, and torchrun then forwards the signal to its ranks). The ranks agree through an all_reduce on a small Gloo control
+closer together they are one keypress reaching the process twice (a launcher that leaves its
+ranks in the terminal's process group lets the terminal signal them and forward the signal too;
+torchrun starts its ranks in their own session and only forwards). The ranks agree through an all_reduce on a small Gloo control
 group, about every ``checkpoint.signal_poll_s`` seconds of training, overlapped with the following
 steps: issued at one poll and read at the next, so the hot path never waits on it. The same
 all_reduce carries each rank's mean step time; every rank derives the next poll interval (in
