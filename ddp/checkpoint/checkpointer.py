@@ -93,7 +93,8 @@ class Checkpointer:
             "versions": {"ddp": ddp.__version__, "torch": str(torch.__version__), "python": platform.python_version()},
         }
 
-    def _after_save(self, manifest: files.Manifest, mode: BestMode) -> None:
+    def _after_save(self, manifest: files.Manifest, mode: BestMode | None = None) -> None:
+        mode = mode or self.cfg.best_mode
         best = self._best_manifest()
         if manifest.metric is not None and (best is None or _better(manifest.metric, best.metric, mode)):
             write_text_atomic(self.directory / "best", manifest.file + "\n")
