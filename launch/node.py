@@ -107,7 +107,10 @@ def _check(args: argparse.Namespace, program: list[str]) -> None:
     if program and (args.recipe or args.overrides):
         raise LaunchError(f"--recipe/key=value overrides apply to recipes, but a program was given: {program[0]}.",
                           "put the program's own arguments after it; they are passed through untouched")
-    check_program(program, "node ...")
+    if program == ["-m"]:
+        raise LaunchError("-m needs a module name.", "e.g. python -m launch node ... -m mypkg.train")
+    if not args.print:  # --print writes the command for any machine: the script may live only there
+        check_program(program, "node ...")
 
 
 def check_program(program: list[str], usage: str) -> None:

@@ -265,6 +265,11 @@ def check_one_batch(model: nn.Module, splits: Splits, loss: Loss, metrics: Calla
             if metrics is not None:
                 metrics(outputs, targets)
     except Exception as err:  # noqa: BLE001 - the user's model, data or loss
+        from ddp.engine.seeding import not_deterministic
+
+        refusal = not_deterministic(err)  # train.deterministic=true and an op without such a kernel
+        if refusal is not None:
+            raise refusal from None
         raise ConfigError(f"a batch of 2 training samples (inputs {list(inputs.shape)}, targets "
                           f"{list(targets.shape)}) through the model and train.loss failed: "
                           f"{type(err).__name__}: {_first_line(err)}.", _batch_hint(err, splits)) from None
