@@ -281,11 +281,10 @@ class Run:
         its directory. Mid-epoch (after ``should_stop``) it records the sample to resume at."""
         self._begin()
         self._sync_position()
+        name, mode = None, None
         if metric is None and self.state.sample_index == 0:
-            metric, mode = ranking(self.state.last_record, self.recipe.checkpoint)
-        else:
-            mode = None
-        self.checkpointer.save(model, optimizer, scheduler, self.state, metric, scaler, mode)
+            name, metric, mode = ranking(self.state.last_record, self.recipe.checkpoint)
+        self.checkpointer.save(model, optimizer, scheduler, self.state, metric, scaler, mode, name)
         return self.checkpointer.directory
 
     def _sync_position(self) -> None:

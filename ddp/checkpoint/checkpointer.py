@@ -57,7 +57,8 @@ class Checkpointer:
     # --- saving ---------------------------------------------------------------------------
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any, state: TrainState,
-             metric: float | None = None, scaler: Any = None, mode: BestMode | None = None) -> None:
+             metric: float | None = None, scaler: Any = None, mode: BestMode | None = None,
+             metric_name: str | None = None) -> None:
         """All ranks must call. Rank 0 writes; every rank returns once the file is durable.
         ``metric`` ranks the checkpoint (``best``), higher or lower is better by ``mode``
         (default ``checkpoint.best_mode``)."""
@@ -67,7 +68,7 @@ class Checkpointer:
             try:
                 payload = self._payload(model, optimizer, scheduler, state, per_rank, scaler)
                 manifest = files.save(self.directory, payload, state.global_step, state.epoch, metric,
-                                      self.recipe_yaml)
+                                      self.recipe_yaml, metric_name)
                 self._after_save(manifest, mode or self.cfg.best_mode)
             except Exception as err:  # noqa: BLE001 - every rank must hear about it
                 outcome = f"{type(err).__name__}: {err}"
@@ -161,16 +162,16 @@ AUTO_RANKING = (("test_acc", BestMode.max), ("accuracy", BestMode.max), ("test_l
                 ("loss", BestMode.min))  # checkpoint.best_metric=auto: the first a run reports
 
 
-def ranking(record: dict[str, Any], cfg: CheckpointConfig) -> tuple[float | None, BestMode]:
-    """The value of an epoch record that ranks its checkpoint, and which way is better.
+def ranking(record: dict[str, Any], cfg: CheckpointConfig) -> tuple[str, float | None, BestMode]:
+    """(field, value, which way is better) of the epoch record that ranks its checkpoint.
     ``checkpoint.best_metric=auto`` takes accuracy when the run reports it (classification),
     else the loss (lower is better), so a regression run has a ``best`` too."""
     if cfg.best_metric != "auto":
-        return record.get(cfg.best_metric), cfg.best_mode
+        return cfg.best_metric, record.get(cfg.best_metric), cfg.best_mode
     for name, mode in AUTO_RANKING:
         if record.get(name) is not None:
-            return float(record[name]), mode
-    return None, cfg.best_mode
+            return name, float(record[name]), mode
+    return cfg.best_metric, None, cfg.best_mode
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:

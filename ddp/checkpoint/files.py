@@ -48,6 +48,7 @@ class Manifest:
     metric: float | None
     recipe: str | None = None  # the resolved recipe YAML it was trained with (None: written before 0.2)
     save_s: float | None = None  # wall time of the save (None in manifests from before it was recorded)
+    metric_name: str | None = None  # the epoch field ``metric`` holds (checkpoint.best_metric, auto resolved)
 
 
 class _CrcWriter:
@@ -70,7 +71,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric: float | None,
-         recipe: str | None = None) -> Manifest:
+         recipe: str | None = None, metric_name: str | None = None) -> Manifest:
     """Write ``payload`` as ``step-<step>.pt`` plus its manifest, atomically; point ``latest`` at it."""
     began = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,7 @@ def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric
         writer = _CrcWriter(handle)
         torch.save(payload, writer)  # type: ignore[arg-type]
     manifest = Manifest(name, writer.size, writer.crc, step, epoch, metric, recipe,
-                        save_s=round(time.perf_counter() - began, 3))
+                        save_s=round(time.perf_counter() - began, 3), metric_name=metric_name)
     write_text_atomic(directory / f"{Path(name).stem}.json", json.dumps(asdict(manifest)), sync_dir=False)
     write_text_atomic(directory / "latest", name + "\n")  # this rename's directory fsync covers all three
     return manifest

@@ -223,11 +223,11 @@ class Trainer:
 
     def _save(self) -> None:
         """All ranks must call."""
-        metric, mode = ranking(self.state.last_record, self.cfg.checkpoint)
+        name, metric, mode = ranking(self.state.last_record, self.cfg.checkpoint)
         if self.state.sample_index:
             metric = None  # a mid-epoch checkpoint has no evaluation of its own
         self.checkpointer.save(self.parts.model, self.parts.optimizer, self.parts.scheduler, self.state, metric,
-                               self.parts.scaler, mode)
+                               self.parts.scaler, mode, name)
         self._saved_step = self.state.global_step
 
     def _progress_bar(self, epoch: int) -> tqdm:

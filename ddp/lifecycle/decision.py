@@ -114,7 +114,8 @@ def finished(manifest: Manifest, recipe: Recipe) -> bool:
 
 
 def _where(manifest: Manifest, recipe: Recipe) -> str:
-    metric = f", {recipe.checkpoint.best_metric} {manifest.metric:.4f}" if manifest.metric is not None else ""
+    name = manifest.metric_name or recipe.checkpoint.best_metric
+    metric = f", {name} {manifest.metric:.4f}" if manifest.metric is not None else ""
     return f"epoch {manifest.epoch}, step {manifest.step}{metric}"
 
 
