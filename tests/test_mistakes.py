@@ -3,6 +3,8 @@ fix, exit 2, no run directory, said once even on several ranks."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from tests.harness import run_cli, run_torchrun
@@ -27,10 +29,12 @@ def _refused(done, *words):
     (["model=pkg:Net"], ["'model' is a section", "model.name=pkg:Net"]),
     (["train=3"], ["'train' is a section", "train.epochs=3"]),
 ])
-def test_a_model_or_data_mistake_is_one_line_before_anything_is_written(tmp_path, args, words):
-    done = run_cli(["-m", "ddp.train", *args, *QUIET], tmp_path)
-    _refused(done, *words)
-    assert not (tmp_path / "runs").exists()
+def test_a_model_or_data_mistake_is_one_line_before_anything_is_written(in_tmp, capsys, args, words):
+    from ddp.train import main
+
+    code = main([*args, *QUIET])  # in-process: the same entry point as python -m ddp.train, one process
+    _refused(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), *words)
+    assert not (in_tmp / "runs").exists()
 
 
 def test_a_class_count_mismatch_on_two_ranks_is_said_once(tmp_path):
