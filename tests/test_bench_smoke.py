@@ -2,8 +2,8 @@
 no timing figure or ratio threshold, only that the numbers exist and the rows are the right ones.
 
 Lightning's and Accelerate's loops run only where the bench extras are installed
-(``pip install -e '.[bench]'``): CI installs them (``.ci/run``); ``make test`` on your machine does not,
-and there their tests are skipped with that reason. Ours and the minimal DDP loop always run.
+(``pip install -e '.[bench]'``, or ``make bench``). Neither CI nor ``make test`` installs them (about 4 of
+CI's 45 minutes), so there their tests are skipped with that reason. Ours and the minimal DDP loop always run.
 """
 
 from __future__ import annotations
