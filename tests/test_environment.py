@@ -158,7 +158,8 @@ TWO_MACHINES = ClusterEnv(rank=1, local_rank=0, world_size=2, local_world_size=1
 def test_the_trainer_keeps_a_gloo_interface_the_user_set_and_says_so(monkeypatch):
     from ddp.cluster.rendezvous import choose_interface
 
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "placeholder")  # recorded, so the value choose_interface sets
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")                 # is undone too (delenv of an absent name is not)
     assert choose_interface(TWO_MACHINES) == ["set GLOO_SOCKET_IFNAME=lo (the route to the master 127.0.0.1 via lo "
                                               "(this machine))"]
     assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"
