@@ -96,7 +96,7 @@ def test_the_peers_loops_run_and_report_numbers(request, peer):
     if not installed(peer):
         pytest.skip(f"{peer} is not installed, so its benchmark loop did not run; to run it: "
                     f".venv/bin/pip install -e '.[bench]' && .venv/bin/python -m pytest tests/test_bench_smoke.py "
-                    f"(CI installs the bench extras: .ci/run)")
+                    "(neither CI nor make test installs the bench extras)")
     _check_rows(request.getfixturevalue("quick_run")[1], peer)  # the run only starts once the peer is there
 
 
