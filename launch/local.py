@@ -16,24 +16,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
 import sys
 
 from ddp.cluster.environment import available_cpus, child_environ, plan_variables
 from ddp.errors import DDPError, print_error
-from launch.node import LaunchError, check_program, split_program
+from launch.node import LaunchError, OneLineParser, check_program, check_recipe_or_program, show_command, split_program
 
 log = logging.getLogger("launch.local")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message}. HINT: python -m launch local --help", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m launch local",
+    p = OneLineParser(prog="python -m launch local",
                        description="Start N ranks on this machine (torchrun --standalone underneath). With no "
                                    "program, trains a recipe; a .py file or -m module is run with its arguments.")
     p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (default 1)")
@@ -58,9 +51,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args = parser().parse_args(options)
     if args.nproc < 1:
         raise LaunchError(f"--nproc {args.nproc}: it must be at least 1.", "count the ranks to start with --nproc")
-    if program and (args.recipe or args.overrides):
-        raise LaunchError(f"--recipe/key=value overrides apply to recipes, but a program was given: {program[0]}.",
-                          "put the program's own arguments after it; they are passed through untouched")
+    check_recipe_or_program(args, program)
     check_program(program, "local --nproc 2")
     return args, program
 
@@ -78,8 +69,7 @@ def main(argv: list[str]) -> int:
                                       f"{available_cpus()} cores / {args.nproc} ranks")
     cmd = command(args, program)
     if args.print:
-        print("\n".join([*(f"# {note}" for note in notes),
-                         *(f"export {k}={shlex.quote(v)}" for k, v in variables.items()), shlex.join(cmd)]))
+        print(show_command(notes, variables, cmd))
         return 0
     for note in notes:
         log.info("%s", note)

@@ -45,16 +45,16 @@ class NodePlan:
     route: Route
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """Argument errors as one line with the fix, exit 2 (argparse prints the whole usage)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message}. HINT: python -m launch node --help", file=sys.stderr)
+        print(f"error: {message}. HINT: {self.prog} --help", file=sys.stderr)
         raise SystemExit(2)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="python -m launch node",
         description="Start this machine's ranks of a multi-machine job (torchrun underneath). With no program, "
                     "trains a recipe (python -m ddp.train); a first positional that is a .py file or -m module "
@@ -104,13 +104,18 @@ def _check(args: argparse.Namespace, program: list[str]) -> None:
                           f"node ranks run from 0 to {args.nnodes - 1}; node 0 is the master")
     if not 0 < args.master_port < 65536:
         raise LaunchError(f"--master-port {args.master_port} is not a TCP port.", "use 1024-65535, the same on every node")
-    if program and (args.recipe or args.overrides):
-        raise LaunchError(f"--recipe/key=value overrides apply to recipes, but a program was given: {program[0]}.",
-                          "put the program's own arguments after it; they are passed through untouched")
+    check_recipe_or_program(args, program)
     if program == ["-m"]:
         raise LaunchError("-m needs a module name.", "e.g. python -m launch node ... -m mypkg.train")
     if not args.print:  # --print writes the command for any machine: the script may live only there
         check_program(program, "node ...")
+
+
+def check_recipe_or_program(args: argparse.Namespace, program: list[str]) -> None:
+    """A recipe (``--recipe``, ``key=value``) or a program, not both."""
+    if program and (args.recipe or args.overrides):
+        raise LaunchError(f"--recipe/key=value overrides apply to recipes, but a program was given: {program[0]}.",
+                          "put the program's own arguments after it; they are passed through untouched")
 
 
 def check_program(program: list[str], usage: str) -> None:
@@ -177,8 +182,13 @@ def _host_port(host: str, port: int) -> str:
 
 def show(node: NodePlan) -> str:
     """``--print``: the variables as ``export`` lines, then the command, ready to paste."""
-    exports = [f"export {name}={shlex.quote(value)}" for name, value in node.variables.items()]
-    return "\n".join([*(f"# {note}" for note in node.notes), *exports, shlex.join(node.command)])
+    return show_command(node.notes, node.variables, node.command)
+
+
+def show_command(notes: list[str], variables: dict[str, str], command: list[str]) -> str:
+    """Notes as comments, the variables as ``export`` lines, then the command (``launch node/local --print``)."""
+    exports = [f"export {name}={shlex.quote(value)}" for name, value in variables.items()]
+    return "\n".join([*(f"# {note}" for note in notes), *exports, shlex.join(command)])
 
 
 def main(argv: list[str]) -> int:
