@@ -77,6 +77,11 @@ class Parallel(str, Enum):
     none = "none"
 
 
+class StallAction(str, Enum):
+    report = "report"
+    exit = "exit"
+
+
 class OptimizerName(str, Enum):
     sgd = "sgd"
     adam = "adam"
@@ -183,6 +188,9 @@ class DistConfig:
     backend: Backend = setting(Backend.auto, resume=HONOURED)  # auto = nccl when every local rank has a GPU, else gloo
     parallel: Parallel = setting(Parallel.ddp, resume=HONOURED)
     timeout_s: float = setting(300.0, above=0.0, resume=HONOURED)  # collective timeout: a dead peer → error
+    heartbeat_timeout_s: float = setting(30.0, minimum=0.0, resume=HONOURED)  # a rank or the store silent this long ends every other rank; 0 = off
+    stall_timeout_s: float = setting(0.0, minimum=0.0, resume=HONOURED)  # no rank finishes a step this long → stacks in the rank logs; 0 = auto (≥ 120 s)
+    stall_action: StallAction = setting(StallAction.report, resume=HONOURED)  # after a stall report: report (wait on) or exit
     threads_per_rank: int = setting(0, minimum=0, resume=HONOURED, per_machine=True)  # CPU threads per rank; 0 = cores ÷ local ranks
     sync_bn: bool = setting(False, resume=HONOURED)  # BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
 

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ddp.checkpoint.checkpointer import Checkpointer, TrainState, ranking
-from ddp.cluster import comm
+from ddp.cluster import comm, progress
 from ddp.cluster.devices import Devices, Placement
 from ddp.cluster.environment import ClusterEnv, hostname
 from ddp.cluster.nccl import DUMP_SUBDIR, make_dump_dir
@@ -224,6 +224,7 @@ class Run:
 
     def _count_step(self, *_: Any) -> None:
         self.state.global_step += 1
+        progress.step_done(self.state.global_step)
 
     def loader(self, dataset: Dataset, batch_size: int, *, shuffle: bool = True, num_workers: int = -1,
                **options: Any) -> EpochLoader:

@@ -63,6 +63,10 @@ class TwoHosts:
         """SIGKILL every process in host ``host`` (a machine that died)."""
         _kill_namespace(self.names[host], signal.SIGKILL)
 
+    def cut_off(self, host: int) -> None:
+        """Take host ``host``'s link down (a pulled cable, a partition): nothing is reset, packets vanish."""
+        _run("-n", self.names[host], "link", "set", IFNAME, "down")
+
 
 _counter = 0
 

@@ -1,8 +1,10 @@
 """Checkpoint policy for a distributed run: who writes, what goes in, which file to resume from.
 
 Only rank 0 writes; the other ranks' RNG states and partial epoch sums are gathered to it. Every
-save ends with a broadcast of rank 0's outcome, which doubles as the barrier: no rank races ahead
-of a save, and a failed save stops every rank with the same error. Which checkpoint to resume is
+save ends with rank 0's outcome sent to every rank, which doubles as the barrier: no rank races
+ahead of a save, and a failed save stops every rank with the same error. The others wait for it
+through the rendezvous store, outside the collective timeout (``comm.patient_broadcast``), so a
+save longer than ``dist.timeout_s`` never times out a healthy job. Which checkpoint to resume is
 decided beforehand (``ddp.lifecycle.decision``); every rank loads it into host memory with
 ``weights_only=True`` and copies it into its model and optimizer on its own device. The recipe's
 hyperparameters win over the checkpoint's, and the LR schedule
@@ -22,7 +24,7 @@ from torch import nn
 
 import ddp
 from ddp.checkpoint import files
-from ddp.cluster import comm
+from ddp.cluster import comm, progress
 from ddp.checkpoint.atomic import write_text_atomic
 from ddp.checkpoint.files import CheckpointError
 from ddp.config import BestMode, CheckpointConfig, Recipe, flat, to_yaml
@@ -64,15 +66,16 @@ class Checkpointer:
         (default ``checkpoint.best_mode``)."""
         per_rank = comm.all_gather_object({"rng": capture_rng(), "sums": list(state.partial_sums)})
         outcome = None
-        if comm.is_main():
-            try:
-                payload = self._payload(model, optimizer, scheduler, state, per_rank, scaler)
-                manifest = files.save(self.directory, payload, state.global_step, state.epoch, metric,
-                                      self.recipe_yaml, metric_name)
-                self._after_save(manifest, mode or self.cfg.best_mode)
-            except Exception as err:  # noqa: BLE001 - every rank must hear about it
-                outcome = f"{type(err).__name__}: {err}"
-        outcome = comm.broadcast_object(outcome)
+        with progress.phase(progress.SAVING):  # however long it takes, not a stall
+            if comm.is_main():
+                try:
+                    payload = self._payload(model, optimizer, scheduler, state, per_rank, scaler)
+                    manifest = files.save(self.directory, payload, state.global_step, state.epoch, metric,
+                                          self.recipe_yaml, metric_name)
+                    self._after_save(manifest, mode or self.cfg.best_mode)
+                except Exception as err:  # noqa: BLE001 - every rank must hear about it
+                    outcome = f"{type(err).__name__}: {err}"
+            outcome = comm.patient_broadcast(outcome, f"the checkpoint of step {state.global_step}")
         if outcome is not None:
             raise CheckpointError(f"saving a checkpoint in {self.directory} failed on rank 0: {outcome}",
                                   "check free disk space and permissions of the run dir")

@@ -12,6 +12,9 @@ every object through the GPU and block on its stream, and a refusal must never w
 
 from __future__ import annotations
 
+import logging
+import pickle
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -22,7 +25,13 @@ import torch.distributed as dist
 
 from ddp.errors import DDPError
 
+log = logging.getLogger(__name__)
+
 _control: Any = None  # the Gloo side group for objects under NCCL; None: the default group
+_store: Any = None  # the rendezvous store, for waits that must not be bounded by the collective timeout
+_waits = 0  # patient broadcasts so far: every rank counts the same, so the n-th has the same key everywhere
+WAIT_POLL_S = 0.05
+WAIT_LOG_S = 10.0
 
 
 class RankFailed(DDPError):
@@ -31,18 +40,20 @@ class RankFailed(DDPError):
     exit_code = 1
 
 
-def open_control_group(backend: str, timeout_s: float) -> None:
+def open_control_group(backend: str, timeout_s: float, store: Any = None) -> None:
     """All ranks must call, right after ``init_process_group``: under a non-Gloo backend, object
-    collectives go through a new Gloo group from now on."""
-    global _control
+    collectives go through a new Gloo group from now on. ``store``: the rendezvous store, for
+    ``patient_broadcast``."""
+    global _control, _store, _waits
+    _store, _waits = store, 0
     if backend != "gloo" and world_size() > 1:
         _control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def close_control_group() -> None:
     """Forget the side group (the process group is being destroyed, which frees it)."""
-    global _control
-    _control = None
+    global _control, _store
+    _control = _store = None
 
 
 def is_initialized() -> bool:
@@ -91,6 +102,31 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=_control)
     return box[0]
+
+
+def patient_broadcast(obj: Any, what: str) -> Any:
+    """All ranks must call. Rank 0's ``obj`` on every rank, however long rank 0 takes to get here.
+
+    A collective would time out after ``dist.timeout_s`` and kill a healthy job whose rank 0 is
+    busy with a long save; here the other ranks poll the rendezvous store instead, outside any
+    collective, and log every ``WAIT_LOG_S`` seconds that they are waiting for ``what``. A rank 0
+    that dies or freezes meanwhile is found by the watchdog (``ddp.cluster.watchdog``)."""
+    global _waits
+    if not is_initialized() or world_size() == 1 or _store is None:
+        return broadcast_object(obj)
+    _waits += 1
+    key = f"patient/{_waits}"
+    if is_main():
+        _store.set(key, pickle.dumps(obj))
+        return obj
+    started = time.monotonic()
+    next_log = started + WAIT_LOG_S
+    while not _store.check([key]):
+        time.sleep(WAIT_POLL_S)
+        if time.monotonic() >= next_log:
+            log.info("waiting %.0f s for rank 0 to finish %s", time.monotonic() - started, what)
+            next_log += WAIT_LOG_S
+    return pickle.loads(_store.get(key))  # noqa: S301 - written by rank 0 of this job, one line above
 
 
 @contextmanager

@@ -16,9 +16,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import torch.distributed as dist
 
+from ddp.cluster import progress
+from ddp.cluster.progress import Position
+from ddp.cluster.watchdog import Judge, WatchConfig, Watchdog
 from ddp.errors import DDPError
 
 ROLL_CALL_S = 3.0
@@ -38,27 +42,89 @@ def is_comm_failure(err: BaseException) -> bool:
 
 
 @contextmanager
-def heartbeat(host: str, port: int, prefix: str, rank: int) -> Iterator[None]:
-    """Every rank enters (after the rendezvous). Beats until the body exits; a lost store ends it."""
+def heartbeat(host: str, port: int, prefix: str, rank: int, world: int = 1, store_host: str = "the rendezvous store",
+              watch: WatchConfig | None = None, nccl_dumps: Path | None = None) -> Iterator[None]:
+    """Every rank enters (after the rendezvous). Beats until the body exits; a lost store ends it.
+
+    With each beat the rank also publishes where it is (``ddp.cluster.progress``) and reads every
+    rank's beat and position (one request) for its watchdog (``ddp.cluster.watchdog``), which ends
+    this rank when a peer or the store falls silent for ``watch.heartbeat_timeout_s`` and reports a
+    stall. On a clean exit the rank says it is done, so a rank that finishes first is not taken
+    for a lost one while the others end their run."""
     client = dist.PrefixStore(prefix, dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=30),
                                                     wait_for_workers=False))
+    watchdog = _watchdog(client, rank, world, store_host, watch, nccl_dumps)
     stop = threading.Event()
+    keys = [f"beat/{r}" for r in range(world)] + [f"pos/{r}" for r in range(world)]
 
     def beat() -> None:
         while not stop.wait(BEAT_S):
             try:
                 client.add(f"beat/{rank}", 1)
-            except Exception:  # noqa: BLE001 - the store is gone: nothing left to tell
-                return
+                if watchdog is not None:
+                    client.set(f"pos/{rank}", progress.snapshot().encode())
+                    watchdog.feed(*_decode(client.multi_get(keys), world))
+            except Exception:  # noqa: BLE001 - the store is gone: the watchdog notices the silence
+                if stop.is_set():
+                    return
+                time.sleep(BEAT_S)
 
     client.add(f"beat/{rank}", 1)
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()
+    clean = False
     try:
         yield
+        clean = True
     finally:
         stop.set()
+        if watchdog is not None:
+            watchdog.stop()
         thread.join(timeout=5)
+        if clean:
+            _say_done(client, rank)
+
+
+def _watchdog(client: dist.Store, rank: int, world: int, store_host: str, watch: WatchConfig | None,
+              nccl_dumps: Path | None) -> Watchdog | None:
+    if watch is None or world <= 1:
+        return None
+    progress.reset()
+    hosts = machine_names([_host(client, r) for r in range(world)])
+    judge = Judge(rank, world, hosts, store_host, watch, started=time.monotonic())
+    return Watchdog(judge, nccl_dumps).start()
+
+
+def _host(client: dist.Store, rank: int) -> tuple[str, str]:
+    """(host name, node rank) as the rank checked in (``rendezvous.gather``)."""
+    try:
+        host, _, node = client.get(f"join/{rank}").decode().partition("\t")
+        return host, node
+    except Exception:  # noqa: BLE001 - only for messages
+        return "?", "?"
+
+
+def machine_names(joined: list[tuple[str, str]]) -> list[str]:
+    """Each rank's machine for messages: its host name, with the node rank where machines share a
+    name (containers and network namespaces often do), so two machines never read as one."""
+    nodes_of: dict[str, set[str]] = {}
+    for host, node in joined:
+        nodes_of.setdefault(host, set()).add(node)
+    return [host if len(nodes_of[host]) == 1 else f"{host} (node {node})" for host, node in joined]
+
+
+def _decode(values: list[bytes], world: int) -> tuple[list[int | None], list[Position | None]]:
+    beats = [int(v) if v else None for v in values[:world]]
+    positions = [Position.decode(v.decode()) if v else None for v in values[world:]]
+    return beats, positions
+
+
+def _say_done(client: dist.Store, rank: int) -> None:
+    progress.mark(progress.DONE)
+    try:
+        client.set(f"pos/{rank}", progress.snapshot().encode())
+    except Exception:  # noqa: BLE001 - the others judge by their own timeouts then
+        pass
 
 
 def roll_call(store: dist.Store, rank: int, world: int, wait_s: float = ROLL_CALL_S) -> list[int] | None:

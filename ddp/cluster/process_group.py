@@ -15,9 +15,10 @@ from ddp.cluster import comm
 from ddp.cluster import rendezvous
 from ddp.cluster.nccl import DUMP_SUBDIR, export_nccl_defaults
 from ddp.cluster.environment import ClusterEnv
-from ddp.config import Recipe
+from ddp.config import Recipe, StallAction
 from ddp.errors import DDPError
 from ddp.cluster.heartbeat import heartbeat, is_comm_failure, peer_lost, roll_call
+from ddp.cluster.watchdog import WatchConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
     On a clean exit every rank passes a barrier first, so no rank tears down while a peer still
     needs it. After an error the barrier is skipped (peers may be stuck in another collective);
     the group is destroyed so the process can exit instead of hanging. A communication failure
-    becomes ``PeerLost`` naming the ranks whose heartbeat stopped (``ddp.cluster.heartbeat``).
+    becomes ``PeerLost`` naming the ranks whose heartbeat stopped (``ddp.cluster.heartbeat``). A rank
+    or machine that falls silent without an error ends every other rank within
+    ``dist.heartbeat_timeout_s``, and a stall is reported, by the watchdog (``ddp.cluster.watchdog``).
     """
     if not env.distributed:
         yield
@@ -63,8 +66,9 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
     log.debug("process group up: %s, backend %s", env.describe(), backend)
     clean = False
     try:
-        comm.open_control_group(backend, timeout_s)
-        with heartbeat(env.master_addr, env.master_port, env.store_prefix, env.rank):  # beats through the roll call
+        comm.open_control_group(backend, timeout_s, store)
+        with heartbeat(env.master_addr, env.master_port, env.store_prefix, env.rank, env.world_size, _store_host(env),
+                       watch_config(recipe), nccl_dumps if backend == "nccl" else None):  # beats through the roll call
             try:
                 yield
             except Exception as err:
@@ -76,6 +80,14 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
     finally:
         comm.close_control_group()
         _teardown(clean)
+
+
+def watch_config(recipe: Recipe | None) -> WatchConfig:
+    """The watchdog's limits from ``dist.*`` (defaults without a recipe)."""
+    if recipe is None:
+        return WatchConfig()
+    dist_cfg = recipe.dist
+    return WatchConfig(dist_cfg.heartbeat_timeout_s, dist_cfg.stall_timeout_s, dist_cfg.stall_action == StallAction.exit)
 
 
 def _store_host(env: ClusterEnv) -> str:

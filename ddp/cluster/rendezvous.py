@@ -121,7 +121,7 @@ def connect(env: ClusterEnv, timeout: timedelta) -> dist.Store:
 
 def gather(store: dist.Store, env: ClusterEnv, timeout_s: float) -> None:
     """All ranks must call. Returns when every rank has checked in; logs who is missing meanwhile."""
-    store.set(f"join/{env.rank}", hostname())
+    store.set(f"join/{env.rank}", f"{hostname()}\t{env.node_rank}")  # the heartbeat names hosts by it
     store.add("joined", 1)
     start = time.monotonic()
     next_log = start + FIRST_LOG_S

@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from ddp.cluster import progress
+
 
 class ShardSampler(Sampler[int]):
     """Every ``world``-th index starting at ``rank``; no padding, no shuffling."""
@@ -126,7 +128,7 @@ class EpochLoader:
     def __iter__(self) -> Iterator[Any]:
         self._place_sampler()
         self.consumed, self._start = self._start, 0
-        for batch in self.loader:
+        for batch in progress.track(self.loader):
             self.consumed += _batch_size(batch) * self.world
             yield to_device(batch, self.device)
         self.epoch, self.consumed = self.epoch + 1, 0

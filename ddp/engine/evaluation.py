@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ddp.cluster import comm
+from ddp.cluster import comm, progress
 from ddp.errors import ConfigError
 from ddp.model.registry import classifies
 
@@ -72,7 +72,7 @@ def mean_over_samples(model: nn.Module, loader: Iterable, device: torch.device,
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    for inputs, targets in loader:
+    for inputs, targets in progress.track(loader, progress.EVALUATING, progress.EVALUATING):
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         outputs = model(inputs)
@@ -81,6 +81,7 @@ def mean_over_samples(model: nn.Module, loader: Iterable, device: torch.device,
             total = _batch_sum(name, value, size, device)
             sums[name] = sums[name] + total if name in sums else total
         count += size
+        progress.tick()
     model.train(was_training)
     names = sorted(set().union(*comm.all_gather_object(sorted(sums))))
     zero = torch.zeros((), dtype=torch.float64, device=device)

@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ddp.cluster import comm
+from ddp.cluster import comm, progress
 from ddp.checkpoint.checkpointer import Checkpointer, TrainState, ranking
 from ddp.model.registry import classifies
 from ddp.config import Recipe
@@ -100,7 +100,7 @@ class Trainer:
         started, total, complete = time.perf_counter(), len(parts.train_loader), True
         bar = self._progress_bar(epoch)
         accumulate = self.cfg.train.accumulate
-        for done, (inputs, targets) in enumerate(bar, 1):
+        for done, (inputs, targets) in enumerate(progress.track(bar), 1):
             micro = (done - 1) % accumulate  # micro-batch within its optimizer step
             self._group = (micro, min(accumulate, total - done + 1 + micro))
             loss = self._run_batch(inputs, targets, sums)
@@ -108,6 +108,7 @@ class Trainer:
             if micro + 1 < self._group[1]:
                 continue  # gradients accumulate; no step, no save, no stop between micro-batches
             state.global_step += 1
+            progress.step_done(state.global_step)
             if state.global_step % self.cfg.log.every_steps == 0:
                 self._log_step(epoch, loss, bar)
             if self.stop.poll():
