@@ -299,6 +299,7 @@ def test_a_read_only_run_directory_is_refused_before_training_in_one_line_exit_7
         err = capsys.readouterr().err
     assert code == 74, err
     said = [line for line in err.splitlines() if " ERROR " in line or line.startswith(("error", "warning"))]
-    assert len(said) == 1 and f"cannot write the run directory {read_only / 'run'}: Read-only file system" in said[0], err
+    assert len(said) == 1, err
+    assert f"cannot write the run directory {read_only / 'run'}: Read-only file system" in said[0], err
     assert "Traceback" not in err and "training failed" not in err, err
     assert not (tmp_path / "runs").exists()
