@@ -64,3 +64,12 @@ class MemoryBudgetError(DDPError):
     """The memory budget cannot hold the model at batch 1 (``data.batch_size: auto``)."""
 
     exit_code = 2
+
+
+class StorageError(DDPError):
+    """The run directory's disk refused a write: full, over quota, an I/O error, read-only or not
+    writable. Not the recipe's fault: free space or fix the disk, then run the same command again
+    (a failed checkpoint save leaves the previous checkpoint as what it resumes). Said by every
+    rank; sysexits ``EX_IOERR``."""
+
+    exit_code = 74

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 import ddp
-from ddp.checkpoint import files
+from ddp.checkpoint import files, storage
 from ddp.cluster import comm, progress
 from ddp.checkpoint.atomic import write_text_atomic
 from ddp.checkpoint.files import CheckpointError
+from ddp.errors import StorageError
 from ddp.config import BestMode, CheckpointConfig, Recipe, flat, to_yaml
 from ddp.model.parallel import unwrap_model
 from ddp.engine.rng import capture_rng, restore_rng
@@ -68,17 +69,28 @@ class Checkpointer:
         outcome = None
         with progress.phase(progress.SAVING):  # however long it takes, not a stall
             if comm.is_main():
+                payload = None
                 try:
                     payload = self._payload(model, optimizer, scheduler, state, per_rank, scaler)
                     manifest = files.save(self.directory, payload, state.global_step, state.epoch, metric,
                                           self.recipe_yaml, metric_name)
                     self._after_save(manifest, mode or self.cfg.best_mode)
                 except Exception as err:  # noqa: BLE001 - every rank must hear about it
-                    outcome = f"{type(err).__name__}: {err}"
+                    outcome = self._failure(err, state.global_step, payload)
             outcome = comm.patient_broadcast(outcome, f"the checkpoint of step {state.global_step}")
         if outcome is not None:
-            raise CheckpointError(f"saving a checkpoint in {self.directory} failed on rank 0: {outcome}",
-                                  "check free disk space and permissions of the run dir")
+            problem, hint, exit_code = outcome
+            raise (StorageError if exit_code == StorageError.exit_code else CheckpointError)(problem, hint)
+
+    def _failure(self, err: Exception, step: int, payload: dict[str, Any] | None) -> tuple[str, str, int]:
+        """(problem, hint, exit code) of a failed save, for every rank: a disk that refused it
+        (full, over quota, I/O error) is a ``StorageError`` naming the size needed and the room left."""
+        needed = storage.payload_bytes(payload) if payload is not None else None
+        refused = storage.save_failed(err, self.directory, files.checkpoint_name(step), needed)
+        if refused is not None:
+            return refused.problem, refused.hint, refused.exit_code
+        return (f"saving a checkpoint in {self.directory} failed on rank 0: {type(err).__name__}: {err}",
+                "check free disk space and permissions of the run dir", CheckpointError.exit_code)
 
     def _payload(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any, state: TrainState,
                  per_rank: list[dict[str, Any]], scaler: Any) -> dict[str, Any]:

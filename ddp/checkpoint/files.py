@@ -8,7 +8,8 @@
 
 A checkpoint counts only when its manifest exists and matches the .pt byte for byte; both are
 written to a temporary file in the same directory, fsynced and renamed, the .pt first. A save
-killed at any point therefore leaves either the previous state or a complete new checkpoint.
+killed at any point therefore leaves either the previous state or a complete new checkpoint; one
+that fails (a full disk) removes what it wrote, unless ``latest`` already names it.
 Pure file logic: no process group here (``ddp.checkpoint.checkpointer`` decides who calls what).
 """
 
@@ -19,7 +20,7 @@ import re
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -56,11 +57,16 @@ class _CrcWriter:
 
     def __init__(self, handle: BinaryIO) -> None:
         self.handle, self.crc, self.size = handle, 0, 0
+        self.error: OSError | None = None  # torch.save re-raises a failed write as a bare RuntimeError
 
     def write(self, data: bytes) -> int:
         self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
-        return self.handle.write(data)
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
 
     def flush(self) -> None:
         self.handle.flush()
@@ -78,12 +84,31 @@ def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric
     name = checkpoint_name(step)
     with atomic_open(directory / name, sync_dir=False) as handle, _without_record_crcs():
         writer = _CrcWriter(handle)
-        torch.save(payload, writer)  # type: ignore[arg-type]
+        try:
+            torch.save(payload, writer)  # type: ignore[arg-type]
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None  # the disk's own error (ENOSPC, EIO...), not torch's wrapper
     manifest = Manifest(name, writer.size, writer.crc, step, epoch, metric, recipe,
                         save_s=round(time.perf_counter() - began, 3), metric_name=metric_name)
-    write_text_atomic(directory / f"{Path(name).stem}.json", json.dumps(asdict(manifest)), sync_dir=False)
-    write_text_atomic(directory / "latest", name + "\n")  # this rename's directory fsync covers all three
+    before = read_pointer(directory, "latest")
+    try:
+        write_text_atomic(directory / f"{Path(name).stem}.json", json.dumps(asdict(manifest)), sync_dir=False)
+        write_text_atomic(directory / "latest", name + "\n")  # this rename's directory fsync covers all three
+    except BaseException:
+        with suppress(OSError):  # the save's own error is the one to report
+            if read_pointer(directory, "latest") == before:  # unless `latest` names it already, the .pt goes
+                _discard(directory / name)
+        raise
     return manifest
+
+
+def _discard(pt_file: Path) -> None:
+    """Remove a checkpoint whose save failed after its .pt was renamed into place (its manifest or
+    ``latest`` could not be written): nothing of a failed save stays under a final name."""
+    pt_file.with_suffix(".json").unlink(missing_ok=True)
+    pt_file.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ddp.checkpoint import files
 from ddp.checkpoint.files import CheckpointError, Manifest
+from ddp.checkpoint.storage import unwritable
 from ddp.config import Recipe
 from ddp.lifecycle import lock
 from ddp.lifecycle.changes import Change, check_resumable, recipe_changes
@@ -46,8 +47,19 @@ class Decision:
 
 
 def decide(recipe: Recipe) -> Decision:
-    """Rank 0 only. Raises CheckpointError (nothing written) when the run cannot start. A run that
-    will train holds its version's lock (``ddp.lifecycle.lock``) until ``lock.release``."""
+    """Rank 0 only. Raises CheckpointError (nothing written) when the run cannot start, and
+    StorageError when its directory cannot be written (read-only, not this user's, full). A run
+    that will train holds its version's lock (``ddp.lifecycle.lock``) until ``lock.release``."""
+    try:
+        return _decide(recipe)
+    except OSError as err:
+        refused = unwritable(recipe.run_dir, err)
+        if refused is None:
+            raise
+        raise refused from None
+
+
+def _decide(recipe: Recipe) -> Decision:
     spec, group = recipe.train.resume, recipe.run_dir
     if spec == "never":
         existing = list_versions(group)

@@ -47,6 +47,38 @@ class _OneLineFormatter(logging.Formatter):
             record.exc_info, record.exc_text = saved
 
 
+class _RankFile(logging.FileHandler):
+    """The rank's log file, which a full disk cannot turn into "--- Logging error ---" tracebacks:
+    the first failed write is said once on stderr, in one line, and the file is left alone from
+    then on; the run goes on and its console is unchanged."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)  # type: ignore[arg-type]  # a bug in a record: logging's own report
+            return
+        if not self.failed:
+            self.failed = True
+            say_unwritable(self.baseFilename, error, "this rank's log goes on on the console only")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last buffered lines could not be written either
+            self.handleError(None)
+
+
+def say_unwritable(path: str | Path, error: OSError, then: str) -> None:
+    """One line on stderr: a file of the run could not be written; what happens instead."""
+    print(f"warning: cannot write {path}: {error.strerror or error}; {then}", file=sys.stderr, flush=True)
+
+
 class _Pending(BufferingHandler):
     """Holds records until the log file exists; never flushes by itself."""
 
@@ -73,7 +105,7 @@ class RankLogs:
         if self._file is not None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        to_file = logging.FileHandler(path, mode="a", encoding="utf-8")
+        to_file = _RankFile(path, mode="a", encoding="utf-8")
         to_file.setLevel(self.level)
         to_file.setFormatter(logging.Formatter(self.file_format))
         root = logging.getLogger()

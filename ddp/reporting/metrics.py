@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ddp.checkpoint.atomic import write_text_atomic
+from ddp.reporting.logs import say_unwritable
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ class MetricsWriter:
                  resumed_step: int | None = None) -> None:
         """A fresh run truncates ``jsonl``; a resumed one keeps the records up to ``resumed_step``
         (dropping what the interrupted run wrote after its checkpoint) and appends."""
-        self.enabled = enabled
+        self.enabled, self.path = enabled, jsonl
         self._file = None
         self._tb = None
         if not enabled:
@@ -41,12 +42,24 @@ class MetricsWriter:
             self._tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        """One record. When the disk refuses it (full, I/O error), the file is closed and said so
+        once on stderr; training goes on (a checkpoint save then says what the disk needs)."""
+        if self._file is not None:
+            try:
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
+            except OSError as err:
+                self._give_up(err)
         if self._tb is not None:
             self._to_tensorboard(record)
+
+    def _give_up(self, error: OSError) -> None:
+        file, self._file = self._file, None
+        say_unwritable(self.path, error, "no more records go there in this run")
+        try:
+            file.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
 
     def _to_tensorboard(self, record: dict[str, Any]) -> None:
         kind, step = record.get("kind", "metrics"), record.get("step", 0)
@@ -62,7 +75,10 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as err:  # its last buffered record could not be written
+                self._give_up(err)
             self._file = None
         if self._tb is not None:
             self._tb.close()
