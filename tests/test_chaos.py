@@ -28,6 +28,7 @@ def test_killed_ranks_resume_to_the_uninterrupted_weights(tmp_path: Path) -> Non
         outcome = judge(run.result(), reference.result())
     log = Path(outcome.directory) / "torchrun.log"
     assert outcome.passed, f"{outcome.line()}\n{log.read_text()[-4000:]}"
+    assert outcome.versions == [RUN_DIR.name], outcome.line()  # both restarts resumed version_0
     in_save, in_training = outcome.kills
     assert not in_save.missed and not in_training.missed, outcome.line()
     torn = re.search(r"\.tmp (\d+) bytes", in_save.where)
