@@ -27,6 +27,7 @@ from ddp.checkpoint.checkpointer import Checkpointer, TrainState, ranking
 from ddp.model.registry import classifies
 from ddp.config import Recipe
 from ddp.engine.evaluation import evaluate
+from ddp.engine.rng import capture_rng, restore_rng
 from ddp.model.finetune import unfreeze
 from ddp.reporting.metrics import MetricsWriter
 from ddp.model.parallel import unwrap_model
@@ -72,6 +73,7 @@ class Trainer:
         self._saved_step = self.state.global_step if state else -1
         self._classifies = True  # outputs were class logits in every batch so far: accuracy is reported
         self._group = (0, 1)  # (micro-batch index, micro-batches in this optimizer step)
+        self._prime = state is not None and state.global_step > 0  # resumed: see _prime_buckets
 
     def fit(self) -> FitResult:
         """All ranks must call. A run already finished under its recipe never gets here
@@ -136,6 +138,8 @@ class Trainer:
         if self.cfg.train.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         micro, size = self._group
+        if self._prime:
+            self._prime_buckets(inputs, targets)
         if micro == 0:
             parts.optimizer.zero_grad(set_to_none=True)
         last = micro + 1 == size
@@ -153,6 +157,31 @@ class Trainer:
             count = targets.shape[0]  # a host int: new_full fills on the device, new_tensor would copy from host
             sums += torch.stack((loss.double() * count, correct.double(), sums.new_full((), count)))
         return loss.detach()
+
+    def _prime_buckets(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """All ranks must call, on the first batch after a resume. Makes that batch's step all-reduce
+        in the same gradient buckets as the uninterrupted run's, so the resumed run stays bit for bit.
+
+        DDP starts with one bucket and regroups the gradients by the order they became ready after
+        its first backward. Ring all-reduce sums each element in an order set by its place in the
+        bucket, so with more than 2 ranks the first step after a restart, still in the first
+        layout, would round differently from the uninterrupted run's step. One throw-away
+        forward and backward here lets DDP regroup first; the RNG states, the buffers (BatchNorm
+        statistics) and the gradients are put back as they were, so training sees nothing of it."""
+        self._prime = False
+        model = self.parts.model
+        if not isinstance(model, nn.parallel.DistributedDataParallel) or comm.world_size() < 3:
+            return  # two summands add the same in either order
+        rng = capture_rng()
+        buffers = [buffer.detach().clone() for buffer in model.buffers()]
+        with autocast(self.cfg.train.precision, self.parts.device):
+            loss = self.parts.loss(model(inputs), targets)
+        loss.backward()
+        self.parts.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+        restore_rng(rng)
 
     def _step(self) -> None:
         parts = self.parts
