@@ -4,6 +4,7 @@
     python -m launch node ... train.py --epochs 3        # any script, arguments untouched
     python -m launch node ... -m mypkg.train --lr 0.1    # any module
     python -m launch node ... --print                    # the torchrun command and variables, run nothing
+    python -m launch node --nnodes 1:2 --run-id job7 --max-restarts 3 ...   # elastic: goes on without a lost node
 
 Steps: parse; choose the interface that routes to the master and the CPU threads per rank; plan
 the environment variables (never overwriting one the user set, logging each); preflight
@@ -28,11 +29,38 @@ from launch import preflight
 log = logging.getLogger("launch.node")
 
 _VALUE_OPTIONS = {"--nnodes", "--node-rank", "--master-addr", "--master-port", "--nproc", "--run-id",
-                  "--max-restarts", "--preflight-timeout", "--recipe"}
+                  "--max-restarts", "--rdzv-conf", "--preflight-timeout", "--recipe"}
 
 
 class LaunchError(DDPError):
     exit_code = 2
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """``--nnodes``: a count, or torchrun's elastic ``MIN:MAX`` range."""
+
+    min: int
+    max: int
+
+    def __str__(self) -> str:
+        return str(self.max) if self.min == self.max else f"{self.min}:{self.max}"
+
+    @property
+    def elastic(self) -> bool:
+        return self.min != self.max
+
+
+def nodes(text: str) -> Nodes:
+    """argparse type of ``--nnodes``: ``2`` or ``1:2``."""
+    low, _, high = text.partition(":")
+    try:
+        counts = Nodes(int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count or a MIN:MAX range like 1:2") from None
+    if not 1 <= counts.min <= counts.max:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= MIN <= MAX")
+    return counts
 
 
 @dataclass(frozen=True)
@@ -59,13 +87,16 @@ def parser() -> argparse.ArgumentParser:
         description="Start this machine's ranks of a multi-machine job (torchrun underneath). With no program, "
                     "trains a recipe (python -m ddp.train); a first positional that is a .py file or -m module "
                     "is run as torchrun would run it, its arguments passed through untouched.")
-    p.add_argument("--nnodes", type=int, required=True, help="number of machines")
+    p.add_argument("--nnodes", type=nodes, required=True,
+                   help="number of machines, or MIN:MAX to go on with fewer (elastic; needs --run-id)")
     p.add_argument("--node-rank", type=int, required=True, help="this machine's index, 0 = the master")
     p.add_argument("--master-addr", required=True, help="node 0's address, reachable from every node")
     p.add_argument("--master-port", type=int, default=29500, help="free TCP port on node 0 (default 29500)")
     p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (default 1)")
     p.add_argument("--run-id", help="use c10d rendezvous with this shared id instead of static ranks")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of the worker group")
+    p.add_argument("--rdzv-conf", default="",
+                   help="more of torchrun's c10d settings, e.g. last_call_timeout=10 (with --run-id)")
     p.add_argument("--print", action="store_true", help="print the torchrun command and variables, run nothing")
     p.add_argument("--preflight-timeout", type=float, default=15.0,
                    help="seconds a worker node waits for the master's port (default 15)")
@@ -96,12 +127,15 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _check(args: argparse.Namespace, program: list[str]) -> None:
-    if args.nnodes < 1 or args.nproc < 1:
-        raise LaunchError(f"--nnodes {args.nnodes} --nproc {args.nproc}: both must be at least 1.",
-                          "count machines with --nnodes and ranks per machine with --nproc")
-    if not 0 <= args.node_rank < args.nnodes:
+    if args.nproc < 1:
+        raise LaunchError(f"--nproc {args.nproc}: must be at least 1.", "count ranks per machine with --nproc")
+    if not 0 <= args.node_rank < args.nnodes.max:
         raise LaunchError(f"--node-rank {args.node_rank} is outside --nnodes {args.nnodes}.",
-                          f"node ranks run from 0 to {args.nnodes - 1}; node 0 is the master")
+                          f"node ranks run from 0 to {args.nnodes.max - 1}; node 0 is the master")
+    if (args.nnodes.elastic or args.rdzv_conf) and not args.run_id:
+        what = f"--nnodes {args.nnodes}" if args.nnodes.elastic else "--rdzv-conf"
+        raise LaunchError(f"{what} needs torchrun's c10d rendezvous, which --run-id turns on.",
+                          "add --run-id NAME, the same on every node")
     if not 0 < args.master_port < 65536:
         raise LaunchError(f"--master-port {args.master_port} is not a TCP port.", "use 1024-65535, the same on every node")
     check_recipe_or_program(args, program)
@@ -147,7 +181,7 @@ def torchrun_command(args: argparse.Namespace, program: list[str], route: Route)
     if args.run_id:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={_host_port(route.master_ip, args.master_port)}",
                 f"--rdzv-id={args.run_id}", f"--local-addr={route.source_ip}",
-                f"--rdzv-conf=is_host={1 if args.node_rank == 0 else 0}"]
+                "--rdzv-conf=" + ",".join(filter(None, [f"is_host={1 if args.node_rank == 0 else 0}", args.rdzv_conf]))]
     else:
         cmd += [f"--node-rank={args.node_rank}", f"--master-addr={route.master_ip}",
                 f"--master-port={args.master_port}", f"--local-addr={route.source_ip}"]
@@ -160,7 +194,7 @@ def torchrun_command(args: argparse.Namespace, program: list[str], route: Route)
 def plan(args: argparse.Namespace, program: list[str]) -> NodePlan:
     """Route, command and variables for this node; raises ``DDPError`` (exit 2) on bad input."""
     route = route_to(args.master_addr)
-    if args.nnodes > 1 and route.loopback:
+    if args.nnodes.max > 1 and route.loopback:
         raise NetworkError(
             f"--master-addr {args.master_addr} is {route.master_ip}, a loopback address, but --nnodes "
             f"{args.nnodes}: the other machines cannot reach it.",
@@ -168,7 +202,14 @@ def plan(args: argparse.Namespace, program: list[str]) -> NodePlan:
     threads = max(1, available_cpus() // args.nproc)
     wanted = {"OMP_NUM_THREADS": str(threads)}
     variables, notes = plan_variables(wanted, f"{available_cpus()} cores / {args.nproc} ranks")
-    if args.nnodes > 1:
+    if args.run_id:
+        # torchrun's shared store publishes its address only in the first round, so a node started
+        # again later would wait for it forever: every round gets a fresh store instead
+        more, more_notes = plan_variables({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+                                          "a fresh rendezvous store each round, so a restarted node can rejoin")
+        variables.update(more)
+        notes += more_notes
+    if args.nnodes.max > 1:
         more, more_notes = plan_variables({"GLOO_SOCKET_IFNAME": route.interface},
                                           f"the route to the master {route.describe()}")
         variables.update(more)

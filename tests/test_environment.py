@@ -19,7 +19,7 @@ def test_torchrun_env():
     env = detect_environment(TORCHRUN)
     assert isinstance(env, TorchrunEnv)
     assert (env.rank, env.local_rank, env.world_size, env.local_world_size, env.node_rank) == (3, 1, 8, 2, 1)
-    assert env.init_method == "tcp://10.0.0.5:29600" and env.store_prefix == "ddp/attempt_0"
+    assert env.init_method == "tcp://10.0.0.5:29600" and env.store_prefix == "ddp/attempt"
     assert env.distributed
 
 
@@ -100,6 +100,14 @@ def test_torchrun_restart_gets_its_own_store_namespace():
     assert env.agent_store and env.restart_count == 2
     assert env.store_prefix == "ddp/attempt_2"
     assert "restart 2" in env.describe()
+
+
+def test_a_store_fresh_for_each_attempt_gets_a_prefix_every_node_agrees_on():
+    """launch node --run-id: each round's rank 0 serves a new store; the agents' restart counts
+    differ (a node started again counts from 0), so they must not name the keys."""
+    counts = [detect_environment({**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": n, "TORCHELASTIC_USE_AGENT_STORE": "False"})
+              for n in ("0", "3")]
+    assert counts[0].store_prefix == counts[1].store_prefix == "ddp/attempt"
 
 
 # --- item 6: every combination that says "world > 1" joins with the stated ranks or refuses ---------

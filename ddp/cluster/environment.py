@@ -74,12 +74,16 @@ class ClusterEnv:
     def store_prefix(self) -> str:
         """Namespace for this attempt's keys in the rendezvous store.
 
-        torchrun keeps ONE store server for all restarts of a job, and workers reach it without
-        any per-attempt prefix, so a restarted group can read the previous attempt's addresses
-        and fail with "connectFullMesh ... Connection refused". Prefixing by restart count
-        gives every attempt its own keys.
+        When torchrun's agent serves the store (``agent_store``), ONE server lives through all
+        restarts of a job and workers reach it without any per-attempt prefix, so a restarted group
+        could read the previous attempt's addresses and fail with "connectFullMesh ... Connection
+        refused"; prefixing by restart count gives every attempt its own keys. That count is each
+        agent's own, so it is used only there (one agent: ``--standalone``, one machine). Otherwise
+        every attempt has a fresh store, served by its rank 0 on a port chosen for that round
+        (``launch node --run-id`` asks torchrun for this: a restarted agent's count starts at 0
+        again, and the agents' counts differ), so the prefix must not depend on the count.
         """
-        return f"ddp/attempt_{self.restart_count}"
+        return f"ddp/attempt_{self.restart_count}" if self.agent_store else "ddp/attempt"
 
     def describe(self) -> str:
         """One line for logs and ``python -m launch doctor``."""
