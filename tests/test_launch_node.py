@@ -74,6 +74,15 @@ def test_c10d_rendezvous_with_a_run_id(tmp_path):
     assert {"--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:29500", "--rdzv-id=job7", "--max-restarts=3",
             "--rdzv-conf=is_host=1"} <= set(command)
     assert not any(arg.startswith("--node-rank") for arg in command)
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in done.stdout  # a restarted node can rejoin a later round
+
+
+def test_an_elastic_node_range_and_rendezvous_settings_reach_torchrun(tmp_path):
+    done = _node(tmp_path, "--nnodes", "1:1", "--node-rank", "0", "--master-addr", "127.0.0.1", "--run-id", "j",
+                 "--rdzv-conf", "last_call_timeout=5", "--print")
+    assert done.returncode == 0, done.stderr
+    command = shlex.split(done.stdout.strip().splitlines()[-1])
+    assert {"--nnodes=1", "--rdzv-conf=is_host=1,last_call_timeout=5"} <= set(command)
 
 
 def test_two_nodes_export_the_interface_that_routes_to_the_master(tmp_path):
@@ -96,6 +105,9 @@ def test_two_nodes_export_the_interface_that_routes_to_the_master(tmp_path):
     (["--nnodes", "1", "--node-rank", "0", "--master-addr", "bad..host"], "does not resolve"),
     ([*BASE, "--master-port", "70000"], "--master-port 70000 is not a TCP port"),
     (["--nnodes", "2", "--master-addr", "10.0.0.1"], "the following arguments are required: --node-rank"),
+    (["--nnodes", "1:2", "--node-rank", "0", "--master-addr", "10.0.0.1"], "--nnodes 1:2 needs torchrun's c10d"),
+    (["--nnodes", "2:1", "--node-rank", "0", "--master-addr", "10.0.0.1"], "'2:1': need 1 <= MIN <= MAX"),
+    (["--nnodes", "two", "--node-rank", "0", "--master-addr", "10.0.0.1"], "not a count or a MIN:MAX range"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     done = _node(tmp_path, *args, "--print")
