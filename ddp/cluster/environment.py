@@ -30,6 +30,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from ddp.errors import ClusterEnvError
@@ -471,9 +472,20 @@ def plan_variables(wanted: Mapping[str, str], why: str, environ: Environ | None 
     return to_set, lines
 
 
+EXIT_CODES = "DDP_EXIT_CODES"
+
+
 def environment_value(name: str) -> str | None:
     """One variable of this process's environment (None or '' when unset)."""
     return os.environ.get(name)
+
+
+def exit_code_file() -> Path | None:
+    """Where this process writes its exit code when a wrapper asked for it with ``DDP_EXIT_CODES``
+    (a directory; one file per process): ``slurm/train.sbatch`` requeues only when the ranks
+    stopped to checkpoint (75), which torchrun's own exit code after a signal (1) does not say."""
+    directory = os.environ.get(EXIT_CODES)
+    return Path(directory) / str(os.getpid()) if directory else None
 
 
 def export_variables(wanted: Mapping[str, str], why: str) -> list[str]:
