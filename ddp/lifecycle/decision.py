@@ -63,7 +63,7 @@ def decide(recipe: Recipe, attempt: Attempt = Attempt()) -> Decision:
     try:
         decision = _restarted(recipe, attempt) or _decide(recipe)
         if attempt.job and not decision.done:
-            record_job(decision.run_dir, attempt.job)
+            _record_job(decision, attempt.job)
         return decision
     except OSError as err:
         refused = unwritable(recipe.run_dir, err)
@@ -81,6 +81,14 @@ def _decide(recipe: Recipe) -> Decision:
     if spec == "auto":
         return _auto(group, recipe)
     return _explicit(Path(spec), group, recipe)
+
+
+def _record_job(decision: Decision, job: str) -> None:
+    try:
+        record_job(decision.run_dir, job)
+    except OSError:
+        decision.abandon()
+        raise
 
 
 def _restarted(recipe: Recipe, attempt: Attempt) -> Decision | None:
