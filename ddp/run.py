@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from ddp.checkpoint.checkpointer import Checkpointer, TrainState, ranking
 from ddp.cluster import comm, progress
 from ddp.cluster.devices import Devices, Placement
-from ddp.cluster.environment import ClusterEnv, hostname
+from ddp.cluster.environment import ClusterEnv, hostname, job_attempt
 from ddp.cluster.nccl import DUMP_SUBDIR, make_dump_dir
 from ddp.cluster.process_group import process_group
 from ddp.config import Recipe
@@ -368,11 +368,12 @@ def _plain(value: Any) -> Any:
 
 def _decide(recipe: Recipe) -> Decision:
     """All ranks must call: rank 0 decides (``ddp.lifecycle.decision``) and tells the others; any
-    failure there (a refusal, an unwritable run dir) is raised on every rank."""
+    failure there (a refusal, an unwritable run dir) is raised on every rank. A restarted or requeued
+    job continues its own version (``job_attempt``)."""
     choice: Any = None
     with comm.all_or_none("deciding the run directory"):
         if comm.is_main():
-            choice = decide(recipe)
+            choice = decide(recipe, job_attempt())
     return comm.broadcast_object(choice)
 
 

@@ -9,7 +9,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from ddp.model.registry import check_recipe
 from ddp.config import load_recipe, to_yaml
-from ddp.cluster.environment import detect_environment, launcher_rank
+from ddp.cluster.environment import detect_environment, exit_code_file, launcher_rank
 from ddp.errors import DDPError, print_error
 from ddp.runner import run
 from ddp.engine.stop import EXIT_INTERRUPTED
@@ -30,10 +30,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @record  # torchrun's failure summary then names the root cause (an uncaught error's traceback)
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before training started (during training it checkpoints)
         _report_interrupt()
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
+    _tell_wrapper(code)
+    return code
+
+
+def _tell_wrapper(code: int) -> None:
+    """This process's exit code, for a wrapper that asked (``exit_code_file``): after a signal,
+    torchrun's own exit code is 1 whatever its ranks did."""
+    path = exit_code_file()
+    if path is None:
+        return
+    try:
+        path.write_text(f"{code}\n")
+    except OSError:
+        pass  # the wrapper then sees torchrun's code: nothing is requeued
 
 
 def _main(argv: list[str] | None) -> int:

@@ -11,11 +11,11 @@ one random rank with SIGKILL, once or twice (the second time in the restarted gr
     save        inside a checkpoint save, its ``.tmp`` partly written (the writer is held there)
     after-save  right after a save completed, before the ranks hear how it went
 
-A run passes when torchrun exits 0, used exactly one restart per kill that landed, and the final
-checkpoint's model (of the job's newest version directory) equals the reference's bitwise
-(``torch.equal`` on every tensor). A kill before the first checkpoint or after the last makes the
-restarted group start a new version (``train.resume=auto``); the line then names the versions. One line per
-run, then the count; exit 1 when a run failed (its directory is kept, the others are removed
+A run passes when torchrun exits 0, used exactly one restart per kill that landed, kept exactly one
+version directory (a restart continues its own version: after a kill before the first checkpoint
+it trains that version again from step 0, after the last it says the version is finished and exits
+0), and that version's final checkpoint's model equals the reference's bitwise (``torch.equal`` on
+every tensor). One line per run, then the count; exit 1 when a run failed (its directory is kept, the others are removed
 unless ``--keep``). ``DIR/summary.json`` holds every run. ``tests/test_chaos.py`` runs a few in CI.
 """
 
@@ -105,7 +105,7 @@ class Outcome:
     seconds: float = 0.0
     directory: str = ""
     problem: str = ""
-    versions: list[str] = field(default_factory=list)  # more than one: a restart started a new version
+    versions: list[str] = field(default_factory=list)  # the version directories the job wrote: one
 
     @property
     def passed(self) -> bool:
@@ -114,9 +114,8 @@ class Outcome:
 
     def line(self) -> str:
         verdict = "pass" if self.passed else f"FAIL: {self.problem or self._why()}"
-        versions = f" | wrote {', '.join(self.versions)}" if len(self.versions) > 1 else ""
-        return (f"run {self.run:>2}: {' | '.join(k.text() for k in self.kills)} | restarts {self.restarts}{versions}"
-                f" | {verdict} | {self.seconds:.1f} s")
+        return (f"run {self.run:>2}: {' | '.join(k.text() for k in self.kills)} | restarts {self.restarts} | "
+                f"{verdict} | {self.seconds:.1f} s")
 
     def _why(self) -> str:
         if self.exit_code != 0:
@@ -328,15 +327,16 @@ def chaos_run(index: int, kills: tuple[Kill, ...], directory: Path, nproc: int, 
 
 
 def judge(outcome: Outcome, reference: Reference) -> Outcome:
-    """Compare the final weights of the job's newest version with the reference's. A restart after a
-    kill before the first checkpoint, or after the last, starts a new version (``train.resume=auto``
-    never reopens a finished run): the line says so."""
+    """Compare the run's final weights with the reference's; a restart must not start a new version."""
     group = Path(outcome.directory) / RUN_DIR.parent
     outcome.versions = sorted((p.name for p in group.glob("version_*")), key=lambda name: int(name.split("_")[1]))
-    if outcome.exit_code != 0 or not outcome.versions:
+    if outcome.exit_code != 0:
+        return outcome
+    if outcome.versions != [RUN_DIR.name]:
+        outcome.problem = f"the job wrote {', '.join(outcome.versions) or 'no version'}: a restart started a new version"
         return outcome
     try:
-        outcome.same_weights = same(final_weights(group / outcome.versions[-1]), reference.weights)
+        outcome.same_weights = same(final_weights(Path(outcome.directory) / RUN_DIR), reference.weights)
     except Exception as err:  # noqa: BLE001 - reported as the run's failure
         outcome.problem = f"final checkpoint unreadable: {err}"
     return outcome
@@ -372,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{passed} of {len(outcomes)} runs finished with the uninterrupted run's weights", flush=True)
     summary = {"runs": len(outcomes), "passed": passed, "seed": args.seed, "nproc": args.nproc, "recipe": RECIPE,
                "reference_s": round(schedule.seconds, 1),
-               "new_versions": sum(len(o.versions) > 1 for o in outcomes),
                "outcomes": [{**asdict(o), "passed": o.passed, "seconds": round(o.seconds, 1)} for o in outcomes]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"summary: {out / 'summary.json'}")

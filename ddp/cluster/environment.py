@@ -16,6 +16,9 @@ Probe order (first match wins), after Lightning's ``_select_cluster_environment`
 Whenever the variables say the world is larger than one, the process joins it with the stated
 ranks or refuses with one line: it never trains alone.
 
+Restarts: ``job_attempt`` says which launch this process belongs to (Slurm's job id, torchrun's run
+id) and whether it was restarted (TORCHELASTIC_RESTART_COUNT) or requeued (SLURM_RESTART_COUNT).
+
 Writing: ``export_variables`` (this process, before the process group forms) and ``child_environ``
 (a launcher's children) set variables such as GLOO_SOCKET_IFNAME, never overwriting one the user set,
 and return one log line per variable.
@@ -27,6 +30,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from ddp.errors import ClusterEnvError
@@ -294,6 +298,50 @@ def launcher_rank() -> int:
         return 0
 
 
+# --- restarts and requeues ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Attempt:
+    """The launch this process belongs to and how often it was started again: what a restarted or
+    requeued job needs to find the version it was training (``ddp.lifecycle.decision``).
+
+    ``job`` stays the same across torchrun's restarts and Slurm's requeues: ``SLURM_JOB_ID`` (an
+    array task has its own) and torchrun's run id (``--rdzv-id``; ``--standalone`` makes a fresh
+    one per command; the static rendezvous's ``none`` is told apart by its address). Empty outside
+    a launcher that restarts."""
+
+    job: str = ""
+    torchrun_restarts: int = 0  # TORCHELASTIC_RESTART_COUNT: torchrun --max-restarts
+    slurm_requeues: int = 0  # SLURM_RESTART_COUNT: scontrol requeue, a preemption's requeue
+
+    @property
+    def restarted(self) -> bool:
+        """True when this job ran before: a torchrun restart or a Slurm requeue."""
+        return bool(self.job) and (self.torchrun_restarts > 0 or self.slurm_requeues > 0)
+
+    def describe(self) -> str:
+        """E.g. "torchrun restart 2 of Slurm job 812, torchrun run 812"."""
+        again = [f"{what} {n}" for what, n in (("torchrun restart", self.torchrun_restarts),
+                                                ("Slurm requeue", self.slurm_requeues)) if n]
+        return f"{' and '.join(again) or 'first start'} of {self.job}"
+
+
+def job_attempt(environ: Environ | None = None) -> Attempt:
+    """This process's ``Attempt``, from Slurm's and torchrun's variables."""
+    environ = os.environ if environ is None else environ
+    parts = []
+    if environ.get("SLURM_JOB_ID"):
+        parts.append(f"Slurm job {environ['SLURM_JOB_ID'].strip()}")
+    run_id = (environ.get("TORCHELASTIC_RUN_ID") or "").strip()
+    if run_id and run_id != "none":
+        parts.append(f"torchrun run {run_id}")
+    elif run_id:
+        parts.append(f"torchrun at {environ.get('MASTER_ADDR', '?')}:{environ.get('MASTER_PORT', '?')}")
+    return Attempt(job=", ".join(parts),
+                   torchrun_restarts=_IntReader(environ, TorchrunEnv.source)("TORCHELASTIC_RESTART_COUNT", 0),
+                   slurm_requeues=_IntReader(environ, SlurmEnv.source)("SLURM_RESTART_COUNT", 0))
+
+
 INTERACTIVE_JOB_NAMES = ("bash", "interactive")  # what `srun --pty bash` / `salloc` jobs are called
 HAND_SET = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_IP")
 NODELIST_VARIABLES = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")  # step first
@@ -428,9 +476,20 @@ def plan_variables(wanted: Mapping[str, str], why: str, environ: Environ | None 
     return to_set, lines
 
 
+EXIT_CODES = "DDP_EXIT_CODES"
+
+
 def environment_value(name: str) -> str | None:
     """One variable of this process's environment (None or '' when unset)."""
     return os.environ.get(name)
+
+
+def exit_code_file() -> Path | None:
+    """Where this process writes its exit code when a wrapper asked for it with ``DDP_EXIT_CODES``
+    (a directory; one file per process): ``slurm/train.sbatch`` requeues only when the ranks
+    stopped to checkpoint (75), which torchrun's own exit code after a signal (1) does not say."""
+    directory = os.environ.get(EXIT_CODES)
+    return Path(directory) / str(os.getpid()) if directory else None
 
 
 def export_variables(wanted: Mapping[str, str], why: str) -> list[str]:

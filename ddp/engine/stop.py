@@ -40,6 +40,7 @@ SIGNALS = (*PREEMPTION, signal.SIGINT)
 MAX_INTERVAL = 1000  # steps between polls, at most
 SAME_KEYPRESS_S = 1.0  # a second SIGINT sooner than this is the first one forwarded by torchrun
 _last_received = 0  # the stop signal this process received (as ``StopRequest.received``), for launchers
+_listened = False  # a StopRequest took the stop signals in this process: training began
 
 
 def exit_code_for(preempted: bool) -> int:
@@ -50,6 +51,13 @@ def last_received() -> int:
     """The stop signal this process received (0: none). A job wrapper reads it after the run to
     choose what follows a stop: ``slurm.job`` requeues only on the scheduler's warning signal."""
     return _last_received
+
+
+def training_began() -> bool:
+    """True once a ``StopRequest`` took the stop signals in this process. A job wrapper whose own
+    handler hears a signal (outside the ``StopRequest``'s lifetime) learns from it whether training
+    is still to come or already over: ``slurm.job`` requeues nothing for a warning after training."""
+    return _listened
 
 
 class StopRequest:
@@ -68,7 +76,9 @@ class StopRequest:
         self._interval, self._steps, self._since = 1, 0, time.perf_counter()
 
     def install(self) -> StopRequest:
+        global _listened
         if threading.current_thread() is threading.main_thread():
+            _listened = True
             for signum in SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self

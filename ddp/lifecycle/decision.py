@@ -10,6 +10,12 @@ checkpoint, if any, it resumes from.
           the version's newest checkpoint, else start a new version from it.
 Resuming compares the checkpoint's recipe with this one (``changes``): refused changes stop the run
 with the key named; a run already finished under this recipe trains nothing and says so.
+
+A restarted or requeued job (``Attempt.restarted``: torchrun's restart count, Slurm's requeue
+count) never starts over, whatever ``train.resume`` says: it continues the version its job trains in
+(``version_N/job.json``), never a newer one someone else made; finished, it trains nothing and says
+so; without a checkpoint yet, it trains that version again from where its first start began. Only
+a job that never got as far as choosing a version follows the rules above.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from pathlib import Path
 from ddp.checkpoint import files
 from ddp.checkpoint.files import CheckpointError, Manifest
 from ddp.checkpoint.storage import unwritable
+from ddp.cluster.environment import Attempt
 from ddp.config import Recipe
 from ddp.lifecycle import lock
 from ddp.lifecycle.changes import Change, check_resumable, recipe_changes
-from ddp.lifecycle.versions import claim_next, list_versions, owning_version, remove_created
+from ddp.lifecycle.versions import (JOB_FILE, claim_next, job_version, list_versions, owning_version,
+                                    record_job, remove_created)
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +51,20 @@ class Decision:
         lock.release(self.run_dir)
         if self.run_dir in self.created:
             (self.run_dir / ".lock").unlink(missing_ok=True)
+            (self.run_dir / JOB_FILE).unlink(missing_ok=True)
         remove_created(list(self.created))
 
 
-def decide(recipe: Recipe) -> Decision:
+def decide(recipe: Recipe, attempt: Attempt = Attempt()) -> Decision:
     """Rank 0 only. Raises CheckpointError (nothing written) when the run cannot start, and
     StorageError when its directory cannot be written (read-only, not this user's, full). A run
-    that will train holds its version's lock (``ddp.lifecycle.lock``) until ``lock.release``."""
+    that will train holds its version's lock (``ddp.lifecycle.lock``) until ``lock.release``, and
+    its version names ``attempt``'s job, for the job's restarts."""
     try:
-        return _decide(recipe)
+        decision = _restarted(recipe, attempt) or _decide(recipe)
+        if attempt.job and not decision.done:
+            _record_job(decision, attempt.job)
+        return decision
     except OSError as err:
         refused = unwritable(recipe.run_dir, err)
         if refused is None:
@@ -68,6 +81,43 @@ def _decide(recipe: Recipe) -> Decision:
     if spec == "auto":
         return _auto(group, recipe)
     return _explicit(Path(spec), group, recipe)
+
+
+def _record_job(decision: Decision, job: str) -> None:
+    try:
+        record_job(decision.run_dir, job)
+    except OSError:
+        decision.abandon()
+        raise
+
+
+def _restarted(recipe: Recipe, attempt: Attempt) -> Decision | None:
+    """A restart or requeue continues its own version (finished: nothing to train); None when the
+    job is not restarted or chose no version before."""
+    own = job_version(recipe.run_dir, attempt.job) if attempt.restarted else None
+    if own is None:
+        return None
+    again = attempt.describe()
+    checkpoint = newest_valid(own / "checkpoints")
+    if checkpoint is not None:
+        decision = _continue(own, checkpoint, files.read_manifest(checkpoint), recipe)
+        if decision.done:
+            return replace(decision, done=f"{again}: {decision.done}")
+        return replace(decision, notice=f"{again}: continuing {own}")
+    start = _first_start(recipe)
+    lock.acquire(own)
+    origin = f"from {start[0]}" if start else "from step 0"
+    return Decision(own, start[0] if start else None, changes=start[1] if start else (),
+                    notice=f"{again}: {own} has no checkpoint yet; training it again {origin}")
+
+
+def _first_start(recipe: Recipe) -> tuple[Path, tuple[Change, ...]] | None:
+    """The checkpoint a job's first start began its new version from (``train.resume=<path>``)."""
+    if recipe.train.resume in ("auto", "never"):
+        return None
+    checkpoint = _resolve_path(Path(recipe.train.resume), recipe.train.resume)
+    files.verify(checkpoint)
+    return checkpoint, tuple(_check_changes(checkpoint, recipe))
 
 
 def _fresh(group: Path, why: str, checkpoint: Path | None = None) -> Decision:

@@ -1,15 +1,22 @@
-"""Version directories of a run group: list them, claim a new one, find the one holding a file.
+"""Version directories of a run group: list them, claim a new one, find the one holding a file
+or the one a job trains in.
 
 Pure file logic; rank 0 calls it. A new version is claimed with ``mkdir``, which is atomic, so two
-runs starting at once in the same group never share a version.
+runs starting at once in the same group never share a version. ``version_N/job.json`` names the
+job (``ddp.cluster.environment.Attempt.job``) that trains in it, so that job's restarts and
+requeues find it again.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+from ddp.checkpoint.atomic import write_text_atomic
+
 PREFIX = "version_"
+JOB_FILE = "job.json"
 _VERSION = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -66,3 +73,24 @@ def owning_version(checkpoint: Path) -> Path | None:
     if parent.name == "checkpoints" and version_number(parent.parent) is not None:
         return parent.parent
     return None
+
+
+def record_job(version: Path, job: str) -> None:
+    """Say in ``version`` that ``job`` trains in it (replacing the job that trained there before)."""
+    write_text_atomic(version / JOB_FILE, json.dumps({"job": job}) + "\n")
+
+
+def job_version(group: Path, job: str) -> Path | None:
+    """The newest version of ``group`` that ``job`` trains in, if any."""
+    for version in reversed(list_versions(group)):
+        if recorded_job(version) == job:
+            return version
+    return None
+
+
+def recorded_job(version: Path) -> str | None:
+    """The job ``version/job.json`` names; None when there is none or it cannot be read."""
+    try:
+        return str(json.loads((version / JOB_FILE).read_text())["job"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
