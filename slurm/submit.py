@@ -3,10 +3,12 @@
     python -m slurm.submit [--recipe X] --nodes N (--gpus-per-node G | --tasks-per-node T) [--partition P]
         --time MIN [--account A --qos Q --constraint C --mem 64G --cpus-per-task 8 --signal-lead S]
         [--sbatch KEY=VALUE ...] [--dry-run] [--wait] [--cluster local] [key=value ... | program.py args ...]
+        [--sweep KEY=V1,V2,... ...] [--parallel P]
 
 One task per GPU (``--gpus-per-node``) or ``--tasks-per-node`` tasks for a CPU job; each task is
-one rank (``slurm.job``). Everything that can be checked is checked before anything is sent to
-Slurm, and refused with one line and exit code 2.
+one rank (``slurm.job``). ``--sweep`` trains every combination of values as one job array
+(``slurm.sweep``), ``--parallel`` of them at once. Everything that can be checked is checked before
+anything is sent to Slurm, and refused with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,12 @@ from typing import Any
 import submitit
 
 from ddp.config import Recipe, flat, load_recipe, to_yaml
-from ddp.errors import DDPError, print_error
+from ddp.errors import ConfigError, DDPError, print_error
+from ddp.reporting.text import count
 from slurm import cluster
 from slurm.job import ProgramJob, TrainJob
 from slurm.request import Request, SubmitError, check
+from slurm.sweep import Element, grid, parse_axis
 
 DEFAULT_SIGNAL_LEAD_S = 120
 
@@ -58,6 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wait", action="store_true", help="stream rank 0's log; exit 0 only if the job COMPLETED")
     parser.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
                         help="local: the same job through submitit's local executor (no Slurm)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="train every combination of values (repeatable: the grid is the product) as one job "
+                             "array; each combination is a run of its own in <run dir>/<key=value,...>")
+    parser.add_argument("--parallel", type=int, help="with --sweep: how many runs at once (default: all)")
     parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="key=value | program args",
                         help="recipe overrides, or a program (script.py, -m module, executable) and its arguments")
     argv = sys.argv[1:] if argv is None else argv
@@ -138,6 +147,8 @@ def job_folder(recipe: Recipe | None, name: str, kind: str = "slurm") -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.sweep or args.parallel is not None:
+        return sweep_main(args)
     try:
         request = build_request(args)
         job, name, recipe = make_job(args)
@@ -158,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def submit_job(executor: submitit.AutoExecutor, job: Any) -> submitit.Job:
     """``executor.submit``, with sbatch's own refusal (bad account, QOS...) as one line."""
+    return _sbatch(lambda: executor.submit(job))
+
+
+def _sbatch(send: Callable[[], Any]) -> Any:
     try:
-        return executor.submit(job)
+        return send()
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as err:
         lines = [line for line in str(err).splitlines() if line.strip()]
         reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "no output")
@@ -190,8 +205,8 @@ def signal_lead_warning(recipe: Recipe | None, lead_s: int) -> str | None:
             f"HINT: --signal-lead {math.ceil(2 * seconds) + 30}")
 
 
-def prepare_executor(args: argparse.Namespace, request: Request, name: str,
-                     recipe: Recipe | None) -> tuple[submitit.AutoExecutor, str]:
+def prepare_executor(args: argparse.Namespace, request: Request, name: str, recipe: Recipe | None,
+                     parallel: int | None = None) -> tuple[submitit.AutoExecutor, str]:
     if args.cluster == "local":
         partition = "local"
     elif args.dry_run:  # rendered even where Slurm is absent or down: nothing is submitted
@@ -207,6 +222,8 @@ def prepare_executor(args: argparse.Namespace, request: Request, name: str,
     else:
         executor = submitit.AutoExecutor(folder=job_folder(recipe, name, args.cluster), cluster=args.cluster)
     params = executor_parameters(request, partition, name)
+    if parallel is not None:
+        params["slurm_array_parallelism"] = parallel
     if args.cluster == "local":
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
     executor.update_parameters(**params)
@@ -247,12 +264,13 @@ def print_dry_run(executor: submitit.AutoExecutor, job: Any, recipe: Recipe | No
         print("# resolved recipe\n" + to_yaml(recipe), end="")
 
 
-def task_command(job: Any, recipe: Recipe | None) -> str:
-    """What a task runs, as the equivalent command line (submitit runs it from a pickle)."""
+def task_command(job: Any, recipe: Recipe | None, shown: tuple[str, ...] = ()) -> str:
+    """What a task runs, as the equivalent command line (submitit runs it from a pickle): the keys
+    that differ from the defaults, and the ``shown`` keys (a sweep's) whatever their value."""
     if recipe is None:
         return shlex.join(job.argv)
     defaults, mine = flat(load_recipe(None, [])), flat(recipe)
-    changed = [f"{key}={_value(value)}" for key, value in mine.items() if defaults.get(key) != value]
+    changed = [f"{key}={_value(value)}" for key, value in mine.items() if defaults.get(key) != value or key in shown]
     return shlex.join(["python", "-m", "ddp.train", *changed])
 
 
@@ -319,6 +337,136 @@ class _Tail:
         if data:
             self.out.write(data.decode(errors="replace"))
             self.out.flush()
+
+
+# --- sweeps: one job array, one run per element ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Sweep:
+    base: Recipe  # the recipe without the swept keys: names the job and the group directory
+    elements: list[Element]
+    recipes: list[Recipe]  # element i's resolved recipe: its values, run.dir = <group>/<element name>
+    parallel: int
+
+    @property
+    def jobs(self) -> list[TrainJob]:
+        cwd = str(Path.cwd())
+        return [TrainJob(to_yaml(recipe), cwd) for recipe in self.recipes]
+
+
+def make_sweep(args: argparse.Namespace) -> Sweep:
+    """Every element's recipe, each checked as a single submission's is, before anything is sent."""
+    overrides, program = split_rest(args.rest)
+    if not args.sweep:
+        raise SubmitError(f"--parallel {args.parallel} without --sweep: it says how many runs of a sweep run at once.",
+                          "add --sweep KEY=V1,V2,... or drop --parallel")
+    if program:
+        raise SubmitError("--sweep sets recipe keys; a program takes its own arguments.",
+                          "sweep a recipe (key=value overrides), or submit the program once per value")
+    if args.parallel is not None and args.parallel < 1:
+        raise SubmitError(f"--parallel {args.parallel} is invalid: it must be ≥ 1.", "give --parallel a whole number ≥ 1")
+    elements = grid([parse_axis(spec) for spec in args.sweep], overrides)
+    base = load_recipe(args.recipe, overrides)
+    recipes = [_element_recipe(args.recipe, overrides, element, base) for element in elements]
+    return Sweep(base, elements, recipes, min(args.parallel or len(elements), len(elements)))
+
+
+def _element_recipe(path: str | None, overrides: list[str], element: Element, base: Recipe) -> Recipe:
+    try:
+        recipe = load_recipe(path, [*overrides, *element.overrides])
+    except ConfigError as err:
+        raise ConfigError(f"run {element.index} of the sweep ({element.label}): {err.problem}",
+                          err.hint) from None
+    recipe.run.dir = str(base.run_dir / element.name)
+    return recipe
+
+
+def sweep_main(args: argparse.Namespace) -> int:
+    try:
+        request = build_request(args)
+        sweep = make_sweep(args)
+        executor, partition = prepare_executor(args, request, sweep.base.run.name, sweep.base, sweep.parallel)
+        warning = signal_lead_warning(sweep.base, request.signal_lead_s)
+        if warning:
+            print(warning, file=sys.stderr)
+        if args.dry_run:
+            print_sweep_dry_run(executor, sweep, partition)
+            return 0
+        if args.cluster == "local":
+            return run_local_sweep(executor, sweep)
+        jobs = _sbatch(lambda: executor.submit_array(sweep.jobs))
+    except DDPError as err:
+        print_error(err, 0)
+        return err.exit_code
+    announce_sweep(jobs, sweep, partition)
+    return wait_array(jobs, sweep) if args.wait else 0
+
+
+def print_sweep_dry_run(executor: submitit.AutoExecutor, sweep: Sweep, partition: str) -> None:
+    """The array's sbatch script, then every element: its array task, directory and command."""
+    inner = executor._executor  # noqa: SLF001 - submitit has no public "render the script" call
+    inner.parameters["map_count"] = len(sweep.elements)  # as submitit sets it when it submits an array
+    print(inner._make_submission_file_text(inner._submitit_command_str, "dry-run"))  # noqa: SLF001
+    print(f"# partition: {partition}")
+    print(f"# job array of {count(len(sweep.elements), 'run')}, at most {sweep.parallel} at a time; "
+          f"array task i trains run i in its own directory; each task of it runs, in {Path.cwd()}:")
+    for element, job, recipe in zip(sweep.elements, sweep.jobs, sweep.recipes):
+        print(f"#   {element.index}  {recipe.run_dir}")
+        print(f"#        {task_command(job, recipe, tuple(key for key, _ in element.values))}")
+    print(f"# resolved recipe of run 0 (the others differ in {', '.join(k for k, _ in sweep.elements[0].values)} "
+          "and run.dir)\n" + to_yaml(sweep.recipes[0]), end="")
+
+
+def announce_sweep(jobs: list[submitit.Job], sweep: Sweep, partition: str) -> None:
+    array_id = jobs[0].job_id.split("_")[0]
+    print(f"submitted job array {array_id} ({count(len(jobs), 'run')}, at most {sweep.parallel} at a time) "
+          f"to partition '{partition}'")
+    for job, recipe in zip(jobs, sweep.recipes):
+        print(f"  {job.job_id}  {recipe.run_dir}")
+    logs = Path(str(jobs[0].paths.folder).replace(jobs[0].job_id, f"{array_id}_<i>"))
+    print(f"logs: {logs}/ (array task i; rank r writes {array_id}_<i>_r_log.out and .err)")
+    print(f"follow: squeue -j {array_id}   results: python -m ddp.report {shlex.quote(str(sweep.base.run_dir))}")
+
+
+def wait_array(jobs: list[submitit.Job], sweep: Sweep) -> int:
+    """Wait until every array task left the queue; 0 when every one COMPLETED."""
+    array_id = jobs[0].job_id.split("_")[0]
+    while cluster.queue_state(array_id) is not None:
+        time.sleep(2.0)
+    states = [cluster.final_state(job.job_id) for job in jobs]
+    for job, recipe, state in zip(jobs, sweep.recipes, states):
+        print(f"job {job.job_id}: {state}  {recipe.run_dir}", file=sys.stderr)
+    return 0 if all(state == "COMPLETED" for state in states) else 1
+
+
+def run_local_sweep(executor: submitit.AutoExecutor, sweep: Sweep) -> int:
+    """``--cluster local``: the elements on this machine, at most ``sweep.parallel`` at once (submitit's
+    local executor has no array limit of its own), in the foreground until the last one ends."""
+    waiting = list(zip(sweep.elements, sweep.jobs, sweep.recipes))
+    running: list[tuple[Element, submitit.Job, Recipe]] = []
+    states: list[str] = []
+    print(f"sweep of {count(len(waiting), 'run')} on this machine, at most {sweep.parallel} at a time")
+    try:
+        while waiting or running:
+            while waiting and len(running) < sweep.parallel:
+                element, job, recipe = waiting.pop(0)
+                submitted = submit_job(executor, job)
+                print(f"run {element.index} started (job {submitted.job_id}): {recipe.run_dir}", flush=True)
+                running.append((element, submitted, recipe))
+            time.sleep(0.5)
+            for item in [item for item in running if item[1].done()]:
+                running.remove(item)
+                element, submitted, recipe = item
+                states.append(_local_state(submitted))
+                print(f"run {element.index} {states[-1]} (job {submitted.job_id}): {recipe.run_dir}", flush=True)
+    except KeyboardInterrupt:
+        print(f"stopped: {count(len(running), 'run')} stopped, {len(waiting)} not started; the same command resumes "
+              "the sweep", file=sys.stderr)
+        return 130
+    finished = states.count("FINISHED")
+    print(f"sweep: {finished} of {count(len(states), 'run')} FINISHED; "
+          f"results: python -m ddp.report {shlex.quote(str(sweep.base.run_dir))}")
+    return 0 if finished == len(states) else 1
 
 
 if __name__ == "__main__":

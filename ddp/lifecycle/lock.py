@@ -58,3 +58,22 @@ def _read_holder(fd: int) -> str:
         return f"pid {info['pid']} on {info['host']}, since {info['since']}"
     except (ValueError, KeyError, OSError):
         return "holder unknown"
+
+
+def held(version: Path) -> bool:
+    """True while a run holds ``version``'s lock (it is training there); for readers such as
+    ``python -m ddp.report``. The probe takes a shared lock and drops it at once."""
+    try:
+        fd = os.open(version / ".lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # no flock on this filesystem: nothing to tell
+        return False
+    finally:
+        os.close(fd)

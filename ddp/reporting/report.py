@@ -1,4 +1,5 @@
-"""Looking at a run: ``python -m ddp.report runs/<name>`` (a group: its newest version) or a version dir.
+"""Looking at a run: ``python -m ddp.report runs/<name>`` (a group: its newest version) or a version dir;
+a directory holding several run groups (a sweep's) is one table and one plot (``compare``).
 
 Writes ``report.png`` in the version dir (loss and accuracy per epoch, learning rate per step,
 throughput per epoch; matplotlib) and prints a table of the epochs and a summary. ``summary``
@@ -181,10 +182,17 @@ def _num(value: float | None, width: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddp.report",
-                                     description="Plot and summarise a run: runs/<name> or runs/<name>/version_N.")
+                                     description="Plot and summarise a run: runs/<name> or runs/<name>/version_N; "
+                                                 "a sweep's directory (runs below it): one row per run, best first.")
     parser.add_argument("run", type=Path)
-    parser.add_argument("--out", type=Path, help="PNG to write (default: <version dir>/report.png)")
+    parser.add_argument("--out", type=Path, help="PNG to write (default: <version dir>/report.png; for several "
+                                                 "runs <dir>/report.png)")
     args = parser.parse_args(argv)
+    from ddp.reporting import compare
+
+    groups = [] if (args.run / "metrics.jsonl").is_file() else compare.groups_under(args.run)
+    if groups and groups != [args.run]:
+        return compare.report(args.run, groups, args.out)
     try:
         version = version_dir(args.run)
     except DDPError as err:
