@@ -78,7 +78,7 @@ def _step_records(run_dir: Path) -> dict[int, str]:
     return {record["step"]: line for record, line in records if record["kind"] == "step"}
 
 
-@pytest.mark.parametrize("attempt", range(5))
+@pytest.mark.parametrize("attempt", range(2))  # rank 0, then rank 1; tests/chaos.py kills at random
 def test_sigkill_of_a_rank_under_max_restarts_resumes_to_identical_weights(tmp_path, uninterrupted, attempt):
     run_dir = tmp_path / "runs" / "digits" / "version_0"  # checkpoints every 5 steps: restarts resume it
     proc = _torchrun(tmp_path, "--max-restarts=3")

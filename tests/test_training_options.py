@@ -193,6 +193,7 @@ def test_fp16_steps_go_through_the_scaler_unscaled_before_clipping(monkeypatch):
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.parts, trainer._group, trainer._classifies = \
         load_recipe(None, [f"train.clip_grad_norm={clip}"]), parts, (0, 1), True
+    trainer._prime = False  # not a resumed run
     trainer._run_batch(inputs, targets, torch.zeros(3, dtype=torch.float64))
     assert scaler.calls == ["scale", "unscale_", "clip", "step", "update"]
     assert clip_norms == [pytest.approx(true_norm, rel=1e-5)]  # the clip saw the true gradients, not ×1024
