@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests import netns
@@ -42,7 +43,7 @@ def _manual_rank(rank: int, port: int, cwd: Path, *overrides: str) -> subprocess
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("frozen, expected", [
-    (1, "lost rank 1 of 2: no heartbeat for 4 s (dist.heartbeat_timeout_s); rank 1 on "),
+    # a frozen rank 1: test_fault_tolerance.py (SIGSTOP), and on two machines below
     (0, "lost contact with rank 0 (at 127.0.0.1), which serves the rendezvous store, for "),
 ])
 def test_a_frozen_rank_ends_the_other_within_the_heartbeat_timeout(tmp_path, frozen, expected):
@@ -94,34 +95,82 @@ def test_a_stalled_rank_is_shown_with_every_ranks_stack_and_a_save_longer_than_t
     assert (run_dir / "checkpoints" / "latest").exists()
 
 
+def _two_hosts_training(hosts: netns.TwoHosts, tmp_path: Path, timeout_s: int) -> tuple[list, list[Path]]:
+    """launch node on both hosts, 2 ranks each, each in its own directory; returns once 5 steps ran."""
+    argv = [sys.executable, "-m", "launch", "node", "--nnodes", "2", "--nproc", "2", "--master-addr"]
+    run = ["train.epochs=200", "checkpoint.every_epochs=0", *QUICK, NEVER, f"dist.heartbeat_timeout_s={timeout_s}"]
+    env = python_env()
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "OMP_NUM_THREADS"):
+        env.pop(name, None)
+    procs, logs = [], []
+    for node in (0, 1):
+        cwd = tmp_path / f"h{node}"
+        cwd.mkdir()
+        logs.append(cwd / "out.log")
+        procs.append(hosts.popen(node, [*argv, hosts.master, "--node-rank", str(node), *run], env, cwd, logs[-1]))
+    _wait_for_steps(procs, tmp_path / "h0" / "runs" / "digits" / "version_0", 5)
+    return procs, logs
+
+
+def _waited(procs, since: float, limit: float) -> list[float]:
+    took = []
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(since + limit - time.monotonic(), 0.1))
+        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+            pass
+        took.append(time.monotonic() - since)
+    return took
+
+
+def _rank_process(hosts: netns.TwoHosts, host: int, rank: int) -> psutil.Process:
+    """The training process of global rank ``rank`` on host ``host`` (a torchrun worker)."""
+    pids = subprocess.run([netns.IP, "netns", "pids", hosts.names[host]], capture_output=True, text=True,
+                          timeout=10).stdout.split()
+    for pid in pids:
+        try:
+            proc = psutil.Process(int(pid))
+            if "ddp.train" in proc.cmdline() and proc.environ().get("RANK") == str(rank):
+                return proc
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no process of rank {rank} on host {host}")
+
+
+@pytest.mark.timeout(240)
+def test_a_frozen_rank_on_another_machine_ends_every_other_rank_naming_it(tmp_path):
+    """Two hosts, 2 ranks each; rank 3 (host 1) is SIGSTOPped. Ranks 0 and 1 (host 0) and rank 2
+    (beside it on host 1) each find the silence and exit within dist.heartbeat_timeout_s + 10 s."""
+    netns.require()
+    timeout_s = 5
+    with netns.two_hosts() as hosts:
+        procs, logs = _two_hosts_training(hosts, tmp_path, timeout_s)
+        frozen, beside = _rank_process(hosts, 1, 3), _rank_process(hosts, 1, 2)
+        frozen.suspend()
+        stopped = time.monotonic()
+        took = _waited([procs[0], beside], stopped, 60)
+        code = procs[0].poll()
+    out = logs[0].read_text(errors="replace")
+    rank2 = (tmp_path / "h1" / "runs" / "digits" / "version_0" / "logs" / "rank2.log").read_text(errors="replace")
+    assert code not in (0, None) and max(took) < timeout_s + 10, (code, took, out[-3000:])
+    expected = "lost rank 3 of 4: no heartbeat for 5 s (dist.heartbeat_timeout_s); rank 3 on "
+    assert [line for line in out.splitlines() if expected in line and "[rank 0/4" in line], out[-3000:]
+    assert [line for line in out.splitlines() if expected in line and "[rank 1/4" in line], out[-3000:]
+    assert expected in rank2, rank2[-3000:]
+    print(f"host 0 exited {took[0]:.1f} s and rank 2 {took[1]:.1f} s after rank 3 was frozen")
+
+
 @pytest.mark.timeout(240)
 def test_a_machine_cut_off_from_the_network_ends_both_sides_naming_each_other(tmp_path):
     """Two hosts, 2 ranks each; host 1's link goes down mid-training. Nothing resets: each side
     finds the silence itself and exits within dist.heartbeat_timeout_s + 10 s."""
     netns.require()
     timeout_s = 5
-    argv = [sys.executable, "-m", "launch", "node", "--nnodes", "2", "--nproc", "2", "--master-addr"]
-    run = ["train.epochs=200", "checkpoint.every_epochs=0", *QUICK, NEVER, f"dist.heartbeat_timeout_s={timeout_s}"]
-    env = python_env()
-    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "OMP_NUM_THREADS"):
-        env.pop(name, None)
     with netns.two_hosts() as hosts:
-        procs, logs = [], []
-        for node in (0, 1):
-            cwd = tmp_path / f"h{node}"
-            cwd.mkdir()
-            logs.append(cwd / "out.log")
-            procs.append(hosts.popen(node, [*argv, hosts.master, "--node-rank", str(node), *run], env, cwd, logs[-1]))
-        _wait_for_steps(procs, tmp_path / "h0" / "runs" / "digits" / "version_0", 5)
+        procs, logs = _two_hosts_training(hosts, tmp_path, timeout_s)
         hosts.cut_off(1)
         cut = time.monotonic()
-        took = []
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(cut + 60 - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
-            took.append(time.monotonic() - cut)
+        took = _waited(procs, cut, 60)
         codes = [proc.poll() for proc in procs]
     outs = [log.read_text(errors="replace") for log in logs]
     assert codes[0] not in (0, None) and codes[1] not in (0, None), (codes, took, outs)
