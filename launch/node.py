@@ -247,7 +247,7 @@ def main(argv: list[str]) -> int:
     except DDPError as err:
         print_error(err, 0)
         return err.exit_code
-    log.info("node %d of %d: %s", args.node_rank, args.nnodes, shlex.join(node.command))
+    log.info("node %d of %s: %s", args.node_rank, args.nnodes, shlex.join(node.command))
     sys.stderr.flush()
     os.execve(node.command[0], node.command, child_environ(node.variables))
     return 1  # pragma: no cover - execve does not return

@@ -113,6 +113,7 @@ def test_an_elastic_job_goes_on_without_a_node_cut_off_for_good(tmp_path):
     out = _logs(job)
     node0 = (job / "node0.log").read_text(errors="replace")
     assert code == 0, out
+    assert "node 0 of 1:2: " in node0 and "Logging error" not in out, out
     assert "lost ranks 2, 3 of 4: no heartbeat for 5 s" in node0 or "lost contact with " in node0, out
     resumed = [line for line in node0.splitlines() if "resumed from runs/digits/version_0/checkpoints/step-" in line]
     assert resumed and "(saved by 4 ranks, now 2)" in resumed[0], out
