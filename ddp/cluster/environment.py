@@ -488,7 +488,7 @@ def exit_code_file() -> Path | None:
     """Where this process writes its exit code when a wrapper asked for it with ``DDP_EXIT_CODES``
     (a directory; one file per process): ``slurm/train.sbatch`` requeues only when the ranks
     stopped to checkpoint (75), which torchrun's own exit code after a signal (1) does not say."""
-    directory = os.environ.get(EXIT_CODES)
+    directory = environment_value(EXIT_CODES)
     return Path(directory) / str(os.getpid()) if directory else None
 
 

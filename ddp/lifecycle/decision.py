@@ -172,7 +172,13 @@ def _check_changes(checkpoint: Path, recipe: Recipe) -> list[Change]:
 
 def finished(manifest: Manifest, recipe: Recipe) -> bool:
     """True when the checkpoint already reached this recipe's ``train.epochs`` or ``train.max_steps``."""
-    return manifest.epoch >= recipe.train.epochs or 0 <= recipe.train.max_steps <= manifest.step
+    return reached_end(manifest.epoch, manifest.step, recipe.train.epochs, recipe.train.max_steps)
+
+
+def reached_end(epoch: int, step: int, epochs: float, max_steps: int) -> bool:
+    """A run at ``epoch`` (epochs completed) and ``step`` is done under ``train.epochs=epochs`` and
+    ``train.max_steps=max_steps`` (-1: no step limit)."""
+    return epoch >= epochs or 0 <= max_steps <= step
 
 
 def _where(manifest: Manifest, recipe: Recipe) -> str:

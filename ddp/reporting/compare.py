@@ -23,6 +23,7 @@ import yaml
 from ddp.checkpoint import files
 from ddp.config import flat
 from ddp.lifecycle import lock
+from ddp.lifecycle.decision import reached_end
 from ddp.lifecycle.sweep_dirs import parse_name
 from ddp.lifecycle.versions import list_versions, version_number
 from ddp.reporting.report import read_records
@@ -100,8 +101,10 @@ def _finished(version: Path) -> bool:
 
 
 def _reached(recipe: dict[str, Any], epoch: int, step: int) -> bool:
+    """``train.resume=auto``'s rule (``reached_end``) on a recipe read back as flat values."""
     epochs, max_steps = recipe.get("train.epochs"), recipe.get("train.max_steps", -1)
-    return (isinstance(epochs, int) and epoch >= epochs) or (isinstance(max_steps, int) and 0 <= max_steps <= step)
+    return reached_end(epoch, step, epochs if isinstance(epochs, int) else float("inf"),
+                       max_steps if isinstance(max_steps, int) else -1)
 
 
 def table(found: list[Row]) -> str:
