@@ -136,6 +136,12 @@ def _check(args: argparse.Namespace, program: list[str]) -> None:
         what = f"--nnodes {args.nnodes}" if args.nnodes.elastic else "--rdzv-conf"
         raise LaunchError(f"{what} needs torchrun's c10d rendezvous, which --run-id turns on.",
                           "add --run-id NAME, the same on every node")
+    for item in filter(None, args.rdzv_conf.split(",")):
+        key, equals, value = item.partition("=")
+        if not (equals and key.strip() and value.strip()) or key.strip() == "is_host":
+            raise LaunchError(f"--rdzv-conf {args.rdzv_conf}: {item!r} is not a KEY=VALUE setting of torchrun's "
+                              "c10d rendezvous (is_host is set by --node-rank).",
+                              "e.g. --rdzv-conf last_call_timeout=10,keep_alive_interval=2")
     if not 0 < args.master_port < 65536:
         raise LaunchError(f"--master-port {args.master_port} is not a TCP port.", "use 1024-65535, the same on every node")
     check_recipe_or_program(args, program)

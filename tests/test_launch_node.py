@@ -108,6 +108,9 @@ def test_two_nodes_export_the_interface_that_routes_to_the_master(tmp_path):
     (["--nnodes", "1:2", "--node-rank", "0", "--master-addr", "10.0.0.1"], "--nnodes 1:2 needs torchrun's c10d"),
     (["--nnodes", "2:1", "--node-rank", "0", "--master-addr", "10.0.0.1"], "'2:1': need 1 <= MIN <= MAX"),
     (["--nnodes", "two", "--node-rank", "0", "--master-addr", "10.0.0.1"], "not a count or a MIN:MAX range"),
+    ([*BASE, "--run-id", "j", "--rdzv-conf", "garbage"], "'garbage' is not a KEY=VALUE setting"),
+    ([*BASE, "--run-id", "j", "--rdzv-conf", "is_host=0"], "'is_host=0' is not a KEY=VALUE setting"),
+    ([*BASE, "--rdzv-conf", "last_call_timeout=5"], "--rdzv-conf needs torchrun's c10d rendezvous"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     done = _node(tmp_path, *args, "--print")
