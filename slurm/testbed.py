@@ -1,8 +1,12 @@
-"""``python -m slurm.testbed start|stop|status``: a real one-machine Slurm cluster.
+"""``python -m slurm.testbed start [--nodes 2]|stop|status``: a real Slurm cluster on this machine.
 
 munged, MariaDB, slurmdbd (accounting: submitit reads job states through ``sacct``), slurmctld and
 one slurmd named ``localhost`` with partition ``debug``, from Debian packages that ``start``
-installs when missing (root only). ``start`` is idempotent: running daemons are left alone and
+installs when missing (root only). With ``--nodes 2`` the partition holds two nodes, ``h0`` and
+``h1``: each is a network namespace with its own address (10.98.0.1 and .2, on a bridge that has no
+route out of this machine), hostname and ``/etc/hosts``, running its own slurmd, so a job's ranks
+on the two nodes talk over a network as on a real cluster; their files are shared as on a cluster
+with a shared filesystem. A change of node count is a fresh start. ``start`` is idempotent: running daemons are left alone and
 restarted only when the generated config changed; a cold start wipes the previous state.
 Daemons are stopped by the pids in their pid files, never by name. Config, state, logs and the
 database live under ``DIR`` (``DDP_SLURM_TESTBED_DIR``); clients find the cluster through the
@@ -26,15 +30,32 @@ SCRIPTS = Path(__file__).resolve().parent / "testbed_scripts"
 DIR = Path("/var/tmp/ddp-slurm-testbed")
 PARTITION = "debug"
 DAEMONS = (("munged", Path("/run/munge/munged.pid")), ("mariadbd", DIR / "mysql" / "mysqld.pid"),
-           ("slurmdbd", DIR / "slurmdbd.pid"), ("slurmctld", DIR / "slurmctld.pid"), ("slurmd", DIR / "slurmd.pid"))
+           ("slurmdbd", DIR / "slurmdbd.pid"), ("slurmctld", DIR / "slurmctld.pid"))
+NODE_NAMES = {1: ("localhost",), 2: ("h0", "h1")}
 
 
-def start(fresh: bool = False, quiet: bool = False) -> float:
-    """Start (or keep) the cluster and wait until the node is idle; return the seconds it took."""
+def start(fresh: bool = False, quiet: bool = False, nodes: int = 1) -> float:
+    """Start (or keep) a cluster of ``nodes`` nodes and wait until they are idle; return the seconds it took."""
     _require_root("start")
     began = time.monotonic()
-    _run_script("start.sh", ["--fresh"] if fresh else [], quiet)
+    _run_script("start.sh", [*(["--fresh"] if fresh else []), "--nodes", str(nodes)], quiet)
     return time.monotonic() - began
+
+
+def node_count() -> int:
+    """How many nodes the testbed was last started with (1 when it never was)."""
+    try:
+        return int((DIR / "nodes").read_text().strip())
+    except (OSError, ValueError):
+        return 1
+
+
+def daemons() -> tuple[tuple[str, Path], ...]:
+    """Each daemon of the testbed as it was started, with its pid file."""
+    nodes = node_count()
+    slurmds = ((f"slurmd {name}", DIR / f"slurmd-{name}.pid") for name in NODE_NAMES[nodes]) if nodes > 1 \
+        else (("slurmd", DIR / "slurmd.pid"),)
+    return (*DAEMONS, *slurmds)
 
 
 def stop(purge: bool = False, quiet: bool = False) -> None:
@@ -45,11 +66,13 @@ def stop(purge: bool = False, quiet: bool = False) -> None:
 
 def running() -> dict[str, int | None]:
     """Each daemon's pid when its pid file names a live process of that name, else None."""
-    return {name: _live_pid(pid_file, name) for name, pid_file in DAEMONS}
+    return {name: _live_pid(pid_file, name.split()[0]) for name, pid_file in daemons()}
 
 
-def is_up() -> bool:
-    """True when every daemon runs and slurmctld answers."""
+def is_up(nodes: int | None = None) -> bool:
+    """True when every daemon runs and slurmctld answers (and, given ``nodes``, the testbed has that many)."""
+    if nodes is not None and node_count() != nodes:
+        return False
     if not all(running().values()) or shutil.which("scontrol") is None:
         return False
     return subprocess.run(["scontrol", "ping"], capture_output=True, timeout=10).returncode == 0
@@ -96,10 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slurm.testbed", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("start", "stop", "status"))
     parser.add_argument("--fresh", action="store_true", help="start: wipe jobs, accounting and logs first")
+    parser.add_argument("--nodes", type=int, choices=(1, 2), default=1,
+                        help="start: 1 node (localhost), or 2 nodes (h0, h1) in network namespaces")
     parser.add_argument("--purge", action="store_true", help="stop: also delete the state directory")
     args = parser.parse_args(argv)
     if args.command == "start":
-        print(f"testbed up in {start(args.fresh):.1f} s; partition '{PARTITION}'; state in {DIR}")
+        seconds = start(args.fresh, nodes=args.nodes)
+        names = ", ".join(NODE_NAMES[args.nodes])
+        print(f"testbed up in {seconds:.1f} s; partition '{PARTITION}': {names}; state in {DIR}")
     elif args.command == "stop":
         stop(args.purge)
     else:

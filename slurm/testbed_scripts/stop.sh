@@ -29,10 +29,22 @@ if scontrol ping >/dev/null 2>&1; then
 fi
 
 stop_pid "$S/slurmd.pid"          slurmd
+for node in h0 h1; do [ -e "$S/slurmd-$node.pid" ] && stop_pid "$S/slurmd-$node.pid" slurmd; done
 stop_pid "$S/slurmctld.pid"       slurmctld
 stop_pid "$S/slurmdbd.pid"        slurmdbd
 stop_pid "$S/mysql/mysqld.pid"    mariadbd
 stop_pid /run/munge/munged.pid    munged
+
+# the two-node network: the namespaces and bridge start.sh --nodes 2 made (by their names); any process
+# still inside a namespace (a job step's leftovers) belongs to this testbed
+for ns in ddp-slurm-h0 ddp-slurm-h1; do
+  if [ -e "/run/netns/$ns" ]; then
+    pids=$(ip netns pids "$ns" | tr '\n' ' ')
+    [ -n "${pids// /}" ] && kill -KILL $pids 2>/dev/null
+    ip netns del "$ns" && log "removed namespace $ns"
+  fi
+done
+ip link show ddpslurm0 >/dev/null 2>&1 && ip link del ddpslurm0 && log "removed bridge ddpslurm0"
 
 if [ "${1:-}" = --purge ]; then
   rm -rf "$S"
