@@ -64,6 +64,26 @@ def stop(purge: bool = False, quiet: bool = False) -> None:
     _run_script("stop.sh", ["--purge"] if purge else [], quiet)
 
 
+def namespace(node: str) -> str:
+    """The network namespace that is node ``node`` (h0, h1) of the two-node testbed."""
+    return f"ddp-slurm-{node}"
+
+
+def lose_node(node: str) -> None:
+    """Make node ``node`` of the two-node testbed a lost machine: its link goes down, then every process on it
+    (its slurmd, job steps and ranks) is SIGKILLed, so the other node hears nothing more from it, as after a power
+    or network failure. ``start(nodes=2)`` brings it back."""
+    _require_root("lose a node")
+    name = namespace(node)
+    subprocess.run(["ip", "-n", name, "link", "set", "eth0", "down"], check=True, timeout=30)
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=True, timeout=30)
+    for pid in pids.stdout.split():
+        try:
+            os.kill(int(pid), 9)
+        except ProcessLookupError:
+            pass
+
+
 def running() -> dict[str, int | None]:
     """Each daemon's pid when its pid file names a live process of that name, else None."""
     return {name: _live_pid(pid_file, name.split()[0]) for name, pid_file in daemons()}
