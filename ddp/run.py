@@ -224,7 +224,7 @@ class Run:
                              sharding.ShardPlan.of(self.recipe))
         if optimizer is None:
             return wrapped
-        sharding.repoint_optimizer(optimizer, names, wrapped)
+        sharding.repoint_optimizer(optimizer, names, unwrap_model(wrapped))
         optimizer.register_step_post_hook(self._count_step)
         return wrapped, optimizer
 

@@ -200,17 +200,17 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
 
 
 def repoint_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], model: nn.Module) -> None:
-    """Point ``optimizer``'s groups at ``model``'s parameters of the same names, after sharding
-    replaced them. A no-op when nothing was replaced (DDP). An optimizer that has stepped already
-    holds whole-model state that would not follow: refused."""
-    current = dict(getattr(model, "_orig_mod", model).named_parameters())
-    moved = [param for group in optimizer.param_groups for param in group["params"]
-             if id(param) in names and current.get(names[id(param)]) is not param]
+    """Point ``optimizer``'s groups at the parameters of the same names in ``model`` (unwrapped),
+    after sharding replaced them. A no-op when nothing was replaced (DDP). An optimizer that has
+    stepped already holds whole-model state that would not follow: refused."""
+    present = {id(param) for param in model.parameters()}
+    moved = [param for group in optimizer.param_groups for param in group["params"] if id(param) not in present]
     if not moved:
         return
+    current = dict(model.named_parameters())
     if any(optimizer.state.get(param) for param in moved):
         raise ConfigError("the optimizer has stepped before dist.parallel=fsdp sharded the model: its state "
                           "cannot follow the parameters into their shards.",
                           "make the optimizer before training starts and resume its state with run.resume")
     for group in optimizer.param_groups:
-        group["params"] = [current[names[id(p)]] if id(p) in names else p for p in group["params"]]
+        group["params"] = [current.get(names.get(id(p), ""), p) for p in group["params"]]
