@@ -142,11 +142,12 @@ def shard_model(model: nn.Module, device: torch.device, plan: ShardPlan) -> nn.M
     mesh = init_device_mesh(device.type, (world,))
     options = {"mesh": mesh, "mp_policy": _precision_policy(plan.precision), **_offload(plan)}
     blocks = find_blocks(model, plan.blocks)
+    kinds = _class_counts(blocks)  # before fully_shard renames the classes (FSDPLinear)
     for block in blocks:
         fully_shard(block, reshard_after_forward=plan.reshard_after_forward, **options)
     fully_shard(model, reshard_after_forward=False, **options)
     log.info("dist.parallel=fsdp: %d blocks%s and the root sharded over %d ranks (%s mesh)", len(blocks),
-             f" ({_class_counts(blocks)})" if blocks else "", world, device.type)
+             f" ({kinds})" if blocks else "", world, device.type)
     return model
 
 
