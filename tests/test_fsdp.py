@@ -153,7 +153,6 @@ REFUSED = [
      "set dist.fsdp_cpu_offload=false on CPU ranks"),
     (["data.batch_size=auto"], "data.batch_size=auto sizes batches for a whole model", "data.batch_size=N"),
     (["dist.sync_bn=true"], "dist.sync_bn=true is not supported with dist.parallel=fsdp", "dist.parallel=ddp"),
-    (["train.compile=true"], "train.compile=true is not supported with dist.parallel=fsdp", "train.compile=false"),
     (["dist.fsdp_blocks=[Block]"], "dist.fsdp_blocks names ['Block'], which no module of this model is",
      "'Conv2d', 'Linear'"),
 ]

@@ -76,9 +76,6 @@ def check_recipe(recipe: Recipe, device: torch.device, world_size: int) -> None:
     if recipe.dist.sync_bn:
         raise ConfigError("dist.sync_bn=true is not supported with dist.parallel=fsdp.",
                           "use dist.parallel=ddp for SyncBatchNorm, or set dist.sync_bn=false")
-    if recipe.train.compile:
-        raise ConfigError("train.compile=true is not supported with dist.parallel=fsdp (FSDP2's hooks break "
-                          "the compiled graph).", "set train.compile=false, or use dist.parallel=ddp")
 
 
 def check_model(model: nn.Module, recipe: Recipe, world_size: int) -> None:
