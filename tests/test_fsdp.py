@@ -43,10 +43,11 @@ def _numpy(state_dict) -> dict[str, np.ndarray]:
     return {name: tensor.numpy() for name, tensor in state_dict.items()}
 
 
-def _own_loop(env, run_dir: str) -> tuple[dict[str, np.ndarray], dict]:
-    """A loop of your own on ``ddp.run.Run``: the optimizer made before ``prepare`` (which shards the
-    model under FSDP), an exact ``evaluate`` on 33 samples (2 batches on rank 0, 1 on rank 1), a
-    ``save``. Returns the final weights and the last logged record."""
+def _own_loop(env, run_dir: str, parallel: str) -> tuple[dict[str, np.ndarray], dict]:
+    """A loop of your own on ``ddp.run.Run`` with a BatchNorm model initialised differently on each
+    rank: the optimizer made before ``prepare`` (which shards the model under FSDP), an exact
+    ``evaluate`` on 33 samples (2 batches on rank 0, 1 on rank 1), a ``save``. Returns the final
+    weights and buffers and the last logged record."""
     from torch.nn import functional as F
     from torch.utils.data import TensorDataset
 
@@ -57,10 +58,10 @@ def _own_loop(env, run_dir: str) -> tuple[dict[str, np.ndarray], dict]:
     generator = torch.Generator().manual_seed(1)
     train = TensorDataset(torch.randn(64, 8, generator=generator), torch.randint(0, 2, (64,), generator=generator))
     test = TensorDataset(torch.randn(33, 8, generator=generator), torch.randint(0, 2, (33,), generator=generator))
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    torch.manual_seed(env.rank)  # prepare must start every rank from rank 0's weights
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    recipe = load_recipe(None, ["dist.parallel=fsdp", "model.name=own", "data.name=own", "train.epochs=2",
+    recipe = load_recipe(None, [f"dist.parallel={parallel}", "model.name=own", "data.name=own", "train.epochs=2",
                                 f"run.dir={run_dir}", "log.tensorboard=false", "log.progress=false"])
     placement = Placement("gloo", torch.device("cpu"), "test")
     with Run(recipe, env, placement, Devices(False, 0), torch.get_num_threads()).open() as run:
@@ -95,7 +96,8 @@ def _fsdp_jobs(env, tmp: str, ports: list[int]):
         result = execute(recipe, replace(env, master_port=port))
         out[name] = (_numpy(result.state_dict), result.metrics)
     if world == 2:
-        out["own"] = _own_loop(replace(env, master_port=ports[-1]), f"{tmp}/own")
+        for parallel, port in zip(("fsdp", "ddp"), ports[-2:]):
+            out[f"own {parallel}"] = _own_loop(replace(env, master_port=port), f"{tmp}/own_{parallel}", parallel)
     return out
 
 
@@ -127,18 +129,19 @@ def single(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     digits, record4 = _single(_digits(tmp / "d4", GLOBAL_BATCH, 4))
     _single(_digits(tmp / "d6", GLOBAL_BATCH, 6, "checkpoint.every_steps=1"))
-    mlp = _single(_mlp(tmp / "mlp", 16, 0.05))[0]
+    mlp = _single(_mlp(tmp / "mlp", 16, 0.05, "dist.parallel=fsdp"))[0]  # one rank under fsdp: unwrapped
     unclipped = _single(_mlp(tmp / "free", 16, 0.0))[0]
-    return {"own": _own_loop(SingleProcessEnv(), str(tmp / "own")),"digits@4": digits, "record@4": record4, "digits@5": _at_step(tmp / "d6", 5),
+    return {"digits@4": digits, "record@4": record4, "digits@5": _at_step(tmp / "d6", 5),
             "digits@6": _at_step(tmp / "d6", 6), "mlp": mlp, "unclipped": unclipped}
 
 
 def test_fsdp_at_2_ranks_trains_resumes_and_shares_checkpoints_with_ddp(tmp_path, single):
-    ranks = spawn_ranks(_fsdp_jobs, 2, str(tmp_path), [free_port() for _ in range(7)], init_group=False, timeout=180)
+    ranks = spawn_ranks(_fsdp_jobs, 2, str(tmp_path), [free_port() for _ in range(8)], init_group=False, timeout=180)
     runs = ranks[0]
-    for name in runs:  # every rank ends with the same whole weights
+    for name in runs:  # every rank ends with the same whole weights (BatchNorm statistics are each rank's own)
+        weights = [k for k in runs[name][0] if "running_" not in k and "num_batches" not in k]
         for other in ranks[1:]:
-            assert all(np.array_equal(other[name][0][k], runs[name][0][k]) for k in runs[name][0]), name
+            assert all(np.array_equal(other[name][0][k], runs[name][0][k]) for k in weights), name
     straight, record = runs["straight"]
     _assert_close(straight, single["digits@4"], "FSDP at 2 ranks vs one process")
     assert record["test_loss"] == pytest.approx(single["record@4"]["test_loss"], abs=1e-5)  # exact evaluation
@@ -150,10 +153,12 @@ def test_fsdp_at_2_ranks_trains_resumes_and_shares_checkpoints_with_ddp(tmp_path
     # accumulation, clipping that bites (the unclipped run ends elsewhere), freeze then unfreeze
     _assert_close(runs["mlp"][0], single["mlp"], "FSDP MLP, accumulate=2, clip_grad_norm=0.05")
     assert max(float(np.abs(single["mlp"][k] - single["unclipped"][k]).max()) for k in single["mlp"]) > 1e-3
-    # your own loop: run.prepare points the optimizer made before at the shards; evaluation is exact
-    _assert_close(runs["own"][0], single["own"][0], "your own loop under FSDP (run.prepare, run.evaluate)")
-    assert runs["own"][1]["count"] == 33 and runs["own"][1]["loss"] == pytest.approx(single["own"][1]["loss"], abs=1e-6)
-    assert (tmp_path / "own" / "version_0" / "checkpoints" / "latest").is_file()
+    # your own loop with BatchNorm: FSDP (the optimizer made before run.prepare follows the shards)
+    # trains and evaluates as DDP does, from rank 0's initial weights, with rank 0's buffers
+    (fsdp, fsdp_record), (ddp, ddp_record) = runs["own fsdp"], runs["own ddp"]
+    _assert_close(fsdp, ddp, "your own loop with BatchNorm: FSDP vs DDP at 2 ranks", atol=1e-6)
+    assert fsdp_record["count"] == 33 and fsdp_record["loss"] == pytest.approx(ddp_record["loss"], abs=1e-6)
+    assert (tmp_path / "own_fsdp" / "version_0" / "checkpoints" / "latest").is_file()
     # the checkpoint of an FSDP run is a plain state_dict: it loads into the unwrapped model
     chain = next((tmp_path / "chain").glob("version_*/checkpoints"))
     latest = (chain / (chain / "latest").read_text().strip())

@@ -12,7 +12,9 @@ around its forward and backward. The blocks:
   each direct child that has parameters.
 
 Whatever no block holds (a stem, a head) belongs to the root, which keeps its parameters gathered
-from forward to backward (it is needed first in backward). The device mesh is always explicit —
+from forward to backward (it is needed first in backward). As DDP does, every rank starts from
+rank 0's weights and buffers, and takes rank 0's buffers (BatchNorm statistics) before each
+training forward; FSDP itself does neither. The device mesh is always explicit —
 ``init_device_mesh(device.type, (world,))`` — since without one FSDP2 takes CUDA whenever CUDA
 exists (pytorch#132471). ``fully_shard`` replaces the module's parameters with sharded ones, so
 an optimizer made before is pointed at them (``repoint_optimizer``). One rank trains unwrapped:
@@ -138,6 +140,8 @@ def shard_model(model: nn.Module, device: torch.device, plan: ShardPlan) -> nn.M
     world = torch.distributed.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
     options = {"mesh": mesh, "mp_policy": _precision_policy(plan.precision), **_offload(plan)}
+    _from_rank0([*model.parameters(), *model.buffers()])
+    model.register_forward_pre_hook(_buffers_from_rank0)
     blocks = find_blocks(model, plan.blocks)
     kinds = _class_counts(blocks)  # before fully_shard renames the classes (FSDPLinear)
     for block in blocks:
@@ -146,6 +150,38 @@ def shard_model(model: nn.Module, device: torch.device, plan: ShardPlan) -> nn.M
     log.info("dist.parallel=fsdp: %d blocks%s and the root sharded over %d ranks (%s mesh)", len(blocks),
              f" ({kinds})" if blocks else "", world, device.type)
     return model
+
+
+BROADCAST_BUCKET_BYTES = 64 * 2**20  # rank 0's weights go out in pieces of this size at most
+
+
+def _from_rank0(tensors: list[torch.Tensor]) -> None:
+    """All ranks must call. Rank 0's values of ``tensors``, in place: one broadcast per bucket of
+    tensors of one dtype (at most ``BROADCAST_BUCKET_BYTES``, or one tensor)."""
+    buckets: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        bucket = buckets.setdefault(tensor.dtype, [])
+        if bucket and sum(t.numel() for t in bucket + [tensor]) * tensor.element_size() > BROADCAST_BUCKET_BYTES:
+            _broadcast_bucket(bucket)
+            bucket.clear()
+        bucket.append(tensor)
+    for bucket in buckets.values():
+        _broadcast_bucket(bucket)
+
+
+@torch.no_grad()
+def _broadcast_bucket(bucket: list[torch.Tensor]) -> None:
+    flat = torch.cat([tensor.detach().reshape(-1) for tensor in bucket])
+    torch.distributed.broadcast(flat, src=0)
+    for tensor, part in zip(bucket, flat.split([tensor.numel() for tensor in bucket])):
+        tensor.copy_(part.view_as(tensor))
+
+
+def _buffers_from_rank0(module: nn.Module, _inputs: object) -> None:
+    """Forward pre-hook of the root: in training, rank 0's buffers (DDP's ``broadcast_buffers``)."""
+    buffers = list(module.buffers())
+    if module.training and buffers:
+        _from_rank0(buffers)
 
 
 def _precision_policy(precision: Precision):  # noqa: ANN202 - torch's MixedPrecisionPolicy
