@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ddp.cluster.environment import ClusterEnv, SingleProcessEnv
-from ddp.config import load_recipe
+from ddp.config import Parallel, load_recipe
 from ddp.errors import DDPError
 from ddp.model.sharding import find_blocks
 from ddp.model.zoo import digits_cnn, resnet18
@@ -189,6 +189,40 @@ def test_default_blocks_are_the_elements_of_the_outermost_containers():
     assert [type(m).__name__ for m in find_blocks(TwoLayers())] == ["Linear", "Linear"]
     named = find_blocks(resnet, ("BasicBlock", "Conv2d"))
     assert len(named) == 8 + 20 and all(type(m).__name__ == "Conv2d" for m in named[:16])  # inner ones first
+
+
+def test_fsdp_runs_on_many_ranks_each_on_its_own_gpu():
+    from ddp.cluster.devices import Devices, check_parallel, place
+    from ddp.cluster.environment import TorchrunEnv
+
+    rank3 = TorchrunEnv(rank=3, local_rank=3, world_size=4, local_world_size=4)
+    check_parallel(Parallel.fsdp, rank3)  # not refused, unlike dp and none
+    assert place("nccl", Parallel.fsdp, rank3, Devices(True, 4)).device == torch.device("cuda", 3)  # the mesh's device
+
+
+def test_on_gpus_the_mesh_is_cuda_on_the_rank_device_with_the_asked_policies(monkeypatch):
+    """The GPU path without a GPU: torch's entry points faked, what shard_model asks of them checked."""
+    import torch.distributed.device_mesh as device_mesh
+    import torch.distributed.fsdp as fsdp
+
+    from ddp.config import Precision
+    from ddp.model import sharding
+
+    calls: dict = {"shard": []}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("device", device))
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    monkeypatch.setattr(device_mesh, "init_device_mesh", lambda kind, shape: calls.setdefault("mesh", (kind, shape)))
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **options: calls["shard"].append((module, options)))
+    monkeypatch.setattr(sharding, "_from_rank0", lambda tensors: None)  # a broadcast: needs a group
+    model = digits_cnn((1, 8, 8), 10)
+    plan = sharding.ShardPlan(cpu_offload=True, precision=Precision.bf16)
+    sharding.shard_model(model, torch.device("cuda", 2), plan)
+    assert calls["device"] == torch.device("cuda", 2) and calls["mesh"] == ("cuda", (4,))
+    assert [module for module, _ in calls["shard"]] == [*find_blocks(model), model]  # the blocks, then the root
+    options = calls["shard"][0][1]
+    assert isinstance(options["offload_policy"], fsdp.CPUOffloadPolicy)
+    assert options["mp_policy"].param_dtype == torch.bfloat16 and options["mp_policy"].reduce_dtype == torch.float32
+    assert [o["reshard_after_forward"] for _, o in calls["shard"]] == [True] * 4 + [False]
 
 
 # --- refusals -------------------------------------------------------------------------------
