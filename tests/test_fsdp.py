@@ -232,6 +232,7 @@ REFUSED = [
      "set dist.fsdp_cpu_offload=false on CPU ranks"),
     (["data.batch_size=auto"], "data.batch_size=auto sizes batches for a whole model", "data.batch_size=N"),
     (["dist.sync_bn=true"], "dist.sync_bn=true is not supported with dist.parallel=fsdp", "dist.parallel=ddp"),
+    (["train.channels_last=true"], "FSDP shards only contiguous parameters", "set train.channels_last=false"),
     (["dist.fsdp_blocks=[Block]"], "dist.fsdp_blocks names ['Block'], which no module of this model is",
      "'Conv2d', 'Linear'"),
 ]

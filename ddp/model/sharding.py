@@ -78,6 +78,9 @@ def check_recipe(recipe: Recipe, device: torch.device, world_size: int) -> None:
     if recipe.dist.sync_bn:
         raise ConfigError("dist.sync_bn=true is not supported with dist.parallel=fsdp.",
                           "use dist.parallel=ddp for SyncBatchNorm, or set dist.sync_bn=false")
+    if recipe.train.channels_last:
+        raise ConfigError("train.channels_last=true: FSDP shards only contiguous parameters, and channels-last "
+                          "convolution weights are not.", "set train.channels_last=false with dist.parallel=fsdp")
 
 
 def check_model(model: nn.Module, recipe: Recipe, world_size: int) -> None:
