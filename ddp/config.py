@@ -73,6 +73,7 @@ class Backend(str, Enum):
 
 class Parallel(str, Enum):
     ddp = "ddp"
+    fsdp = "fsdp"
     dp = "dp"
     none = "none"
 
@@ -193,6 +194,9 @@ class DistConfig:
     stall_action: StallAction = setting(StallAction.report, resume=HONOURED)  # after a stall report: report (wait on) or exit
     threads_per_rank: int = setting(0, minimum=0, resume=HONOURED, per_machine=True)  # CPU threads per rank; 0 = cores ÷ local ranks
     sync_bn: bool = setting(False, resume=HONOURED)  # BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
+    fsdp_blocks: List[str] = setting(factory=list, resume=HONOURED)  # parallel=fsdp: module class names sharded one by one; [] = the default rule (ddp.model.sharding)
+    fsdp_reshard_after_forward: bool = setting(True, resume=HONOURED)  # parallel=fsdp: free each block's gathered parameters after its forward (gathered again in backward)
+    fsdp_cpu_offload: bool = setting(False, resume=HONOURED)  # parallel=fsdp on GPUs: sharded parameters, gradients and optimizer state in host memory
 
 
 @dataclass

@@ -52,6 +52,7 @@ from ddp.lifecycle.changes import Policy, describe
 from ddp.lifecycle.decision import Decision, decide
 from ddp.lifecycle.history import record_start
 from ddp.lifecycle.run_dir import RunDir
+from ddp.model import sharding
 from ddp.model.parallel import convert_sync_bn, unwrap_model, wrap_model
 from ddp.reporting.logs import RankLogs, rank_logging
 from ddp.reporting.metrics import MetricsWriter
@@ -211,14 +212,19 @@ class Run:
     # --- the model and the data -------------------------------------------------------------
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Any:
-        """All ranks must call (DDP broadcasts rank 0's weights). Moves ``model`` to this rank's
-        device and wraps it as ``dist.parallel`` says; returns the model, or (model, optimizer).
-        Make the optimizer before or after: its parameters are the model's own, moved in place.
+        """All ranks must call (DDP broadcasts rank 0's weights; FSDP shards). Moves ``model`` to
+        this rank's device and wraps it as ``dist.parallel`` says; returns the model, or (model,
+        optimizer). Make the optimizer before (and pass it here) or after: under FSDP, which
+        replaces the parameters with their shards, the optimizer passed is pointed at them.
         Optimizer steps are counted from here (``run.step``)."""
         model = convert_sync_bn(model, self.recipe.dist.sync_bn, self.world_size)
-        wrapped = wrap_model(model, self.recipe.dist.parallel, self.device, self.devices)
+        sharding.check_model(model, self.recipe, self.world_size)
+        names = sharding.parameter_names(model)
+        wrapped = wrap_model(model, self.recipe.dist.parallel, self.device, self.devices,
+                             sharding.ShardPlan.of(self.recipe))
         if optimizer is None:
             return wrapped
+        sharding.repoint_optimizer(optimizer, names, unwrap_model(wrapped))
         optimizer.register_step_post_hook(self._count_step)
         return wrapped, optimizer
 

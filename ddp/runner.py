@@ -37,6 +37,8 @@ from ddp.lifecycle.decision import Decision
 from ddp.reporting.logs import RankLogs, rank_logging
 from ddp.model.optim import build_optimizer, build_scheduler, schedule_position
 from ddp.model.parallel import check_sync_bn, convert_sync_bn, unwrap_model, wrap_model
+from ddp.model import sharding
+from ddp.checkpoint import full_state
 from ddp.model.precision import check_precision, make_scaler
 from ddp.reporting.report import summary
 from ddp.reporting.text import count
@@ -142,6 +144,7 @@ def prepare(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None, giv
     check_precision(recipe.train.precision, placement.device)
     splits, model = build_components(recipe, given, build_datasets)
     check_one_batch(model, splits, build_loss(recipe.train), build_metrics(recipe.train))
+    sharding.check_model(model, recipe, env.world_size)  # dist.fsdp_blocks name classes of this model
     check_budget(recipe, env, splits, placement.device, model)  # data.batch_size=auto: the model state must fit the budget
     return Plan(placement, devices, threads, splits, model)
 
@@ -152,6 +155,7 @@ def place_rank(recipe: Recipe, env: ClusterEnv, devices: Devices | None = None) 
     devices = devices or detect_devices()
     check_parallel(recipe.dist.parallel, env)
     placement = place(choose_backend(recipe.dist.backend, env, devices), recipe.dist.parallel, env, devices)
+    sharding.check_recipe(recipe, placement.device, env.world_size)
     check_sync_bn(recipe.dist.sync_bn, placement.device, env.world_size)
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     return placement, devices, _set_threads(recipe, env)
@@ -192,7 +196,7 @@ def _train(run: Run, plan: Plan) -> tuple[FitResult, int, dict[str, torch.Tensor
         run.logs.attach(RunDir(run.run_dir).rank_log(env.rank))  # after every refusal: a refused run leaves no file
     trainer = Trainer(recipe, parts, run.metrics, run.checkpointer, run.listen(), state)  # type: ignore[arg-type]
     outcome = trainer.fit()
-    weights = {k: v.detach().cpu().clone() for k, v in unwrap_model(parts.model).state_dict().items()}
+    weights = full_state.whole_weights(trainer.parts.model)  # under FSDP every rank gathers
     return outcome, trainer.state.global_step, weights  # DDP is freed on return, before the group is destroyed
 
 
@@ -267,7 +271,7 @@ def build_parts(recipe: Recipe, plan: Plan, wrap: bool = True) -> TrainParts:
     model = model.to(device)
     train, test, how = _loaders(recipe, plan)
     optimizer = build_optimizer(model, recipe.optim, trainable_only=recipe.model.unfreeze_after_epochs < 0)
-    rewrap = partial(_wrap, recipe=recipe, plan=plan)
+    rewrap = partial(_wrap, recipe=recipe, plan=plan, optimizer=optimizer)
     parts = TrainParts(rewrap(model) if wrap else model, optimizer, None, train, test, device,  # type: ignore[arg-type]
                        loss=build_loss(recipe.train), eval_loss=eval_loss(recipe.train),
                        rewrap=rewrap,
@@ -278,9 +282,12 @@ def build_parts(recipe: Recipe, plan: Plan, wrap: bool = True) -> TrainParts:
     return parts
 
 
-def _wrap(model: torch.nn.Module, recipe: Recipe, plan: Plan) -> torch.nn.Module:
-    """All ranks must call. DDP (or DP) around the model, then ``torch.compile`` when asked."""
-    wrapped = wrap_model(model, recipe.dist.parallel, plan.device, plan.devices)
+def _wrap(model: torch.nn.Module, recipe: Recipe, plan: Plan, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+    """All ranks must call. DDP (or DP) around the model, or FSDP's shards of it (the optimizer
+    then steps the sharded parameters), then ``torch.compile`` when asked."""
+    names = sharding.parameter_names(model)
+    wrapped = wrap_model(model, recipe.dist.parallel, plan.device, plan.devices, sharding.ShardPlan.of(recipe))
+    sharding.repoint_optimizer(optimizer, names, unwrap_model(wrapped))
     return torch.compile(wrapped) if recipe.train.compile else wrapped
 
 

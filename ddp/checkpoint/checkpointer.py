@@ -1,6 +1,8 @@
 """Checkpoint policy for a distributed run: who writes, what goes in, which file to resume from.
 
-Only rank 0 writes; the other ranks' RNG states and partial epoch sums are gathered to it. Every
+Only rank 0 writes; the other ranks' RNG states and partial epoch sums are gathered to it, and
+under FSDP the shards of the model and optimizer state too (``ddp.checkpoint.full_state``), so
+every checkpoint holds the whole state as one process would have it. Every
 save ends with rank 0's outcome sent to every rank, which doubles as the barrier: no rank races
 ahead of a save, and a failed save stops every rank with the same error. The others wait for it
 through the rendezvous store, outside the collective timeout (``comm.patient_broadcast``), so a
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 import ddp
-from ddp.checkpoint import files, storage
+from ddp.checkpoint import files, full_state, storage
 from ddp.cluster import comm, progress
 from ddp.checkpoint.atomic import write_text_atomic
 from ddp.checkpoint.files import CheckpointError
@@ -68,10 +70,11 @@ class Checkpointer:
         per_rank = comm.all_gather_object({"rng": capture_rng(), "sums": list(state.partial_sums)})
         outcome = None
         with progress.phase(progress.SAVING):  # however long it takes, not a stall
+            weights, optimizer_state = full_state.gather(model, optimizer)  # under FSDP: every rank gathers
             if comm.is_main():
                 payload = None
                 try:
-                    payload = self._payload(model, optimizer, scheduler, state, per_rank, scaler)
+                    payload = self._payload(weights, optimizer_state, scheduler, state, per_rank, scaler)
                     manifest = files.save(self.directory, payload, state.global_step, state.epoch, metric,
                                           self.recipe_yaml, metric_name)
                     self._after_save(manifest, mode or self.cfg.best_mode)
@@ -92,14 +95,14 @@ class Checkpointer:
         return (f"saving a checkpoint in {self.directory} failed on rank 0: {type(err).__name__}: {err}",
                 "check free disk space and permissions of the run dir", CheckpointError.exit_code)
 
-    def _payload(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any, state: TrainState,
-                 per_rank: list[dict[str, Any]], scaler: Any) -> dict[str, Any]:
+    def _payload(self, weights: dict[str, Any] | None, optimizer_state: dict[str, Any] | None, scheduler: Any,
+                 state: TrainState, per_rank: list[dict[str, Any]], scaler: Any) -> dict[str, Any]:
         saved_state = asdict(state)
         saved_state.pop("partial_sums")
         return {
             "format": FORMAT,
-            "model": unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "model": weights,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": saved_state,
@@ -143,9 +146,7 @@ class Checkpointer:
         payload = files.load(path)  # onto the CPU; load_state_dict moves each tensor to its parameter
         weights = _strip_prefixes(payload["model"])
         check_compatible(payload, weights, self.recipe, unwrap_model(model), path)
-        unwrap_model(model).load_state_dict(weights)
-        if optimizer is not None and payload.get("optimizer"):
-            _load_optimizer_state(optimizer, payload["optimizer"])
+        _load_model_and_optimizer(model, optimizer, weights, payload.get("optimizer") or None)
         if scheduler is not None and payload.get("scheduler"):
             scheduler.load_state_dict(payload["scheduler"])
         if scaler is not None and payload.get("scaler"):
@@ -189,12 +190,15 @@ def ranking(record: dict[str, Any], cfg: CheckpointConfig) -> tuple[str, float |
     return cfg.best_metric, None, cfg.best_mode
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Momentum buffers and moments from the checkpoint; hyperparameters from the recipe
-    (``load_state_dict`` alone would bring back the old lr, weight decay and betas)."""
-    recipe_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
-    for group, values in zip(optimizer.param_groups, recipe_groups):
+def _load_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict[str, Any],
+                              saved: dict[str, Any] | None) -> None:
+    """All ranks must call (under FSDP each keeps its shard). Weights, momentum buffers and moments
+    from the checkpoint; hyperparameters from the recipe (loading the optimizer's state dict alone
+    would bring back the old lr, weight decay and betas)."""
+    groups = optimizer.param_groups if optimizer is not None and saved is not None else []
+    recipe_groups = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+    full_state.load(model, optimizer, weights, saved)
+    for group, values in zip(groups, recipe_groups):
         group.update(values)
 
 

@@ -142,9 +142,9 @@ def _gpus(devices: Devices) -> str:
 
 def check_parallel(parallel: Parallel, env: ClusterEnv) -> None:
     """dp and none run in one process; refuse them under a multi-rank launcher."""
-    if parallel != Parallel.ddp and env.world_size > 1:
+    if parallel in (Parallel.dp, Parallel.none) and env.world_size > 1:
         raise BackendError(
             f"dist.parallel={parallel.value} runs in one process, but {env.source} started "
             f"{env.world_size} ranks.",
-            "use dist.parallel=ddp with torchrun/srun, or start one process: python -m ddp.train",
+            "use dist.parallel=ddp or fsdp with torchrun/srun, or start one process: python -m ddp.train",
         )

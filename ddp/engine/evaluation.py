@@ -5,11 +5,15 @@ all_reduce adds the ranks' sums, and every result is a sum over the whole test s
 sample count. So only means over samples are exact here: loss, accuracy, and any metric function
 that returns, per batch, one value per sample (a tensor of shape ``[batch]``) or the batch mean
 (a 0-d tensor or a float, weighted by the batch size).
+
+A model sharded by FSDP gathers each block's parameters from every rank in its forward, so there
+every rank runs as many forwards: a rank whose shard has run out of batches runs a one-sample
+stand-in, and its outputs are not counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +24,7 @@ from torch.nn import functional as F
 from ddp.cluster import comm, progress
 from ddp.errors import ConfigError
 from ddp.model.registry import classifies
+from ddp.model.sharding import is_sharded
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], Mapping[str, Any]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -72,10 +77,13 @@ def mean_over_samples(model: nn.Module, loader: Iterable, device: torch.device,
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    for inputs, targets in progress.track(loader, progress.EVALUATING, progress.EVALUATING):
+    batches = _in_lockstep(loader, device) if is_sharded(model) else loader
+    for inputs, targets in progress.track(batches, progress.EVALUATING, progress.EVALUATING):
         inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
         outputs = model(inputs)
+        if targets is None:
+            continue  # a stand-in forward: this rank's shard has no batch left
+        targets = targets.to(device, non_blocking=True)
         size = targets.shape[0]
         for name, value in per_batch(outputs, targets).items():
             total = _batch_sum(name, value, size, device)
@@ -89,6 +97,21 @@ def mean_over_samples(model: nn.Module, loader: Iterable, device: torch.device,
     totals = comm.all_reduce_sum(packed).tolist()
     count = int(round(totals[-1]))
     return {name: total / max(count, 1) for name, total in zip(names, totals)}, count
+
+
+def _in_lockstep(loader: Iterable, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """All ranks must call. The loader's batches, then (stand-in input, None) while another rank
+    still has batches: every rank runs the same number of forwards. One small all-reduce per batch."""
+    batches = iter(loader)
+    batch = next(batches, None)
+    mine = None if batch is None else (tuple(batch[0].shape[1:]), batch[0].dtype)
+    known = [kind for kind in comm.all_gather_object(mine) if kind is not None]
+    if not known:
+        return  # no rank has a batch
+    shape, dtype = known[0]
+    while comm.all_reduce_sum(torch.tensor([float(batch is not None)], device=device)).item() > 0:
+        yield (batch[0], batch[1]) if batch is not None else (torch.zeros((1, *shape), dtype=dtype), None)
+        batch = next(batches, None) if batch is not None else None
 
 
 def _named(values: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from ddp.engine.rng import capture_rng, restore_rng
 from ddp.model.finetune import unfreeze
 from ddp.reporting.metrics import MetricsWriter
 from ddp.model.parallel import unwrap_model
+from ddp.model.sharding import gradient_sync_off, is_sharded
 from ddp.model.precision import autocast
 from ddp.engine.stop import StopRequest
 
@@ -143,7 +144,7 @@ class Trainer:
         if micro == 0:
             parts.optimizer.zero_grad(set_to_none=True)
         last = micro + 1 == size
-        with contextlib.nullcontext() if last else _no_sync(parts.model):  # DDP all-reduces on the last only
+        with contextlib.nullcontext() if last else _no_sync(parts.model):  # DDP/FSDP reduce on the last only
             with autocast(self.cfg.train.precision, parts.device):
                 logits = parts.model(inputs)
                 loss = parts.loss(logits, targets)
@@ -241,13 +242,15 @@ class Trainer:
 
     def _maybe_unfreeze(self, epoch: int) -> None:
         """All ranks must call. From epoch ``model.unfreeze_after_epochs`` on, the frozen layers train:
-        DDP is rebuilt, since it only synchronises parameters that required grad when it was made."""
+        DDP is rebuilt, since it only synchronises parameters that required grad when it was made;
+        FSDP follows ``requires_grad`` as it changes, so a sharded model stays as it is."""
         after = self.cfg.model.unfreeze_after_epochs
         if after < 0 or epoch < after:
             return
         model = unwrap_model(self.parts.model)
         if unfreeze(model) and self.parts.rewrap is not None:
-            self.parts.model = self.parts.rewrap(model)
+            if not is_sharded(model):
+                self.parts.model = self.parts.rewrap(model)
             if comm.is_main():
                 log.info("epoch %d: model.unfreeze_after_epochs=%d, every layer trains from now on", epoch + 1, after)
 
@@ -271,5 +274,8 @@ def _acc(value: float | None) -> str:
 
 
 def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
-    """DDP's ``no_sync()`` (gradients stay local until the group's last micro-batch); a no-op otherwise."""
+    """DDP's ``no_sync()`` or FSDP's ``set_requires_gradient_sync(False)`` (gradients stay local
+    until the group's last micro-batch); a no-op otherwise."""
+    if is_sharded(model):
+        return gradient_sync_off(model)
     return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()

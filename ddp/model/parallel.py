@@ -12,21 +12,26 @@ from ddp.cluster import comm
 from ddp.cluster.devices import Devices
 from ddp.config import Parallel
 from ddp.errors import BackendError
+from ddp.model.sharding import ShardPlan, shard_model
 
 log = logging.getLogger(__name__)
 
 
-def wrap_model(model: nn.Module, parallel: Parallel, device: torch.device, devices: Devices) -> nn.Module:
+def wrap_model(model: nn.Module, parallel: Parallel, device: torch.device, devices: Devices,
+               shard: ShardPlan | None = None) -> nn.Module:
     """Move ``model`` to ``device`` and wrap it. All ranks must call (DDP broadcasts rank 0's weights).
 
     ddp: DistributedDataParallel when more than one rank runs (``device_ids=[i]`` on GPU, none on
     CPU); with a single rank the model runs unwrapped, which is what DDP would compute anyway.
+    fsdp: sharded in place by FSDP2 as ``shard`` says (``ddp.model.sharding``); one rank: unwrapped.
     dp:  DataParallel over every visible GPU; with fewer than 2 GPUs it warns and runs unwrapped.
     """
     model = model.to(device)
     if parallel == Parallel.ddp and comm.world_size() > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
+    if parallel == Parallel.fsdp and comm.world_size() > 1:
+        return shard_model(model, device, shard or ShardPlan())
     if parallel == Parallel.dp:
         if devices.cuda_count < 2:
             log.warning("dist.parallel=dp needs 2+ GPUs, %d visible: running unwrapped on %s",
@@ -55,7 +60,8 @@ def convert_sync_bn(model: nn.Module, enabled: bool, world_size: int) -> nn.Modu
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / DataParallel / torch.compile wrappers."""
+    """The plain module inside DDP / DataParallel / torch.compile wrappers. FSDP2 wraps nothing:
+    a sharded model is its own module, its parameters sharded (``ddp.model.sharding``)."""
     while True:
         if isinstance(model, (DistributedDataParallel, nn.DataParallel)):
             model = model.module

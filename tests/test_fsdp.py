@@ -1,0 +1,260 @@
+"""dist.parallel=fsdp on real Gloo ranks: FSDP2 equals one process with the global batch, resumes
+exactly, reads and writes the same checkpoints as DDP, and refuses what it cannot run in one line.
+
+Kept to two spawned jobs (2 and 4 ranks) that run several trainings each: process start-up, not
+training, is what costs here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ddp.cluster.environment import ClusterEnv, SingleProcessEnv
+from ddp.config import Parallel, load_recipe
+from ddp.errors import DDPError
+from ddp.model.sharding import find_blocks
+from ddp.model.zoo import digits_cnn, resnet18
+from tests.harness import free_port, run_cli, spawn_ranks
+
+GLOBAL_BATCH = 64
+COMMON = ["log.tensorboard=false", "log.progress=false", "optim.schedule=none",  # lr fixed: runs of other lengths agree
+          "data.eval_batch_size=179"]  # 359 test digits: 2 batches on rank 0, 1 on rank 1 (lockstep evaluation)
+MLP = ["model.name=mnist_mlp", "data.name=synthetic", "data.synthetic_shape=[1,8,8]", "data.synthetic_train=256",
+       "data.synthetic_test=64", "train.accumulate=2", "model.freeze=[1.*]", "model.unfreeze_after_epochs=1",
+       "train.epochs=2"]  # 8 optimizer steps per epoch at a global batch of 16 × 2 micro-batches
+
+
+def _digits(run_dir, batch: int, steps: int, *extra: str):
+    return load_recipe(None, [f"data.batch_size={batch}", f"train.max_steps={steps}", f"run.dir={run_dir}",
+                              "checkpoint.keep=20", *COMMON, *extra])
+
+
+def _mlp(run_dir, batch: int, clip: float, *extra: str):
+    return load_recipe(None, [f"data.batch_size={batch}", f"train.clip_grad_norm={clip}", f"run.dir={run_dir}",
+                              *COMMON, *MLP, *extra])
+
+
+def _numpy(state_dict) -> dict[str, np.ndarray]:
+    return {name: tensor.numpy() for name, tensor in state_dict.items()}
+
+
+def _own_loop(env, run_dir: str, parallel: str) -> tuple[dict[str, np.ndarray], dict]:
+    """A loop of your own on ``ddp.run.Run`` with a BatchNorm model initialised differently on each
+    rank: the optimizer made before ``prepare`` (which shards the model under FSDP), an exact
+    ``evaluate`` on 33 samples (2 batches on rank 0, 1 on rank 1), a ``save``. Returns the final
+    weights and buffers and the last logged record."""
+    from torch.nn import functional as F
+    from torch.utils.data import TensorDataset
+
+    from ddp.checkpoint.full_state import whole_weights
+    from ddp.cluster.devices import Devices, Placement
+    from ddp.run import Run
+
+    generator = torch.Generator().manual_seed(1)
+    train = TensorDataset(torch.randn(64, 8, generator=generator), torch.randint(0, 2, (64,), generator=generator))
+    test = TensorDataset(torch.randn(33, 8, generator=generator), torch.randint(0, 2, (33,), generator=generator))
+    torch.manual_seed(env.rank)  # prepare must start every rank from rank 0's weights
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    recipe = load_recipe(None, [f"dist.parallel={parallel}", "model.name=own", "data.name=own", "train.epochs=2",
+                                f"run.dir={run_dir}", "log.tensorboard=false", "log.progress=false"])
+    placement = Placement("gloo", torch.device("cpu"), "test")
+    with Run(recipe, env, placement, Devices(False, 0), torch.get_num_threads()).open() as run:
+        model, optimizer = run.prepare(model, optimizer)
+        loader = run.loader(train, batch_size=32 // run.world_size)
+        run.resume(model, optimizer)
+        for epoch in run.epochs():
+            for inputs, targets in loader:
+                optimizer.zero_grad()
+                F.cross_entropy(model(inputs), targets).backward()
+                optimizer.step()
+            run.log(epoch=epoch + 1, **run.evaluate(model, test, batch_size=16))
+            run.save(model, optimizer)
+        return _numpy(whole_weights(model)), dict(run.state.last_record)
+
+
+def _fsdp_jobs(env, tmp: str, ports: list[int]):
+    """Every training of the 2-rank job, in the same ranks (each on a new port): returns the final
+    weights (and last epoch record) of each, by name."""
+    from ddp.runner import execute
+
+    world, out = env.world_size, {}
+    batch = GLOBAL_BATCH // world
+    plan = [("straight", _digits(f"{tmp}/straight", batch, 4, "dist.parallel=fsdp"))]
+    if world == 2:
+        plan += [("fsdp@2", _digits(f"{tmp}/chain", batch, 2, "dist.parallel=fsdp")),  # stops, checkpointed
+                 ("fsdp@4", _digits(f"{tmp}/chain", batch, 4, "dist.parallel=fsdp")),  # FSDP file → FSDP
+                 ("ddp@5", _digits(f"{tmp}/chain", batch, 5, "dist.parallel=ddp")),  # FSDP file → DDP
+                 ("fsdp@6", _digits(f"{tmp}/chain", batch, 6, "dist.parallel=fsdp")),  # DDP file → FSDP
+                 ("mlp", _mlp(f"{tmp}/mlp", 16 // world, 0.05, "dist.parallel=fsdp"))]
+    for (name, recipe), port in zip(plan, ports):
+        result = execute(recipe, replace(env, master_port=port))
+        out[name] = (_numpy(result.state_dict), result.metrics)
+    if world == 2:
+        for parallel, port in zip(("fsdp", "ddp"), ports[-2:]):
+            out[f"own {parallel}"] = _own_loop(replace(env, master_port=port), f"{tmp}/own_{parallel}", parallel)
+    return out
+
+
+def _single(recipe) -> tuple[dict[str, np.ndarray], dict]:
+    from ddp.runner import execute
+
+    result = execute(recipe, SingleProcessEnv())
+    return _numpy(result.state_dict), result.metrics
+
+
+def _at_step(run_dir, step: int) -> dict[str, np.ndarray]:
+    """The weights a checkpoint of a run in ``run_dir`` holds, read as a plain state_dict."""
+    path = next(run_dir.glob(f"version_*/checkpoints/step-{step:08d}.pt"))
+    return _numpy(torch.load(path, map_location="cpu", weights_only=True)["model"])
+
+
+def _assert_close(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], what: str, atol: float = 1e-5) -> float:
+    assert got.keys() == expected.keys(), what
+    worst = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)
+    assert worst <= atol, f"{what}: max abs difference {worst:.3g} > {atol}"
+    print(f"{what}: max abs difference {worst:.3g}")  # shown with pytest -s
+    return worst
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process with the global batch: digits to step 6 (a checkpoint after every step), the
+    first 4 steps alone (evaluated there), and the MLP with and without clipping."""
+    tmp = tmp_path_factory.mktemp("single")
+    digits, record4 = _single(_digits(tmp / "d4", GLOBAL_BATCH, 4))
+    _single(_digits(tmp / "d6", GLOBAL_BATCH, 6, "checkpoint.every_steps=1"))
+    mlp = _single(_mlp(tmp / "mlp", 16, 0.05, "dist.parallel=fsdp"))[0]  # one rank under fsdp: unwrapped
+    unclipped = _single(_mlp(tmp / "free", 16, 0.0))[0]
+    return {"digits@4": digits, "record@4": record4, "digits@5": _at_step(tmp / "d6", 5),
+            "digits@6": _at_step(tmp / "d6", 6), "mlp": mlp, "unclipped": unclipped}
+
+
+def test_fsdp_at_2_ranks_trains_resumes_and_shares_checkpoints_with_ddp(tmp_path, single):
+    ranks = spawn_ranks(_fsdp_jobs, 2, str(tmp_path), [free_port() for _ in range(8)], init_group=False, timeout=180)
+    runs = ranks[0]
+    for name in runs:  # every rank ends with the same whole weights (BatchNorm statistics are each rank's own)
+        weights = [k for k in runs[name][0] if "running_" not in k and "num_batches" not in k]
+        for other in ranks[1:]:
+            assert all(np.array_equal(other[name][0][k], runs[name][0][k]) for k in weights), name
+    straight, record = runs["straight"]
+    _assert_close(straight, single["digits@4"], "FSDP at 2 ranks vs one process")
+    assert record["test_loss"] == pytest.approx(single["record@4"]["test_loss"], abs=1e-5)  # exact evaluation
+    assert record["test_acc"] == single["record@4"]["test_acc"] and record["test_count"] == 359
+    # resumed from its own checkpoint at step 2: the same weights as the run that never stopped
+    assert all(np.array_equal(runs["fsdp@4"][0][k], straight[k]) for k in straight)
+    _assert_close(runs["ddp@5"][0], single["digits@5"], "a DDP run resumed from an FSDP checkpoint")
+    _assert_close(runs["fsdp@6"][0], single["digits@6"], "an FSDP run resumed from a DDP checkpoint")
+    # accumulation, clipping that bites (the unclipped run ends elsewhere), freeze then unfreeze
+    _assert_close(runs["mlp"][0], single["mlp"], "FSDP MLP, accumulate=2, clip_grad_norm=0.05")
+    assert max(float(np.abs(single["mlp"][k] - single["unclipped"][k]).max()) for k in single["mlp"]) > 1e-3
+    # your own loop with BatchNorm: FSDP (the optimizer made before run.prepare follows the shards)
+    # trains and evaluates as DDP does, from rank 0's initial weights, with rank 0's buffers
+    (fsdp, fsdp_record), (ddp, ddp_record) = runs["own fsdp"], runs["own ddp"]
+    _assert_close(fsdp, ddp, "your own loop with BatchNorm: FSDP vs DDP at 2 ranks", atol=1e-6)
+    assert fsdp_record["count"] == 33 and fsdp_record["loss"] == pytest.approx(ddp_record["loss"], abs=1e-6)
+    assert (tmp_path / "own_fsdp" / "version_0" / "checkpoints" / "latest").is_file()
+    # the checkpoint of an FSDP run is a plain state_dict: it loads into the unwrapped model
+    chain = next((tmp_path / "chain").glob("version_*/checkpoints"))
+    latest = (chain / (chain / "latest").read_text().strip())
+    model = digits_cnn((1, 8, 8), 10)
+    model.load_state_dict(torch.load(latest, map_location="cpu", weights_only=True)["model"])
+    assert latest.name == "step-00000006.pt"
+
+
+def test_fsdp_at_4_ranks_equals_one_process(tmp_path, single):
+    ranks = spawn_ranks(_fsdp_jobs, 4, str(tmp_path), [free_port()], init_group=False, timeout=180)
+    _assert_close(ranks[0]["straight"][0], single["digits@4"], "FSDP at 4 ranks vs one process")
+    assert all(np.array_equal(r["straight"][0][k], ranks[0]["straight"][0][k]) for r in ranks for k in r["straight"][0])
+
+
+# --- which blocks are sharded ----------------------------------------------------------------
+
+class TwoLayers(nn.Module):  # a user model without containers: its children with parameters
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.act, self.head = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
+
+
+def test_default_blocks_are_the_elements_of_the_outermost_containers():
+    assert [type(m).__name__ for m in find_blocks(digits_cnn((1, 8, 8), 10))] == ["Conv2d", "Conv2d", "Linear",
+                                                                                  "Linear"]
+    resnet = resnet18((3, 32, 32), 10)
+    assert [type(m).__name__ for m in find_blocks(resnet)] == ["BasicBlock"] * 8  # stem and head stay in the root
+    assert [type(m).__name__ for m in find_blocks(TwoLayers())] == ["Linear", "Linear"]
+    named = find_blocks(resnet, ("BasicBlock", "Conv2d"))
+    assert len(named) == 8 + 20 and all(type(m).__name__ == "Conv2d" for m in named[:16])  # inner ones first
+
+
+def test_fsdp_runs_on_many_ranks_each_on_its_own_gpu():
+    from ddp.cluster.devices import Devices, check_parallel, place
+    from ddp.cluster.environment import TorchrunEnv
+
+    rank3 = TorchrunEnv(rank=3, local_rank=3, world_size=4, local_world_size=4)
+    check_parallel(Parallel.fsdp, rank3)  # not refused, unlike dp and none
+    assert place("nccl", Parallel.fsdp, rank3, Devices(True, 4)).device == torch.device("cuda", 3)  # the mesh's device
+
+
+def test_on_gpus_the_mesh_is_cuda_on_the_rank_device_with_the_asked_policies(monkeypatch):
+    """The GPU path without a GPU: torch's entry points faked, what shard_model asks of them checked."""
+    import torch.distributed.device_mesh as device_mesh
+    import torch.distributed.fsdp as fsdp
+
+    from ddp.config import Precision
+    from ddp.model import sharding
+
+    calls: dict = {"shard": []}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("device", device))
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    monkeypatch.setattr(device_mesh, "init_device_mesh", lambda kind, shape: calls.setdefault("mesh", (kind, shape)))
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **options: calls["shard"].append((module, options)))
+    monkeypatch.setattr(sharding, "_from_rank0", lambda tensors: None)  # a broadcast: needs a group
+    model = digits_cnn((1, 8, 8), 10)
+    plan = sharding.ShardPlan(cpu_offload=True, precision=Precision.bf16)
+    sharding.shard_model(model, torch.device("cuda", 2), plan)
+    assert calls["device"] == torch.device("cuda", 2) and calls["mesh"] == ("cuda", (4,))
+    assert [module for module, _ in calls["shard"]] == [*find_blocks(model), model]  # the blocks, then the root
+    options = calls["shard"][0][1]
+    assert isinstance(options["offload_policy"], fsdp.CPUOffloadPolicy)
+    assert options["mp_policy"].param_dtype == torch.bfloat16 and options["mp_policy"].reduce_dtype == torch.float32
+    assert [o["reshard_after_forward"] for _, o in calls["shard"]] == [True] * 4 + [False]
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+REFUSED = [
+    (["dist.fsdp_cpu_offload=true"], "dist.fsdp_cpu_offload=true keeps GPU training's shards in host memory",
+     "set dist.fsdp_cpu_offload=false on CPU ranks"),
+    (["data.batch_size=auto"], "data.batch_size=auto sizes batches for a whole model", "data.batch_size=N"),
+    (["dist.sync_bn=true"], "dist.sync_bn=true is not supported with dist.parallel=fsdp", "dist.parallel=ddp"),
+    (["train.channels_last=true"], "FSDP shards only contiguous parameters", "set train.channels_last=false"),
+    (["dist.fsdp_blocks=[Block]"], "dist.fsdp_blocks names ['Block'], which no module of this model is",
+     "'Conv2d', 'Linear'"),
+]
+
+
+@pytest.mark.parametrize("overrides, problem, hint", REFUSED)
+def test_refused_before_the_process_group_forms(tmp_path, overrides, problem, hint):
+    from ddp.runner import prepare
+
+    recipe = load_recipe(None, ["dist.parallel=fsdp", f"run.dir={tmp_path}",
+                                f"dist.threads_per_rank={torch.get_num_threads()}", *overrides])
+    two_ranks = ClusterEnv(rank=0, local_rank=0, world_size=2, local_world_size=2, master_port=free_port())
+    with pytest.raises(DDPError) as refused:
+        prepare(recipe, two_ranks)  # forms no group: a refusal here needs no peer
+    assert refused.value.exit_code == 2 and problem in refused.value.problem and hint in refused.value.hint
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_refusal_is_one_line_exit_2(tmp_path):
+    done = run_cli(["-m", "ddp.train", "dist.parallel=fsdp", "dist.fsdp_blocks=[Block]"], cwd=tmp_path, timeout=60,
+                   RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "Traceback" not in done.stderr
+    assert "error: dist.fsdp_blocks names ['Block']" in done.stderr
+    assert not (tmp_path / "runs").exists()
