@@ -2,8 +2,8 @@
 
 Prints the analytic memory estimate and the probe's table (train and eval batch sizes) for a
 recipe on this machine's device, without training and without writing anything. ``--ranks N``
-sizes for N ranks sharing this host (DDP gradient buckets, each rank's share of the data and of
-host RAM).
+sizes for N ranks sharing this host (DDP gradient buckets, or with ``dist.parallel=fsdp`` each
+rank's shards, and each rank's share of the data and of host RAM).
 """
 
 from __future__ import annotations

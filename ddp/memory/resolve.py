@@ -62,7 +62,9 @@ class RecipeProbe:
 
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "usage": self.usage, "budget_mb": round(self.budget / MB, 2),
-                "estimate_mb": {k: None if v is None else round(v / MB, 4) for k, v in self.estimate.to_json().items()},
+                "shards": self.estimate.shards,
+                "estimate_mb": {k: None if v is None else round(v / MB, 4) for k, v in self.estimate.to_json().items()
+                                if k != "shards"},
                 "probes": {kind: r.to_json() for kind, r in self.results.items()}}
 
 
@@ -121,10 +123,11 @@ def check_budget(recipe: Recipe, env: ClusterEnv, splits: Splits, device: torch.
         except ConfigError as err:
             log.debug("data.batch_size=auto: no budget check before the group (%s); the probe checks", err)
             return
-    estimate = _estimate(recipe, model, env.world_size, _data_on_device(recipe, splits, device))
+    data = _data_on_device(recipe, splits, device)
+    estimate = _estimate(recipe, model, env.world_size, data)
     budget = _budget(recipe, reader_for(device, env.local_world_size), estimate, splits)
     if estimate.state > budget:
-        raise budget_error(estimate, budget, None)
+        raise budget_error(estimate, budget, None, fsdp=_fsdp_alternative(recipe, model, env.world_size, data))
 
 
 def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: int, kinds: list[str],
@@ -143,7 +146,8 @@ def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: in
         budget = _budget(recipe, reader, estimate, splits)
         limits = {"train": _shard(len(splits.train), world), "eval": _shard(len(splits.test), world)}
         results = probe_model(model, optimizer, splits.shape, splits.classes, reader, budget,
-                              {kind: limits[kind] for kind in kinds}, estimate)
+                              {kind: limits[kind] for kind in kinds}, estimate,
+                              _fsdp_alternative(recipe, model, world, data))
         return RecipeProbe(estimate, budget, reader.describe(), _usage(reader), results)
     finally:
         model = optimizer = None  # noqa: F841 - the throwaway copy goes before the training model comes
@@ -182,12 +186,29 @@ def _data_on_device(recipe: Recipe, splits: Splits, device: torch.device) -> int
     return data_on_device(recipe.data.loader, splits, device, recipe.data.memory_limit_mb)
 
 
-def _estimate(recipe: Recipe, model: torch.nn.Module, world: int, data: int) -> Estimate:
-    """The analytic table for ``model`` under this recipe, with ``data`` bytes kept on the device."""
-    ddp_ranks = world if recipe.dist.parallel == Parallel.ddp else 1
-    estimate = estimate_state(model, recipe.optim.name.value, recipe.optim.momentum, torch.float32, ddp_ranks)
+def _estimate(recipe: Recipe, model: torch.nn.Module, world: int, data: int,
+              parallel: Parallel | None = None) -> Estimate:
+    """The analytic table for ``model`` under this recipe (or under ``parallel`` instead of its
+    ``dist.parallel``), with ``data`` bytes kept on the device: DDP adds its buckets, FSDP shards
+    over the world size."""
+    parallel = parallel or recipe.dist.parallel
+    ddp_ranks = world if parallel == Parallel.ddp else 1
+    shards = world if parallel == Parallel.fsdp else 1
+    estimate = estimate_state(model, recipe.optim.name.value, recipe.optim.momentum, torch.float32, ddp_ranks,
+                              shards, tuple(recipe.dist.fsdp_blocks))
     estimate.data_on_device = data
     return estimate
+
+
+def _fsdp_alternative(recipe: Recipe, model: torch.nn.Module, world: int, data: int) -> Estimate | None:
+    """The estimate under dist.parallel=fsdp at this world size, for a DDP run of 2+ ranks whose
+    refusal can then say whether sharding would fit (None otherwise)."""
+    if recipe.dist.parallel != Parallel.ddp or world < 2:
+        return None
+    try:
+        return _estimate(recipe, model, world, data, Parallel.fsdp)
+    except ConfigError:  # dist.fsdp_blocks naming classes this model lacks: no alternative to offer
+        return None
 
 
 def _budget(recipe: Recipe, reader: MemoryReader, estimate: Estimate, splits: Splits) -> float:
@@ -321,8 +342,10 @@ def table_lines(report: dict[str, Any], agreed: dict[str, int] | None = None) ->
     est = report["estimate_mb"]
     parts = [("parameters", est["parameters"]), ("gradients", est["gradients"]), ("optimizer", est["optimizer"]),
              ("fp32 master", est["master"]), ("DDP buckets", est["ddp_buckets"]),
-             ("data on device", est.get("data_on_device"))]
-    lines.append("  estimate: " + ", ".join(f"{name} {mb:,.1f} MB" for name, mb in parts if mb)
+             ("gathered root + largest block", est.get("gathered")), ("data on device", est.get("data_on_device"))]
+    shards = int(report.get("shards") or 1)
+    sharded = f" (dist.parallel=fsdp: parameters, gradients and optimizer ÷ {shards})" if shards > 1 else ""
+    lines.append("  estimate" + sharded + ": " + ", ".join(f"{name} {mb:,.1f} MB" for name, mb in parts if mb)
                  + (f", activations {est['per_sample']:,.3f} MB/sample + {est['fixed']:,.1f} MB per step (measured)"
                     if est.get("per_sample") is not None else ""))
     for kind, probe in report["probes"].items():

@@ -204,17 +204,23 @@ def _tensor_bytes(tensors: Any) -> int:
 
 
 def probe_model(model: nn.Module, optimizer: torch.optim.Optimizer, sample_shape: tuple[int, ...], classes: int,
-                reader: MemoryReader, budget: float, limits: dict[str, int], estimate: Estimate) -> dict[str, ProbeResult]:
+                reader: MemoryReader, budget: float, limits: dict[str, int], estimate: Estimate,
+                fsdp: Estimate | None = None) -> dict[str, ProbeResult]:
     """Search the largest train and/or eval batch (``limits`` keys: "train", "eval") under
     ``budget`` bytes on this rank. Not collective. Raises ``MemoryBudgetError`` when batch 1 does
-    not fit, before any trial when the parameters, gradients and optimizer state alone do not."""
+    not fit, before any trial when the parameters, gradients and optimizer state alone do not
+    (``fsdp``: the estimate under dist.parallel=fsdp, which the refusal then weighs).
+
+    Under FSDP (``estimate.shards`` > 1) the trials still run on the whole, unwrapped model, which
+    measures the activations (each rank runs its batch through every gathered block); the state
+    they sit on is the sharded estimate, not what the unwrapped copy holds."""
     if estimate.state > budget:
-        raise budget_error(estimate, budget, None)
+        raise budget_error(estimate, budget, None, fsdp=fsdp)
     results: dict[str, ProbeResult] = {}
     with restored(model, optimizer):
         bench = TrialBench(model, optimizer, tuple(sample_shape), classes, reader)
         bench.prime()
-        state = bench.state_bytes + estimate.ddp_buckets + estimate.data_on_device
+        state = _state(bench, estimate)
         for kind, limit in limits.items():
             started = time.perf_counter()
             step = bench.train_step if kind == "train" else bench.eval_step
@@ -224,8 +230,18 @@ def probe_model(model: nn.Module, optimizer: torch.optim.Optimizer, sample_shape
             if kind == "train":
                 _fill_activations(estimate, search)
             if search.good == 0:
-                raise budget_error(estimate, budget, search.trials[0].reading, kind, tried=True, batch=start)
+                raise budget_error(estimate, budget, search.trials[0].reading, kind, tried=True, batch=start,
+                                   fsdp=fsdp)
     return results
+
+
+def _state(bench: TrialBench, estimate: Estimate) -> float:
+    """What a step's activations sit on: what the primed copy holds (parameters, gradients,
+    optimizer state) plus DDP's buckets and the data on the device; under FSDP the sharded
+    estimate instead (the copy holds the whole model, which no FSDP rank does)."""
+    if estimate.shards > 1:
+        return float(estimate.state)
+    return bench.state_bytes + estimate.ddp_buckets + estimate.data_on_device
 
 
 def _fill_activations(estimate: Estimate, search: Search) -> None:
@@ -243,17 +259,12 @@ def smallest_batch(model: nn.Module) -> int:
 
 
 def budget_error(estimate: Estimate, budget: float, activations: float | None, kind: str = "train",
-                 tried: bool = False, batch: int = 1) -> MemoryBudgetError:
-    """The one line for a budget that cannot hold batch 1, with where the memory goes."""
+                 tried: bool = False, batch: int = 1, fsdp: Estimate | None = None) -> MemoryBudgetError:
+    """The one line for a budget that cannot hold batch 1, with where the memory goes. ``fsdp``: the
+    same model's estimate under ``dist.parallel=fsdp`` at this world size (DDP runs of 2+ ranks),
+    said in the hint with whether it would fit."""
     key = "data.batch_size" if kind == "train" else "data.eval_batch_size"
-    parts = [f"parameters {estimate.parameters / MB:,.1f}", f"gradients {estimate.gradients / MB:,.1f}",
-             f"optimizer {estimate.optimizer / MB:,.1f}"]
-    if estimate.master:
-        parts.append(f"fp32 master copy {estimate.master / MB:,.1f}")
-    if estimate.ddp_buckets:
-        parts.append(f"DDP buckets {estimate.ddp_buckets / MB:,.1f}")
-    if estimate.data_on_device:
-        parts.append(f"data on device {estimate.data_on_device / MB:,.1f}")
+    parts = _parts(estimate)
     if activations is None:
         what = f"and ran out of memory at batch {batch}" if tried else "before any activation"
         needs = f"{estimate.state / MB:,.1f} MB {what}"
@@ -263,6 +274,40 @@ def budget_error(estimate: Estimate, budget: float, activations: float | None, k
     return MemoryBudgetError(
         f"{key}=auto: the model needs {needs} per rank ({' + '.join(parts)} MB), more than the memory "
         f"budget of {budget / MB:,.1f} MB.",
-        "raise memory.budget_mb or memory.fraction, free memory on the device, or use a smaller model "
+        _fsdp_hint(fsdp, budget, activations, batch)
+        + "raise memory.budget_mb or memory.fraction, free memory on the device, or use a smaller model "
         "(optim.name=sgd keeps less optimizer state than adam)"
         + ("; data.loader=dataloader keeps the data off the device" if estimate.data_on_device else ""))
+
+
+def _parts(estimate: Estimate) -> list[str]:
+    """Where the memory goes, in MB, as the refusal lists it."""
+    parts = [f"parameters {estimate.parameters / MB:,.1f}", f"gradients {estimate.gradients / MB:,.1f}",
+             f"optimizer {estimate.optimizer / MB:,.1f}"]
+    if estimate.master:
+        parts.append(f"fp32 master copy {estimate.master / MB:,.1f}")
+    if estimate.shards > 1:
+        parts[-1] += f" (shards: each ÷ {estimate.shards})"
+    if estimate.ddp_buckets:
+        parts.append(f"DDP buckets {estimate.ddp_buckets / MB:,.1f}")
+    if estimate.gathered:
+        parts.append(f"gathered root + largest block {estimate.gathered / MB:,.1f}")
+    if estimate.data_on_device:
+        parts.append(f"data on device {estimate.data_on_device / MB:,.1f}")
+    return parts
+
+
+def _fsdp_hint(fsdp: Estimate | None, budget: float, activations: float | None, batch: int) -> str:
+    """Whether ``dist.parallel=fsdp`` at this world size would hold the model (at ``batch``, when
+    the activations were measured), with its numbers; '' without an FSDP estimate."""
+    if fsdp is None:
+        return ""
+    need = fsdp.state + (activations or 0.0)
+    at = f"at batch {batch} " if activations is not None else "before any activation "
+    numbers = (f"under dist.parallel=fsdp at {fsdp.shards} ranks it would need {need / MB:,.1f} MB per rank {at}"
+               f"({' + '.join(_parts(fsdp))}"
+               + (f" + activations {activations / MB:,.1f}" if activations is not None else "") + " MB)")
+    if need <= budget:
+        return (f"{numbers}, which fits the {budget / MB:,.1f} MB budget: try dist.parallel=fsdp with "
+                "data.batch_size=N (auto does not size FSDP's shards yet); or ")
+    return f"{numbers}, which does not fit either; "
