@@ -1,0 +1,122 @@
+"""The memory estimate under FSDP (``dist.parallel=fsdp``): shards per parameter as FSDP2 pads
+them, the root and the largest gathered block, the probe's table, and a DDP refusal that says
+whether sharding would fit. One process, no collectives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ddp.cluster.environment import ClusterEnv
+from ddp.config import load_recipe
+from ddp.errors import MemoryBudgetError
+from ddp.memory.estimate import MB, estimate_state, gathered_bytes, shard_numel
+from ddp.memory.resolve import KEYS, check_budget, probe_recipe, table_lines
+from ddp.model.zoo import resnet18
+
+# Made-up sizes: two blocks (the Sequential's layers), nothing for the root.
+#   Linear(10, 100): weight 100×10 + bias 100 = 1,100    Linear(100, 7): weight 7×100 + bias 7 = 707
+WHOLE = 1_100 + 707
+
+
+def two_layers() -> nn.Module:
+    return nn.Sequential(nn.Linear(10, 100), nn.Linear(100, 7))
+
+
+def test_one_shard_is_the_ddp_estimate_without_its_buckets():
+    ddp = estimate_state(two_layers(), "adamw", ddp_ranks=4)
+    fsdp = estimate_state(two_layers(), "adamw", shards=1)
+    assert (fsdp.parameters, fsdp.gradients, fsdp.optimizer) == (ddp.parameters, ddp.gradients, ddp.optimizer)
+    assert fsdp.gathered == 0 and fsdp.ddp_buckets == 0
+    assert fsdp.state == ddp.state - ddp.ddp_buckets == 4 * WHOLE * 4  # params + grads + 2 Adam moments
+
+
+def test_four_shards_pad_dim_0_per_parameter_and_add_the_largest_block():
+    est = estimate_state(two_layers(), "adamw", shards=4)
+    # rank's shard: ceil(rows / 4) rows → 25×10 + 25 + 2×100 + 2 = 477 elements (whole ÷ 4 = 451.75)
+    shard = 25 * 10 + 25 + 2 * 100 + 2
+    assert (est.parameters, est.gradients, est.optimizer) == (4 * shard, 4 * shard, 8 * shard)
+    assert WHOLE / 4 <= shard <= WHOLE / 4 + 4 * 100  # ≤ one row of padding per parameter
+    assert est.ddp_buckets == 0
+    assert est.gathered == 4 * (1_100 + 1_100)  # the first layer, whole: its parameters and its gradient
+    assert est.state == 16 * shard + 8_800
+    assert shard_numel(torch.zeros(()), 4) == 1 and shard_numel(torch.zeros(8, 3), 4) == 6
+
+
+def test_the_root_stays_gathered_and_frozen_parameters_have_no_gradient():
+    model = nn.Module()
+    model.body = nn.ModuleList([nn.Linear(10, 10), nn.Linear(10, 10)])  # 110 each: the blocks
+    model.head = nn.Linear(10, 50)  # 550: the root keeps it gathered
+    assert gathered_bytes(model) == 4 * (550 + 550)  # root params + max(block 110+110, root grad 550)
+    model.head.requires_grad_(False)
+    assert gathered_bytes(model) == 4 * (550 + 220)
+    assert estimate_state(model, "sgd", 0.9, shards=2).gradients == 4 * 2 * (5 * 10 + 5)
+
+
+def test_resnet18_at_4_ranks_is_a_quarter_plus_its_largest_block():
+    model = resnet18((3, 32, 32), 10)
+    whole = estimate_state(model, "sgd", 0.9)
+    sharded = estimate_state(model, "sgd", 0.9, shards=4)
+    for part in ("parameters", "gradients", "optimizer"):
+        assert getattr(whole, part) / 4 <= getattr(sharded, part) <= getattr(whole, part) / 4 * 1.01
+    block = max(sum(p.numel() for p in b.parameters()) for b in [*model.layer4, *model.layer3])
+    root = sum(p.numel() for m in (model.conv1, model.bn1, model.fc) for p in m.parameters())
+    assert sharded.gathered == 4 * (root + 2 * block)
+    assert round(sharded.state / MB, 1) == 68.1 and round(whole.state / MB, 1) == 128.0
+    rows = dict(sharded.rows(None))
+    assert rows["parameters ÷ 4"] == "10.7" and rows["gathered: root + largest block (whole)"] == "36.1"
+    with pytest.raises(ValueError):
+        estimate_state(model, "sgd", ddp_ranks=4, shards=4)
+
+
+def _recipe(*overrides: str):
+    return load_recipe(None, ["data.batch_size=auto", "data.loader=dataloader", *overrides])
+
+
+def _digits():
+    from ddp.config import DataConfig
+    from ddp.data.datasets import load_digits
+
+    return load_digits(DataConfig())
+
+
+def _refusal(budget_mb: float) -> str:
+    """check_budget's refusal for the default model under DDP at 4 ranks (digits_cnn: 0.6 MB each
+    of parameters, gradients, momentum and DDP buckets; under FSDP 0.1 MB shards + 1.0 MB gathered)."""
+    with pytest.raises(MemoryBudgetError) as info:
+        check_budget(_recipe(f"memory.budget_mb={budget_mb}"), ClusterEnv(world_size=4, local_world_size=4),
+                     _digits(), torch.device("cpu"))
+    return str(info.value)
+
+
+def test_a_ddp_refusal_names_fsdp_with_its_numbers_when_it_would_fit():
+    message = _refusal(2)
+    assert message.startswith("data.batch_size=auto: the model needs 2.3 MB before any activation per rank "
+                              "(parameters 0.6 + gradients 0.6 + optimizer 0.6 + DDP buckets 0.6 MB), more than "
+                              "the memory budget of 2.0 MB. HINT: under dist.parallel=fsdp at 4 ranks it would "
+                              "need 1.4 MB per rank before any activation (parameters 0.1 + gradients 0.1 + "
+                              "optimizer 0.1 (shards: each ÷ 4) + gathered root + largest block 1.0 MB), which "
+                              "fits the 2.0 MB budget: try dist.parallel=fsdp with data.batch_size=N")
+    assert "\n" not in message
+
+
+def test_a_ddp_refusal_does_not_suggest_fsdp_when_it_would_not_fit():
+    message = _refusal(1)
+    assert "under dist.parallel=fsdp at 4 ranks it would need 1.4 MB per rank" in message
+    assert "which does not fit either" in message and "try dist.parallel=fsdp" not in message
+    with pytest.raises(MemoryBudgetError) as info:  # one rank: sharding has nothing to offer
+        check_budget(_recipe("memory.budget_mb=1"), ClusterEnv(), _digits(), torch.device("cpu"))
+    assert "fsdp" not in str(info.value)
+
+
+def test_the_probe_under_fsdp_sits_its_trials_on_the_sharded_state():
+    recipe = _recipe("dist.parallel=fsdp", "memory.budget_mb=60")
+    probe = probe_recipe(recipe, _digits(), torch.device("cpu"), 4, ["train"])
+    assert probe.results["train"].state == probe.estimate.state  # shards + gathered, not the whole copy
+    assert probe.estimate.shards == 4 and probe.estimate.ddp_buckets == 0
+    lines = table_lines({"source": "probe", **probe.to_json()})
+    assert lines[1].startswith("  estimate (dist.parallel=fsdp: parameters, gradients and optimizer ÷ 4): "
+                               "parameters 0.1 MB, gradients 0.1 MB, optimizer 0.1 MB, gathered root + largest "
+                               "block 1.0 MB")
+    assert f"{KEYS['train']}=" in lines[2] and "← pick" in "\n".join(lines)
