@@ -74,7 +74,8 @@ def check_recipe(recipe: Recipe, device: torch.device, world_size: int) -> None:
         if is_auto(getattr(recipe.data, key)):
             raise ConfigError(f"data.{key}=auto sizes batches for a whole model on every rank, not for "
                               "dist.parallel=fsdp's shards.",
-                              f"give data.{key}=N with dist.parallel=fsdp (or use dist.parallel=ddp)")
+                              f"give data.{key}=N with dist.parallel=fsdp (python -m ddp.probe --ranks "
+                              f"{world_size} dist.parallel=fsdp prints the sharded estimate), or use dist.parallel=ddp")
     if recipe.dist.sync_bn:
         raise ConfigError("dist.sync_bn=true is not supported with dist.parallel=fsdp.",
                           "use dist.parallel=ddp for SyncBatchNorm, or set dist.sync_bn=false")
