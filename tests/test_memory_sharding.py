@@ -39,8 +39,8 @@ def test_four_shards_pad_dim_0_per_parameter_and_add_the_largest_block():
     assert (est.parameters, est.gradients, est.optimizer) == (4 * shard, 4 * shard, 8 * shard)
     assert WHOLE / 4 <= shard <= WHOLE / 4 + 4 * 100  # ≤ one row of padding per parameter
     assert est.ddp_buckets == 0
-    assert est.gathered == 4 * (1_100 + 1_100)  # the first layer, whole: its parameters and its gradient
-    assert est.state == 16 * shard + 8_800
+    assert est.gathered == 4 * (1_100 + 1_100 + 1_100)  # layer 1 whole + its gradient + the next, gathered ahead
+    assert est.state == 16 * shard + 13_200
     assert shard_numel(torch.zeros(()), 4) == 1 and shard_numel(torch.zeros(8, 3), 4) == 6
 
 
@@ -48,9 +48,9 @@ def test_the_root_stays_gathered_and_frozen_parameters_have_no_gradient():
     model = nn.Module()
     model.body = nn.ModuleList([nn.Linear(10, 10), nn.Linear(10, 10)])  # 110 each: the blocks
     model.head = nn.Linear(10, 50)  # 550: the root keeps it gathered
-    assert gathered_bytes(model) == 4 * (550 + 550)  # root params + max(block 110+110, root grad 550)
+    assert gathered_bytes(model) == 4 * (550 + 550)  # root params + max(block 3 × 110, root grad 550)
     model.head.requires_grad_(False)
-    assert gathered_bytes(model) == 4 * (550 + 220)
+    assert gathered_bytes(model) == 4 * (550 + 330)
     assert estimate_state(model, "sgd", 0.9, shards=2).gradients == 4 * 2 * (5 * 10 + 5)
 
 
@@ -62,10 +62,10 @@ def test_resnet18_at_4_ranks_is_a_quarter_plus_its_largest_block():
         assert getattr(whole, part) / 4 <= getattr(sharded, part) <= getattr(whole, part) / 4 * 1.01
     block = max(sum(p.numel() for p in b.parameters()) for b in [*model.layer4, *model.layer3])
     root = sum(p.numel() for m in (model.conv1, model.bn1, model.fc) for p in m.parameters())
-    assert sharded.gathered == 4 * (root + 2 * block)
-    assert round(sharded.state / MB, 1) == 68.1 and round(whole.state / MB, 1) == 128.0
+    assert sharded.gathered == 4 * (root + 3 * block)
+    assert round(sharded.state / MB, 1) == 86.1 and round(whole.state / MB, 1) == 128.0
     rows = dict(sharded.rows(None))
-    assert rows["parameters ÷ 4"] == "10.7" and rows["gathered: root + largest block (whole)"] == "36.1"
+    assert rows["parameters ÷ 4"] == "10.7" and rows["gathered: root + largest block (whole)"] == "54.1"
     with pytest.raises(ValueError):
         estimate_state(model, "sgd", ddp_ranks=4, shards=4)
 
@@ -83,7 +83,7 @@ def _digits():
 
 def _refusal(budget_mb: float) -> str:
     """check_budget's refusal for the default model under DDP at 4 ranks (digits_cnn: 0.6 MB each
-    of parameters, gradients, momentum and DDP buckets; under FSDP 0.1 MB shards + 1.0 MB gathered)."""
+    of parameters, gradients, momentum and DDP buckets; under FSDP 0.1 MB shards + 1.5 MB gathered)."""
     with pytest.raises(MemoryBudgetError) as info:
         check_budget(_recipe(f"memory.budget_mb={budget_mb}"), ClusterEnv(world_size=4, local_world_size=4),
                      _digits(), torch.device("cpu"))
@@ -95,15 +95,15 @@ def test_a_ddp_refusal_names_fsdp_with_its_numbers_when_it_would_fit():
     assert message.startswith("data.batch_size=auto: the model needs 2.3 MB before any activation per rank "
                               "(parameters 0.6 + gradients 0.6 + optimizer 0.6 + DDP buckets 0.6 MB), more than "
                               "the memory budget of 2.0 MB. HINT: under dist.parallel=fsdp at 4 ranks it would "
-                              "need 1.4 MB per rank before any activation (parameters 0.1 + gradients 0.1 + "
-                              "optimizer 0.1 (shards: each ÷ 4) + gathered root + largest block 1.0 MB), which "
+                              "need 1.9 MB per rank before any activation (parameters 0.1 + gradients 0.1 + "
+                              "optimizer 0.1 (shards: each ÷ 4) + gathered root + largest block 1.5 MB), which "
                               "fits the 2.0 MB budget: try dist.parallel=fsdp with data.batch_size=N")
     assert "\n" not in message
 
 
 def test_a_ddp_refusal_does_not_suggest_fsdp_when_it_would_not_fit():
     message = _refusal(1)
-    assert "under dist.parallel=fsdp at 4 ranks it would need 1.4 MB per rank" in message
+    assert "under dist.parallel=fsdp at 4 ranks it would need 1.9 MB per rank" in message
     assert "which does not fit either" in message and "try dist.parallel=fsdp" not in message
     with pytest.raises(MemoryBudgetError) as info:  # one rank: sharding has nothing to offer
         check_budget(_recipe("memory.budget_mb=1"), ClusterEnv(), _digits(), torch.device("cpu"))
@@ -118,5 +118,5 @@ def test_the_probe_under_fsdp_sits_its_trials_on_the_sharded_state():
     lines = table_lines({"source": "probe", **probe.to_json()})
     assert lines[1].startswith("  estimate (dist.parallel=fsdp: parameters, gradients and optimizer ÷ 4): "
                                "parameters 0.1 MB, gradients 0.1 MB, optimizer 0.1 MB, gathered root + largest "
-                               "block 1.0 MB")
+                               "block 1.5 MB")
     assert f"{KEYS['train']}=" in lines[2] and "← pick" in "\n".join(lines)

@@ -14,8 +14,9 @@ For P trainable parameters stored in dtype d (bytes(d) each):
     gathered       under FSDP over S > 1 ranks: what all-gathering adds on top of the shards. The
                    root (what no block holds) keeps its whole parameters from forward to backward;
                    one block at a time is gathered whole, and in its backward holds its whole
-                   gradient too until the reduce-scatter. So: root parameters + the largest of
-                   (a block's parameters + gradient) and (the root's gradient)
+                   gradient too until the reduce-scatter, while the next block is gathered ahead
+                   (backward prefetch). So: root parameters + the larger of (the largest block's
+                   parameters × 2 + its gradient) and (the root's gradient)
     data on device the train and test tensors the in-memory loader (data.loader=memory, or auto
                    when it fits) keeps on the training device: float32 inputs, int64 targets; each
                    rank holds its own copy, on a GPU or in host RAM
@@ -141,14 +142,16 @@ def shard_numel(param: torch.Tensor, shards: int) -> int:
 
 def gathered_bytes(model: nn.Module, blocks: tuple[str, ...] = (), width: int = 4) -> int:
     """Bytes FSDP's all-gathers add to the shards, at the worst moment of a step: the root's whole
-    parameters (gathered from its forward to its backward) + the larger of one block's whole
-    parameters and gradient (its backward, before the reduce-scatter) and the root's whole
-    gradient (the root's backward, last). Blocks as ``ddp.model.sharding.find_blocks`` picks them;
-    a block's own parameters exclude those of the blocks inside it."""
+    parameters (gathered from its forward to its backward) + the larger of a block's backward
+    (its whole parameters and gradient, before the reduce-scatter, and the next block's whole
+    parameters, which FSDP2 gathers ahead; the largest block counted for both) and the root's
+    whole gradient (the root's backward, last). Blocks as ``ddp.model.sharding.find_blocks``
+    picks them; a block's own parameters exclude those of the blocks inside it."""
     units = _block_units(model, find_blocks(model, blocks))
     owned = {id(p) for unit in units for p in unit}
     root = [p for p in model.parameters() if id(p) not in owned]
-    largest_block = max((_numel(unit) + _numel(unit, grads=True) for unit in units), default=0)
+    ahead = max((_numel(unit) for unit in units), default=0)  # the next block, gathered ahead (prefetch)
+    largest_block = max((_numel(unit) + _numel(unit, grads=True) + ahead for unit in units), default=0)
     return (_numel(root) + max(largest_block, _numel(root, grads=True))) * width
 
 
