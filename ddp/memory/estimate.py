@@ -25,8 +25,9 @@ For P trainable parameters stored in dtype d (bytes(d) each):
 
 e.g. ResNet-18 (11.2 M parameters, fp32) with SGD + momentum on 2 ranks: 42.7 + 42.7 + 42.7
 + 0 + 42.7 MB = 170.6 MB before the first activation (MB = 2^20 bytes throughout). Under
-dist.parallel=fsdp at 4 ranks: 10.7 + 10.7 + 10.7 MB of shards + 36.1 MB gathered (the largest
-BasicBlock's whole parameters and gradient, 18 MB each, and the root's stem and head) = 68.1 MB.
+dist.parallel=fsdp at 4 ranks: 10.7 + 10.7 + 10.7 MB of shards + 54.1 MB gathered (the largest
+BasicBlock's whole parameters, twice, and its gradient, 18 MB each, and the root's stem and head)
+= 86.1 MB.
 """
 
 from __future__ import annotations
