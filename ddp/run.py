@@ -52,7 +52,7 @@ from ddp.lifecycle.changes import Policy, describe
 from ddp.lifecycle.decision import Decision, decide
 from ddp.lifecycle.history import record_start
 from ddp.lifecycle.run_dir import RunDir
-from ddp.model.parallel import convert_sync_bn, unwrap_model, wrap_model
+from ddp.model.parallel import convert_sync_bn, ddp_options, unwrap_model, wrap_model
 from ddp.reporting.logs import RankLogs, rank_logging
 from ddp.reporting.metrics import MetricsWriter
 
@@ -216,7 +216,8 @@ class Run:
         Make the optimizer before or after: its parameters are the model's own, moved in place.
         Optimizer steps are counted from here (``run.step``)."""
         model = convert_sync_bn(model, self.recipe.dist.sync_bn, self.world_size)
-        wrapped = wrap_model(model, self.recipe.dist.parallel, self.device, self.devices)
+        wrapped = wrap_model(model, self.recipe.dist.parallel, self.device, self.devices,
+                             ddp_options(self.recipe.dist))
         if optimizer is None:
             return wrapped
         optimizer.register_step_post_hook(self._count_step)

@@ -36,7 +36,7 @@ from ddp.data.device_data import MemoryLoader, choose_loader
 from ddp.lifecycle.decision import Decision
 from ddp.reporting.logs import RankLogs, rank_logging
 from ddp.model.optim import build_optimizer, build_scheduler, schedule_position
-from ddp.model.parallel import check_sync_bn, convert_sync_bn, unwrap_model, wrap_model
+from ddp.model.parallel import check_sync_bn, convert_sync_bn, ddp_options, unwrap_model, wrap_model
 from ddp.model.precision import check_precision, make_scaler
 from ddp.reporting.report import summary
 from ddp.reporting.text import count
@@ -280,7 +280,7 @@ def build_parts(recipe: Recipe, plan: Plan, wrap: bool = True) -> TrainParts:
 
 def _wrap(model: torch.nn.Module, recipe: Recipe, plan: Plan) -> torch.nn.Module:
     """All ranks must call. DDP (or DP) around the model, then ``torch.compile`` when asked."""
-    wrapped = wrap_model(model, recipe.dist.parallel, plan.device, plan.devices)
+    wrapped = wrap_model(model, recipe.dist.parallel, plan.device, plan.devices, ddp_options(recipe.dist))
     return torch.compile(wrapped) if recipe.train.compile else wrapped
 
 
