@@ -100,3 +100,37 @@ def test_static_graph_with_accumulation_is_one_line_exit_2_before_any_rank(tmp_p
         "all-reduce in its first backward, which accumulation skips (no_sync). "
         "HINT: set dist.static_graph=false, or train.accumulate=1")
     assert not (tmp_path / "runs").exists()
+
+
+def _prime_then_forward(env) -> list[tuple[bool, bool]]:
+    """A resumed run's first batch on a fresh DDP model: ``Trainer._prime_buckets``, then the first
+    real forward. For static_graph false, then true: (regrouped before that forward, regrouped by it)."""
+    return [_prime_one(env, static_graph) for static_graph in (False, True)]
+
+
+def _prime_one(env, static_graph: bool) -> tuple[bool, bool]:
+    from types import SimpleNamespace
+
+    from ddp.cluster.devices import Devices
+    from ddp.config import Precision
+    from ddp.engine.trainer import Trainer
+    from ddp.model.parallel import ddp_options, wrap_model
+
+    recipe = load_recipe(None, [f"dist.static_graph={str(static_graph).lower()}"])
+    model = wrap_model(_net(), recipe.dist.parallel, torch.device("cpu"), Devices(False, 0), ddp_options(recipe.dist))
+    parts = SimpleNamespace(model=model, loss=nn.functional.cross_entropy, device=torch.device("cpu"),
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = SimpleNamespace(_prime=True, parts=parts, cfg=SimpleNamespace(train=SimpleNamespace(precision=Precision.fp32)))
+    inputs, targets = _batch(env.rank, 0), torch.tensor([0, 1, 2])
+    Trainer._prime_buckets(trainer, inputs, targets)
+    before = model._has_rebuilt_buckets
+    model(inputs)  # DDP regroups its buckets here, before the forward, once it has recorded an order
+    return before, model._has_rebuilt_buckets
+
+
+def test_resume_priming_regroups_ddp_buckets_before_the_first_real_step_with_and_without_static_graph():
+    """At 3+ ranks the first step after a resume must all-reduce in the regrouped buckets, as the
+    uninterrupted run's later steps do (bit-exact resumes). A static graph records the order only
+    in its second backward, so one priming pass is not enough there."""
+    ranks = spawn_ranks(_prime_then_forward, 3, timeout=120)
+    assert ranks == [[(False, True), (False, True)]] * 3, ranks  # [rank][static_graph false, true]
