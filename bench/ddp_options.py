@@ -53,6 +53,7 @@ VARIANTS = [BASELINE,
             Variant("gradient_as_bucket_view=true", {"dist.gradient_as_bucket_view": "true"}),
             Variant("static_graph=true", {"dist.static_graph": "true"}),
             Variant("bucket_cap_mb=5", {"dist.bucket_cap_mb": "5"}, BUCKETED),
+            Variant("bucket_cap_mb=10", {"dist.bucket_cap_mb": "10"}, BUCKETED),
             Variant("bucket_cap_mb=100", {"dist.bucket_cap_mb": "100"}, BUCKETED)]
 
 
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"subset of {','.join(WORKLOADS)}")
     parser.add_argument("--worlds", default="2", help="comma-separated world sizes (DDP wraps only at 2+)")
+    parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(v.key for v in VARIANTS[1:])} "
+                        "(default all; torch's defaults always run)")
     parser.add_argument("--quick", action="store_true", help="the workloads' short run lengths")
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--quiet-wait", type=float, default=20.0, help="longest wait for an idle machine, s")
@@ -68,13 +71,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def chosen(args: argparse.Namespace) -> list[Variant]:
+    """The baseline and the variants ``--variants`` names (all when it names none)."""
+    if not args.variants:
+        return VARIANTS
+    names = set(args.variants.split(","))
+    unknown = names - {v.key for v in VARIANTS}
+    if unknown:
+        raise SystemExit(f"error: unknown variants {sorted(unknown)}; choose from {', '.join(v.key for v in VARIANTS[1:])}")
+    return [BASELINE, *(v for v in VARIANTS[1:] if v.key in names)]
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[tuple[str, int, str], list[Measurement | str]]:
     """Every (workload, world, variant) once per round, the variants in a rotated order."""
     workloads = [WORKLOADS[key] for key in args.workloads.split(",")]
     worlds = [int(w) for w in args.worlds.split(",")]
     results: dict[tuple[str, int, str], list[Measurement | str]] = {}
+    variants = chosen(args)
     for index in range(args.rounds):
-        order = VARIANTS[index % len(VARIANTS):] + VARIANTS[:index % len(VARIANTS)]
+        order = variants[index % len(variants):] + variants[:index % len(variants)]
         for workload in workloads:
             for world in worlds:
                 for variant in (v for v in order if v.runs_on(workload.key)):
@@ -97,7 +112,7 @@ def table(results: dict[tuple[str, int, str], list[Measurement | str]], args: ar
     for key in args.workloads.split(","):
         for world in (int(w) for w in args.worlds.split(",")):
             base = results[(key, world, BASELINE.key)]
-            for variant in (v for v in VARIANTS[1:] if v.runs_on(key)):
+            for variant in (v for v in chosen(args)[1:] if v.runs_on(key)):
                 pairs = [(a.samples_per_s, b.samples_per_s) for a, b in zip(results[(key, world, variant.key)], base)
                          if isinstance(a, Measurement) and isinstance(b, Measurement)]
                 rows.append(f"| {WORKLOADS[key].title} | {world} | {variant.key} | {_cells(pairs, args.rounds)} |")
