@@ -7,7 +7,8 @@ For P trainable parameters stored in dtype d (bytes(d) each):
     optimizer      SGD with momentum: 1 buffer per parameter; plain SGD: 0; Adam/AdamW: 2
                    (exp_avg, exp_avg_sq), each P × bytes(d), or P × 4 when d is lower than fp32
     master copy    P × 4 when d is lower than fp32 (mixed precision keeps fp32 weights to step on)
-    DDP buckets    P × bytes(d) under DDP with more than one rank (its flat gradient buckets)
+    DDP buckets    P × bytes(d) under DDP with more than one rank (its flat gradient buckets), unless
+                   dist.gradient_as_bucket_view makes the gradients views into them
     data on device the train and test tensors the in-memory loader (data.loader=memory, or auto
                    when it fits) keeps on the training device: float32 inputs, int64 targets; each
                    rank holds its own copy, on a GPU or in host RAM
@@ -86,11 +87,12 @@ def _mb(value: float) -> str:
 
 
 def estimate_state(model: nn.Module, optimizer: str, momentum: float = 0.0, dtype: torch.dtype = torch.float32,
-                   ddp_ranks: int = 1) -> Estimate:
+                   ddp_ranks: int = 1, bucket_views: bool = False) -> Estimate:
     """The analytic part of the table for ``model`` trained in ``dtype`` (parameters' dtype).
 
     ``ddp_ranks``: the world size when DistributedDataParallel wraps the model (buckets exist only
-    with more than one rank)."""
+    with more than one rank). ``bucket_views``: ``dist.gradient_as_bucket_view``, the gradients are
+    views into the buckets, so the buckets cost nothing more."""
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     width = torch.empty((), dtype=dtype).element_size()
@@ -101,5 +103,5 @@ def estimate_state(model: nn.Module, optimizer: str, momentum: float = 0.0, dtyp
         gradients=count * width,
         optimizer=count * optimizer_copies(optimizer, momentum) * state_width,
         master=count * 4 if low else 0,
-        ddp_buckets=count * width if ddp_ranks > 1 else 0,
+        ddp_buckets=count * width if ddp_ranks > 1 and not bucket_views else 0,
     )

@@ -185,7 +185,8 @@ def _data_on_device(recipe: Recipe, splits: Splits, device: torch.device) -> int
 def _estimate(recipe: Recipe, model: torch.nn.Module, world: int, data: int) -> Estimate:
     """The analytic table for ``model`` under this recipe, with ``data`` bytes kept on the device."""
     ddp_ranks = world if recipe.dist.parallel == Parallel.ddp else 1
-    estimate = estimate_state(model, recipe.optim.name.value, recipe.optim.momentum, torch.float32, ddp_ranks)
+    estimate = estimate_state(model, recipe.optim.name.value, recipe.optim.momentum, torch.float32, ddp_ranks,
+                              recipe.dist.gradient_as_bucket_view)
     estimate.data_on_device = data
     return estimate
 
