@@ -197,6 +197,9 @@ class DistConfig:
     fsdp_blocks: List[str] = setting(factory=list, resume=HONOURED)  # parallel=fsdp: module class names sharded one by one; [] = the default rule (ddp.model.sharding)
     fsdp_reshard_after_forward: bool = setting(True, resume=HONOURED)  # parallel=fsdp: free each block's gathered parameters after its forward (gathered again in backward)
     fsdp_cpu_offload: bool = setting(False, resume=HONOURED)  # parallel=fsdp on GPUs: sharded parameters, gradients and optimizer state in host memory
+    gradient_as_bucket_view: bool = setting(True, resume=HONOURED)  # DDP: gradients are views into its all-reduce buckets (one gradient copy less)
+    bucket_cap_mb: float = setting(25.0, above=0.0, resume=HONOURED)  # DDP: gradient bucket size in MB (torch's default)
+    static_graph: bool = setting(False, resume=HONOURED)  # DDP: the same parameters get gradients every step; not with train.accumulate > 1
 
 
 @dataclass
@@ -289,6 +292,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     _check_bounds(recipe)
     _check_batch_sizes(recipe)
     _check_choices(recipe)
+    _check_static_graph(recipe)
     return recipe
 
 
@@ -465,3 +469,12 @@ def _check_choices(recipe: Recipe) -> None:
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"data.synthetic_shape={list(shape)} is invalid: it must be [channels, height, width].",
                           "e.g. data.synthetic_shape=[3,32,32]")
+
+
+def _check_static_graph(recipe: Recipe) -> None:
+    """DDP's static graph records its first backward, which must all-reduce; with accumulation the
+    first micro-batch runs under ``no_sync()`` and DDP fails inside its reducer (torch 2.14)."""
+    if recipe.dist.static_graph and recipe.train.accumulate > 1:
+        raise ConfigError(f"dist.static_graph=true cannot be combined with train.accumulate={recipe.train.accumulate}: "
+                          "DDP's static graph must all-reduce in its first backward, which accumulation skips (no_sync).",
+                          "set dist.static_graph=false, or train.accumulate=1")

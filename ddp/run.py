@@ -53,7 +53,7 @@ from ddp.lifecycle.decision import Decision, decide
 from ddp.lifecycle.history import record_start
 from ddp.lifecycle.run_dir import RunDir
 from ddp.model import sharding
-from ddp.model.parallel import convert_sync_bn, unwrap_model, wrap_model
+from ddp.model.parallel import convert_sync_bn, ddp_options, unwrap_model, wrap_model
 from ddp.reporting.logs import RankLogs, rank_logging
 from ddp.reporting.metrics import MetricsWriter
 
@@ -221,7 +221,7 @@ class Run:
         sharding.check_model(model, self.recipe, self.world_size)
         names = sharding.parameter_names(model)
         wrapped = wrap_model(model, self.recipe.dist.parallel, self.device, self.devices,
-                             sharding.ShardPlan.of(self.recipe))
+                             shard=sharding.ShardPlan.of(self.recipe), ddp_kwargs=ddp_options(self.recipe.dist))
         if optimizer is None:
             return wrapped
         sharding.repoint_optimizer(optimizer, names, unwrap_model(wrapped))

@@ -36,7 +36,7 @@ from ddp.data.device_data import MemoryLoader, choose_loader
 from ddp.lifecycle.decision import Decision
 from ddp.reporting.logs import RankLogs, rank_logging
 from ddp.model.optim import build_optimizer, build_scheduler, schedule_position
-from ddp.model.parallel import check_sync_bn, convert_sync_bn, unwrap_model, wrap_model
+from ddp.model.parallel import check_sync_bn, convert_sync_bn, ddp_options, unwrap_model, wrap_model
 from ddp.model import sharding
 from ddp.checkpoint import full_state
 from ddp.model.precision import check_precision, make_scaler
@@ -286,7 +286,8 @@ def _wrap(model: torch.nn.Module, recipe: Recipe, plan: Plan, optimizer: torch.o
     """All ranks must call. DDP (or DP) around the model, or FSDP's shards of it (the optimizer
     then steps the sharded parameters), then ``torch.compile`` when asked."""
     names = sharding.parameter_names(model)
-    wrapped = wrap_model(model, recipe.dist.parallel, plan.device, plan.devices, sharding.ShardPlan.of(recipe))
+    wrapped = wrap_model(model, recipe.dist.parallel, plan.device, plan.devices, shard=sharding.ShardPlan.of(recipe),
+                         ddp_kwargs=ddp_options(recipe.dist))
     sharding.repoint_optimizer(optimizer, names, unwrap_model(wrapped))
     return torch.compile(wrapped) if recipe.train.compile else wrapped
 

@@ -36,6 +36,8 @@ def test_estimate_counts_each_part():
     assert estimate_state(model, "sgd", 0.0).optimizer == 0
     adam = estimate_state(model, "adamw", ddp_ranks=4)
     assert adam.optimizer == 8 * n and adam.ddp_buckets == 4 * n and adam.state == 20 * n
+    views = estimate_state(model, "adamw", ddp_ranks=4, bucket_views=True)  # dist.gradient_as_bucket_view
+    assert views.ddp_buckets == 0 and views.state == 16 * n
     half = estimate_state(model, "adam", dtype=torch.float16)  # AMP-style: fp32 master and fp32 moments
     assert (half.parameters, half.gradients, half.optimizer, half.master) == (2 * n, 2 * n, 8 * n, 4 * n)
     assert optimizer_copies("adam") == 2
@@ -296,11 +298,12 @@ def test_non_integer_batch_size_is_one_line_exit_2(tmp_path, args, expected):
 
 
 def test_probe_cli_prints_estimate_and_tables_and_writes_nothing(tmp_path):
-    done = run_cli(["-m", "ddp.probe", "--ranks", "2", "memory.budget_mb=60"], cwd=tmp_path, timeout=120)
+    done = run_cli(["-m", "ddp.probe", "--ranks", "2", "memory.budget_mb=60", "dist.gradient_as_bucket_view=false"],
+                   cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert "budget 60.0 MB per rank" in out and "parameters 0.6 MB, gradients 0.6 MB, optimizer 0.6 MB" in out
-    assert "DDP buckets 0.6 MB" in out and "MB/sample" in out
+    assert "DDP buckets 0.6 MB" in out and "MB/sample" in out  # the gradients' own copy, bucket views off
     assert "train:" in out and "eval:" in out and out.count("← pick") == 2
     assert list(tmp_path.iterdir()) == []
 

@@ -81,30 +81,39 @@ def _digits():
     return load_digits(DataConfig())
 
 
-def _refusal(budget_mb: float) -> str:
-    """check_budget's refusal for the default model under DDP at 4 ranks (digits_cnn: 0.6 MB each
-    of parameters, gradients, momentum and DDP buckets; under FSDP 0.1 MB shards + 1.5 MB gathered)."""
+def _refusal(budget_mb: int, *overrides: str) -> str:
+    """check_budget's refusal under DDP at 4 ranks, for ResNet-18 on 3×32×32 inputs unless
+    ``overrides`` say otherwise (SGD with momentum: 42.7 MB each of parameters, gradients and
+    momentum, gradients as bucket views: 128.0 MB; under FSDP 3 × 10.7 + 54.1 gathered = 86.1 MB)."""
+    from ddp.data.datasets import build_datasets
+
+    recipe = _recipe(f"memory.budget_mb={budget_mb}", "model.name=resnet18", "data.name=synthetic",
+                     "data.synthetic_shape=[3,32,32]", "data.synthetic_train=64", "data.synthetic_test=64", *overrides)
     with pytest.raises(MemoryBudgetError) as info:
-        check_budget(_recipe(f"memory.budget_mb={budget_mb}"), ClusterEnv(world_size=4, local_world_size=4),
-                     _digits(), torch.device("cpu"))
+        check_budget(recipe, ClusterEnv(world_size=4, local_world_size=4), build_datasets(recipe.data),
+                     torch.device("cpu"))
     return str(info.value)
 
 
 def test_a_ddp_refusal_names_fsdp_with_its_numbers_when_it_would_fit():
-    message = _refusal(2)
-    assert message.startswith("data.batch_size=auto: the model needs 2.3 MB before any activation per rank "
-                              "(parameters 0.6 + gradients 0.6 + optimizer 0.6 + DDP buckets 0.6 MB), more than "
-                              "the memory budget of 2.0 MB. HINT: under dist.parallel=fsdp at 4 ranks it would "
-                              "need 1.9 MB per rank before any activation (parameters 0.1 + gradients 0.1 + "
-                              "optimizer 0.1 (shards: each ÷ 4) + gathered root + largest block 1.5 MB), which "
-                              "fits the 2.0 MB budget: try dist.parallel=fsdp with data.batch_size=N")
+    message = _refusal(100)
+    assert message.startswith("data.batch_size=auto: the model needs 128.0 MB before any activation per rank "
+                              "(parameters 42.7 + gradients 42.7 + optimizer 42.7 MB), more than the memory budget "
+                              "of 100.0 MB. HINT: under dist.parallel=fsdp at 4 ranks it would need 86.1 MB per "
+                              "rank before any activation (parameters 10.7 + gradients 10.7 + optimizer 10.7 "
+                              "(shards: each ÷ 4) + gathered root + largest block 54.1 MB), which fits the 100.0 MB "
+                              "budget: try dist.parallel=fsdp with data.batch_size=N")
     assert "\n" not in message
 
 
 def test_a_ddp_refusal_does_not_suggest_fsdp_when_it_would_not_fit():
-    message = _refusal(1)
-    assert "under dist.parallel=fsdp at 4 ranks it would need 1.9 MB per rank" in message
+    message = _refusal(80)
+    assert "under dist.parallel=fsdp at 4 ranks it would need 86.1 MB per rank" in message
     assert "which does not fit either" in message and "try dist.parallel=fsdp" not in message
+    # the digits CNN's first linear layer is most of it: gathered whole, FSDP needs more than DDP
+    message = _refusal(1, "model.name=digits_cnn", "data.synthetic_shape=[1,8,8]")
+    assert "needs 1.7 MB before any activation" in message and "it would need 1.9 MB per rank" in message
+    assert "try dist.parallel=fsdp" not in message
     with pytest.raises(MemoryBudgetError) as info:  # one rank: sharding has nothing to offer
         check_budget(_recipe("memory.budget_mb=1"), ClusterEnv(), _digits(), torch.device("cpu"))
     assert "fsdp" not in str(info.value)

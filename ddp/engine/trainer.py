@@ -167,7 +167,8 @@ class Trainer:
         its first backward. Ring all-reduce sums each element in an order set by its place in the
         bucket, so with more than 2 ranks the first step after a restart, still in the first
         layout, would round differently from the uninterrupted run's step. One throw-away
-        forward and backward here lets DDP regroup first; the RNG states, the buffers (BatchNorm
+        forward and backward here lets DDP regroup first (two with ``dist.static_graph``: DDP
+        records the order in its second backward then); the RNG states, the buffers (BatchNorm
         statistics) and the gradients are put back as they were, so training sees nothing of it."""
         self._prime = False
         model = self.parts.model
@@ -175,10 +176,11 @@ class Trainer:
             return  # two summands add the same in either order
         rng = capture_rng()
         buffers = [buffer.detach().clone() for buffer in model.buffers()]
-        with autocast(self.cfg.train.precision, self.parts.device):
-            loss = self.parts.loss(model(inputs), targets)
-        loss.backward()
-        self.parts.optimizer.zero_grad(set_to_none=True)
+        for _ in range(2 if model.static_graph else 1):
+            with autocast(self.cfg.train.precision, self.parts.device):
+                loss = self.parts.loss(model(inputs), targets)
+            loss.backward()
+            self.parts.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for buffer, saved in zip(model.buffers(), buffers):
                 buffer.copy_(saved)

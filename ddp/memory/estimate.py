@@ -7,7 +7,8 @@ For P trainable parameters stored in dtype d (bytes(d) each):
     optimizer      SGD with momentum: 1 buffer per parameter; plain SGD: 0; Adam/AdamW: 2
                    (exp_avg, exp_avg_sq), each P × bytes(d), or P × 4 when d is lower than fp32
     master copy    P × 4 when d is lower than fp32 (mixed precision keeps fp32 weights to step on)
-    DDP buckets    P × bytes(d) under DDP with more than one rank (its flat gradient buckets)
+    DDP buckets    P × bytes(d) under DDP with more than one rank (its flat gradient buckets), unless
+                   dist.gradient_as_bucket_view makes the gradients views into them
     sharded        under FSDP over S ranks (S = the world size): parameters, gradients, optimizer
                    state and master copy are each rank's shard, counted per parameter as FSDP2
                    pads it (ceil(rows / S) of its rows); no DDP buckets
@@ -106,13 +107,16 @@ def _mb(value: float) -> str:
 
 
 def estimate_state(model: nn.Module, optimizer: str, momentum: float = 0.0, dtype: torch.dtype = torch.float32,
-                   ddp_ranks: int = 1, shards: int = 1, blocks: tuple[str, ...] = ()) -> Estimate:
+                   ddp_ranks: int = 1, bucket_views: bool = False, shards: int = 1,
+                   blocks: tuple[str, ...] = ()) -> Estimate:
     """The analytic part of the table for ``model`` trained in ``dtype`` (parameters' dtype). Not
     collective: ``model`` is the plain, unsharded model.
 
     ``ddp_ranks``: the world size when DistributedDataParallel wraps the model (buckets exist only
-    with more than one rank). ``shards``: the world size under ``dist.parallel=fsdp`` (1 trains
-    unwrapped: nothing is sharded or gathered), with ``blocks`` the recipe's ``dist.fsdp_blocks``."""
+    with more than one rank). ``bucket_views``: ``dist.gradient_as_bucket_view``, the gradients are
+    views into the buckets, so the buckets cost nothing more. ``shards``: the world size under
+    ``dist.parallel=fsdp`` (1 trains unwrapped: nothing is sharded or gathered), with ``blocks``
+    the recipe's ``dist.fsdp_blocks``."""
     if ddp_ranks > 1 and shards > 1:
         raise ValueError("a model is either DDP-replicated or FSDP-sharded, not both")
     params = list(model.parameters())
@@ -126,7 +130,7 @@ def estimate_state(model: nn.Module, optimizer: str, momentum: float = 0.0, dtyp
         gradients=count * width,
         optimizer=count * optimizer_copies(optimizer, momentum) * state_width,
         master=count * 4 if low else 0,
-        ddp_buckets=count * width if ddp_ranks > 1 else 0,
+        ddp_buckets=count * width if ddp_ranks > 1 and not bucket_views else 0,
         shards=shards,
         gathered=gathered_bytes(model, blocks, width) if shards > 1 else 0,
     )

@@ -195,7 +195,7 @@ def _estimate(recipe: Recipe, model: torch.nn.Module, world: int, data: int,
     ddp_ranks = world if parallel == Parallel.ddp else 1
     shards = world if parallel == Parallel.fsdp else 1
     estimate = estimate_state(model, recipe.optim.name.value, recipe.optim.momentum, torch.float32, ddp_ranks,
-                              shards, tuple(recipe.dist.fsdp_blocks))
+                              recipe.dist.gradient_as_bucket_view, shards, tuple(recipe.dist.fsdp_blocks))
     estimate.data_on_device = data
     return estimate
 

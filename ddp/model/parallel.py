@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddp.cluster import comm
 from ddp.cluster.devices import Devices
-from ddp.config import Parallel
+from ddp.config import DistConfig, Parallel
 from ddp.errors import BackendError
 from ddp.model.sharding import ShardPlan, shard_model
 
@@ -18,18 +19,19 @@ log = logging.getLogger(__name__)
 
 
 def wrap_model(model: nn.Module, parallel: Parallel, device: torch.device, devices: Devices,
-               shard: ShardPlan | None = None) -> nn.Module:
+               shard: ShardPlan | None = None, ddp_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Move ``model`` to ``device`` and wrap it. All ranks must call (DDP broadcasts rank 0's weights).
 
     ddp: DistributedDataParallel when more than one rank runs (``device_ids=[i]`` on GPU, none on
-    CPU); with a single rank the model runs unwrapped, which is what DDP would compute anyway.
+    CPU) and ``ddp_kwargs`` (``ddp_options``: bucket size, gradient views, static graph); with a
+    single rank the model runs unwrapped, which is what DDP would compute anyway.
     fsdp: sharded in place by FSDP2 as ``shard`` says (``ddp.model.sharding``); one rank: unwrapped.
     dp:  DataParallel over every visible GPU; with fewer than 2 GPUs it warns and runs unwrapped.
     """
     model = model.to(device)
     if parallel == Parallel.ddp and comm.world_size() > 1:
         device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        return DistributedDataParallel(model, device_ids=device_ids, **(ddp_kwargs or {}))
     if parallel == Parallel.fsdp and comm.world_size() > 1:
         return shard_model(model, device, shard or ShardPlan())
     if parallel == Parallel.dp:
@@ -39,6 +41,13 @@ def wrap_model(model: nn.Module, parallel: Parallel, device: torch.device, devic
             return model
         return nn.DataParallel(model, device_ids=list(range(devices.cuda_count)))
     return model
+
+
+def ddp_options(cfg: DistConfig) -> dict[str, Any]:
+    """DistributedDataParallel's communication arguments from the recipe's ``dist`` keys
+    (docs/performance.md#ddp-communication-options says how their defaults were measured)."""
+    return {"gradient_as_bucket_view": cfg.gradient_as_bucket_view, "bucket_cap_mb": cfg.bucket_cap_mb,
+            "static_graph": cfg.static_graph}
 
 
 def check_sync_bn(enabled: bool, device: torch.device, world_size: int) -> None:
