@@ -131,7 +131,7 @@ def reader_for(checkpoint: Path) -> Reader:
 # --- the whole-state .pt file (DDP and FSDP today) ---------------------------------------------
 
 def _is_whole_file(path: Path) -> bool:
-    return path.is_file()
+    return path.is_file() and path.suffix == ".pt"
 
 
 def _read_whole_file(path: Path) -> Weights:
