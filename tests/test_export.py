@@ -102,9 +102,9 @@ def test_an_fsdp_export_is_a_plain_state_dict_with_the_runs_weights_and_test_acc
     print(line)  # shown with pytest -s
     checkpoint = tmp / "fsdp" / VERSION / "checkpoints" / "step-00000003.pt"
     assert re.fullmatch(rf"wrote model\.pt: 4 tensors, [\d.]+ KB, the weights of {re.escape(str(checkpoint))} "
-                        r"\(step 3, epoch 0\)\. Load it into a mnist_mlp model with model\.load_state_dict\("
-                        r"torch\.load\('model\.pt', weights_only=True\)\), or start a run from it with "
-                        r"model\.weights=model\.pt", line), line
+                        r"\(step 3, epoch 0\)\. Load it into the recipe's model \(model\.name=mnist_mlp\) with "
+                        r"model\.load_state_dict\(torch\.load\('model\.pt', weights_only=True\)\), "
+                        r"or start a run from it with model\.weights=model\.pt", line), line
     exported = torch.load(tmp / "model.pt", weights_only=True)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
     assert list(exported) == list(saved) and not any(key.startswith(("module.", "_orig_mod.")) for key in exported)
@@ -215,7 +215,7 @@ def test_a_broken_latest_names_the_intact_checkpoint_to_export_instead(capsys, r
     (lambda tmp: None, "nowhere", r"\S*nowhere does not exist\."),
     (lambda tmp: (tmp / "v" / "checkpoints").mkdir(parents=True), "v", r"\S*v has no checkpoint \(no .*latest\)\."),
     (lambda tmp: (tmp / "g" / "version_0" / "checkpoints").mkdir(parents=True), "g",
-     r"\S*g holds 1 run version\(s\), not one run's checkpoints\."),
+     r"\S*g holds 1 run version, not one run's checkpoints\."),
     (lambda tmp: (tmp / "notes.txt").write_text("hello"), "notes.txt", r"\S*notes\.txt is not a checkpoint\."),
 ])
 def test_a_source_without_a_checkpoint_is_refused(capsys, tmp_path, setup, source, pattern):

@@ -30,6 +30,7 @@ from ddp.checkpoint.files import CheckpointError
 from ddp.config import flat
 from ddp.errors import DDPError
 from ddp.lifecycle.versions import list_versions
+from ddp.reporting.text import count
 
 POINTERS = ("latest", "best")
 
@@ -102,7 +103,7 @@ def _checkpoints_dir(source: Path) -> Path:
         return source / "checkpoints"
     versions = list_versions(source)
     if versions:
-        raise CheckpointError(f"{source} holds {len(versions)} run version(s), not one run's checkpoints.",
+        raise CheckpointError(f"{source} holds {count(len(versions), 'run version')}, not one run's checkpoints.",
                               f"name one, e.g. the newest: {versions[-1]}")
     return source
 
@@ -184,7 +185,8 @@ def check_dest(dest: Path, force: bool) -> None:
         raise ExportError(f"{dest} exists already.", "give another name, or --force to replace it")
     parent = dest.parent
     if not parent.is_dir():
-        raise ExportError(f"the directory {parent} does not exist.", f"create it (mkdir -p {parent}) or write elsewhere")
+        raise ExportError(f"the directory {parent} does not exist.",
+                          f"create it (mkdir -p {parent}) or write elsewhere")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise storage.file_refused(dest, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))  # type: ignore[misc]
 
@@ -206,8 +208,8 @@ def summary(result: Exported) -> str:
     """The one line saying what was written and how to load it."""
     weights, dest = result.weights, result.dest
     facts = ", ".join(fact for fact in (f"step {weights.step}", f"epoch {weights.epoch}", weights.metric) if fact)
-    model = f"a {weights.model_name} model" if weights.model_name else "the recipe's model"
-    return (f"wrote {dest}: {len(weights.state_dict)} tensors, {storage.human_size(result.bytes)}, the weights of "
-            f"{weights.checkpoint} ({facts}). Load it into {model} with "
+    model = f" (model.name={weights.model_name})" if weights.model_name else ""
+    return (f"wrote {dest}: {count(len(weights.state_dict), 'tensor')}, {storage.human_size(result.bytes)}, the "
+            f"weights of {weights.checkpoint} ({facts}). Load it into the recipe's model{model} with "
             f"model.load_state_dict(torch.load({str(dest)!r}, weights_only=True)), or start a run from it with "
             f"model.weights={dest}")
