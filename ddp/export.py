@@ -1,9 +1,9 @@
 """Command line: ``python -m ddp.export SOURCE DEST [--which latest|best] [--force]``.
 
-Writes the model weights of a checkpoint as one plain ``state_dict`` file, whether a DDP, an FSDP
-or a one-process run wrote it: ``torch.load(DEST, weights_only=True)`` loads it into the recipe's
-model, and ``model.weights=DEST`` starts a run from it. SOURCE is a run version directory or its
-checkpoints directory (the checkpoint ``latest`` names, or ``best``) or one step-*.pt file.
+Writes the model weights of a checkpoint as one plain state_dict file, whether a DDP, an FSDP or
+a one-process run wrote it: torch.load(DEST, weights_only=True) loads it into the recipe's model,
+and model.weights=DEST starts a run from it. SOURCE is a run version directory or its checkpoints
+directory (the checkpoint `latest` names, or `best`) or one step-*.pt file.
 """
 
 from __future__ import annotations

@@ -225,6 +225,13 @@ def test_a_source_without_a_checkpoint_is_refused(capsys, tmp_path, setup, sourc
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_a_pointer_to_a_missing_checkpoint_is_refused(capsys, run_copy):
+    (run_copy / "checkpoints" / "latest").write_text("step-00000099.pt\n")
+    err = _refused(capsys, [str(run_copy), str(run_copy.parent / "out" / "m.pt")], 2,
+                   r".*latest names step-00000099\.pt, which does not exist\.")
+    assert "HINT: export an intact one, e.g. " in err and err.strip().endswith("step-00000004.pt")
+
+
 def test_no_best_checkpoint_is_refused_naming_latest(capsys, run_copy):
     (run_copy / "checkpoints" / "best").unlink(missing_ok=True)
     err = _refused(capsys, [str(run_copy), str(run_copy.parent / "out" / "m.pt"), "--which", "best"], 2,
@@ -293,3 +300,12 @@ def test_a_full_disk_exits_74_and_leaves_no_temporary_file(capsys, run_copy, mon
              rf"cannot write {re.escape(str(out))}/model\.pt: no space left on device in {re.escape(str(out))}: "
              r"it needs about [\d.]+ KB; .* free there\.")
     assert list(out.iterdir()) == []
+
+
+def test_which_with_one_file_and_the_checkpoint_itself_as_destination_are_refused(capsys, run_copy):
+    checkpoint = _latest(run_copy)
+    _refused(capsys, [str(checkpoint), str(run_copy.parent / "out" / "m.pt"), "--which", "best"], 2,
+             r"--which best picks a checkpoint of a directory, but .* is one checkpoint already\.")
+    before = checkpoint.read_bytes()
+    _refused(capsys, [str(run_copy), str(checkpoint), "--force"], 2, r".*step-00000004\.pt is the checkpoint itself\.")
+    assert checkpoint.read_bytes() == before and list((run_copy.parent / "out").iterdir()) == []

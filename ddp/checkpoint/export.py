@@ -75,7 +75,10 @@ def export(source: Path, dest: Path, which: str | None = None, force: bool = Fal
     if dest.resolve() == checkpoint.resolve():
         raise ExportError(f"{dest} is the checkpoint itself.", "give another destination, e.g. model.pt")
     check_dest(dest, force)  # before reading: a large checkpoint takes a while
-    weights = reader_for(checkpoint).read(checkpoint)
+    try:
+        weights = reader_for(checkpoint).read(checkpoint)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {checkpoint}: {err.strerror or err}.", _another(checkpoint)) from None
     return Exported(weights, dest, write(dest, weights.state_dict))
 
 
@@ -90,7 +93,7 @@ def locate(source: Path, which: str | None = None) -> Path:
     if any(reader.recognises(source) for reader in READERS):
         if which is not None:
             raise CheckpointError(f"--which {which} picks a checkpoint of a directory, but {source} is one "
-                                  "checkpoint already.", f"drop --which, or give the run directory")
+                                  "checkpoint already.", "drop --which, or give the run directory")
         return source
     return _pointed(_checkpoints_dir(source), which or "latest")
 
@@ -110,6 +113,8 @@ def _checkpoints_dir(source: Path) -> Path:
 
 def _pointed(directory: Path, which: str) -> Path:
     name = files.read_pointer(directory, which)
+    if name is not None and not (directory / name).exists():
+        raise CheckpointError(f"{directory / which} names {name}, which does not exist.", _another(directory / name))
     if name is not None:
         return directory / name
     where = directory.parent if directory.name == "checkpoints" else directory
