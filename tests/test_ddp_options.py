@@ -35,7 +35,8 @@ def _wrap_and_step(env, runs: list[list[str]]):
     out = []
     for overrides in runs:
         recipe = load_recipe(None, overrides)
-        model = wrap_model(_net(), recipe.dist.parallel, torch.device("cpu"), Devices(False, 0), ddp_options(recipe.dist))
+        model = wrap_model(_net(), recipe.dist.parallel, torch.device("cpu"), Devices(False, 0),
+                           ddp_kwargs=ddp_options(recipe.dist))
         settings = (type(model).__name__, model.gradient_as_bucket_view, model.static_graph, model.bucket_bytes_cap)
         grads = []
         for step in range(3):
@@ -117,7 +118,8 @@ def _prime_one(env, static_graph: bool) -> tuple[bool, bool]:
     from ddp.model.parallel import ddp_options, wrap_model
 
     recipe = load_recipe(None, [f"dist.static_graph={str(static_graph).lower()}"])
-    model = wrap_model(_net(), recipe.dist.parallel, torch.device("cpu"), Devices(False, 0), ddp_options(recipe.dist))
+    model = wrap_model(_net(), recipe.dist.parallel, torch.device("cpu"), Devices(False, 0),
+                       ddp_kwargs=ddp_options(recipe.dist))
     parts = SimpleNamespace(model=model, loss=nn.functional.cross_entropy, device=torch.device("cpu"),
                             optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     trainer = SimpleNamespace(_prime=True, parts=parts, cfg=SimpleNamespace(train=SimpleNamespace(precision=Precision.fp32)))

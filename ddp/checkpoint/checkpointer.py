@@ -144,7 +144,7 @@ class Checkpointer:
         if path is None:
             return None
         payload = files.load(path)  # onto the CPU; load_state_dict moves each tensor to its parameter
-        weights = _strip_prefixes(payload["model"])
+        weights = strip_prefixes(payload["model"])
         check_compatible(payload, weights, self.recipe, unwrap_model(model), path)
         _load_model_and_optimizer(model, optimizer, weights, payload.get("optimizer") or None)
         if scheduler is not None and payload.get("scheduler"):
@@ -225,7 +225,7 @@ def check_compatible(payload: dict[str, Any], weights: dict[str, torch.Tensor], 
                                   f"{list(tensor.shape)} here.", "use the recipe that wrote it or train.resume=never")
 
 
-def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Accept state dicts saved from DDP / DataParallel / torch.compile wrappers."""
     out = {}
     for key, value in state_dict.items():

@@ -83,14 +83,8 @@ def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric
     directory.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     with atomic_open(directory / name, sync_dir=False) as handle, _without_record_crcs():
-        writer = _CrcWriter(handle)
-        try:
-            torch.save(payload, writer)  # type: ignore[arg-type]
-        except RuntimeError:
-            if writer.error is None:
-                raise
-            raise writer.error from None  # the disk's own error (ENOSPC, EIO...), not torch's wrapper
-    manifest = Manifest(name, writer.size, writer.crc, step, epoch, metric, recipe,
+        size, crc = torch_save(payload, handle)
+    manifest = Manifest(name, size, crc, step, epoch, metric, recipe,
                         save_s=round(time.perf_counter() - began, 3), metric_name=metric_name)
     before = read_pointer(directory, "latest")
     try:
@@ -102,6 +96,19 @@ def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric
                 _discard(directory / name)
         raise
     return manifest
+
+
+def torch_save(obj: Any, handle: BinaryIO) -> tuple[int, int]:
+    """``torch.save(obj)`` into ``handle``; returns (bytes written, their CRC-32). A write the disk
+    refuses raises the disk's own OSError (ENOSPC, EIO...), not torch's RuntimeError around it."""
+    writer = _CrcWriter(handle)
+    try:
+        torch.save(obj, writer)  # type: ignore[arg-type]
+    except RuntimeError:
+        if writer.error is None:
+            raise
+        raise writer.error from None
+    return writer.size, writer.crc
 
 
 def _discard(pt_file: Path) -> None:

@@ -114,3 +114,21 @@ def newest_valid(directory: Path) -> str | None:
         except (files.CheckpointError, OSError):
             continue
     return None
+
+
+def file_refused(path: Path, err: BaseException, needed: int | None = None) -> StorageError | None:
+    """The refusal of a single file (``python -m ddp.export``'s DEST) the disk or its permissions
+    would not take; None when ``err`` is something else. ``needed``: bytes the file needs."""
+    code = disk_errno(err)
+    if code is None and isinstance(err, OSError) and err.errno in _UNWRITABLE:
+        code = err.errno
+    if code is None:
+        return None
+    what = _DISK[code][0] if code in _DISK else "permission denied"
+    free = free_bytes(path.parent)
+    room = ""
+    if code in (errno.ENOSPC, errno.EDQUOT) and needed is not None and free is not None:
+        room = f": it needs about {human_size(needed)}; {human_size(free)} free there"
+    return StorageError(f"cannot write {path}: {what} in {path.parent}{room}.",
+                        "choose a destination on a writable disk with room (or free space there), then run the "
+                        "same command again")

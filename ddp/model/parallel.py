@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def wrap_model(model: nn.Module, parallel: Parallel, device: torch.device, devices: Devices,
-               shard: ShardPlan | None = None, ddp_kwargs: dict[str, Any] | None = None) -> nn.Module:
+               *, shard: ShardPlan | None = None, ddp_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Move ``model`` to ``device`` and wrap it. All ranks must call (DDP broadcasts rank 0's weights).
 
     ddp: DistributedDataParallel when more than one rank runs (``device_ids=[i]`` on GPU, none on
