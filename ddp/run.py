@@ -53,7 +53,7 @@ from ddp.lifecycle.decision import Decision, decide
 from ddp.lifecycle.history import record_start
 from ddp.lifecycle.run_dir import RunDir
 from ddp.model import sharding
-from ddp.model.parallel import convert_sync_bn, ddp_options, unwrap_model, wrap_model
+from ddp.model.parallel import convert_sync_bn, unwrap_model, wrap_for_recipe
 from ddp.reporting.logs import RankLogs, rank_logging
 from ddp.reporting.metrics import MetricsWriter
 
@@ -219,12 +219,9 @@ class Run:
         Optimizer steps are counted from here (``run.step``)."""
         model = convert_sync_bn(model, self.recipe.dist.sync_bn, self.world_size)
         sharding.check_model(model, self.recipe, self.world_size)
-        names = sharding.parameter_names(model)
-        wrapped = wrap_model(model, self.recipe.dist.parallel, self.device, self.devices,
-                             shard=sharding.ShardPlan.of(self.recipe), ddp_kwargs=ddp_options(self.recipe.dist))
+        wrapped = wrap_for_recipe(model, self.recipe, self.device, self.devices, optimizer)
         if optimizer is None:
             return wrapped
-        sharding.repoint_optimizer(optimizer, names, unwrap_model(wrapped))
         optimizer.register_step_post_hook(self._count_step)
         return wrapped, optimizer
 

@@ -36,7 +36,7 @@ from ddp.data.device_data import MemoryLoader, choose_loader
 from ddp.lifecycle.decision import Decision
 from ddp.reporting.logs import RankLogs, rank_logging
 from ddp.model.optim import build_optimizer, build_scheduler, schedule_position
-from ddp.model.parallel import check_sync_bn, convert_sync_bn, ddp_options, unwrap_model, wrap_model
+from ddp.model.parallel import check_sync_bn, convert_sync_bn, wrap_for_recipe
 from ddp.model import sharding
 from ddp.checkpoint import full_state
 from ddp.model.precision import check_precision, make_scaler
@@ -285,10 +285,7 @@ def build_parts(recipe: Recipe, plan: Plan, wrap: bool = True) -> TrainParts:
 def _wrap(model: torch.nn.Module, recipe: Recipe, plan: Plan, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
     """All ranks must call. DDP (or DP) around the model, or FSDP's shards of it (the optimizer
     then steps the sharded parameters), then ``torch.compile`` when asked."""
-    names = sharding.parameter_names(model)
-    wrapped = wrap_model(model, recipe.dist.parallel, plan.device, plan.devices, shard=sharding.ShardPlan.of(recipe),
-                         ddp_kwargs=ddp_options(recipe.dist))
-    sharding.repoint_optimizer(optimizer, names, unwrap_model(wrapped))
+    wrapped = wrap_for_recipe(model, recipe, plan.device, plan.devices, optimizer)
     return torch.compile(wrapped) if recipe.train.compile else wrapped
 
 

@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,28 +23,37 @@ SUBMIT = ["-m", "slurm.submit", "--nodes", "1", "--tasks-per-node", "2", "--time
 TIMING = {"time", "samples_per_s", "epoch_time_s"}
 
 
-@pytest.fixture(scope="module")
-def slurm_up():
-    was_up = testbed.is_up(nodes=1)
+def module_testbed(nodes: int, what: str) -> Iterator[None]:
+    """A module fixture's body: the testbed with ``nodes`` nodes, stopped at the module's end unless it was up."""
+    was_up = testbed.is_up(nodes=nodes)
     if was_up and not system_tests_asked():  # started earlier by hand: use it as it is, start nothing
         yield
         return
-    require_system("real-Slurm tests (python -m slurm.testbed start installs Slurm and starts its daemons)")
-    seconds = testbed.start(quiet=True)
-    print(f"testbed up in {seconds:.1f} s")
+    require_system(what)
+    print(f"testbed of {nodes} node(s) up in {testbed.start(quiet=True, nodes=nodes):.1f} s")
     yield
     if not was_up:
         testbed.stop(quiet=True)
 
 
+def submit_reference(submit: list[str], cwd: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """The default recipe through ``slurm.submit --wait`` with ``submit``'s resources, uninterrupted: (cwd, the run)."""
+    began = time.monotonic()
+    done = run_cli([*submit, "--wait", "run.name=plain"], cwd, timeout=240)
+    print(f"{' '.join(submit[2:6])}: submit --wait → COMPLETED in {time.monotonic() - began:.1f} s")
+    return cwd, done
+
+
+@pytest.fixture(scope="module")
+def slurm_up():
+    yield from module_testbed(1, "real-Slurm tests (python -m slurm.testbed start installs Slurm and starts its "
+                                     "daemons)")
+
+
 @pytest.fixture(scope="module")
 def reference(slurm_up, tmp_path_factory):
     """The default recipe on 2 tasks through ``slurm.submit --wait``, uninterrupted."""
-    cwd = tmp_path_factory.mktemp("reference")
-    began = time.monotonic()
-    done = run_cli([*SUBMIT, "--wait", "run.name=plain"], cwd, timeout=240)
-    print(f"submit --wait → COMPLETED in {time.monotonic() - began:.1f} s")
-    return cwd, done
+    return submit_reference(SUBMIT, tmp_path_factory.mktemp("reference"))
 
 
 def test_default_recipe_on_two_tasks_completes(reference):

@@ -19,34 +19,22 @@ import pytest
 
 from ddp.reporting import report
 from slurm import cluster, submit, testbed
-from tests.harness import REPO, python_env, require_system, run_cli, system_tests_asked
-from tests.test_slurm_cluster import _final, _job_id, _one, _wait_for
+from tests.harness import REPO, python_env, run_cli
+from tests.test_slurm_cluster import _final, _job_id, _one, _wait_for, submit_reference, module_testbed
 
 SUBMIT = ["-m", "slurm.submit", "--nodes", "2", "--tasks-per-node", "2", "--time", "5"]
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    was_up = testbed.is_up(nodes=2)
-    if was_up and not system_tests_asked():  # started earlier by hand: use it as it is
-        yield
-        return
-    require_system("two-node Slurm tests (python -m slurm.testbed start --nodes 2 installs Slurm, makes network "
-                   "namespaces and starts daemons)")
-    print(f"two-node testbed up in {testbed.start(quiet=True, nodes=2):.1f} s")
-    yield
-    if not was_up:
-        testbed.stop(quiet=True)
+    yield from module_testbed(2, "two-node Slurm tests (python -m slurm.testbed start --nodes 2 installs Slurm, "
+                                     "makes network namespaces and starts daemons)")
 
 
 @pytest.fixture(scope="module")
 def reference(two_nodes, tmp_path_factory):
     """The default recipe on 2 nodes × 2 tasks through ``slurm.submit --wait``, uninterrupted."""
-    cwd = tmp_path_factory.mktemp("reference2")
-    began = time.monotonic()
-    done = run_cli([*SUBMIT, "--wait", "run.name=plain"], cwd, timeout=240)
-    print(f"two nodes: submit --wait → COMPLETED in {time.monotonic() - began:.1f} s")
-    return cwd, done
+    return submit_reference(SUBMIT, tmp_path_factory.mktemp("reference2"))
 
 
 def test_submit_on_two_nodes_trains_four_ranks_across_both(reference):

@@ -11,9 +11,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddp.cluster import comm
 from ddp.cluster.devices import Devices
-from ddp.config import DistConfig, Parallel
+from ddp.config import DistConfig, Parallel, Recipe
 from ddp.errors import BackendError
-from ddp.model.sharding import ShardPlan, shard_model
+from ddp.model.sharding import ShardPlan, parameter_names, repoint_optimizer, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,19 @@ def wrap_model(model: nn.Module, parallel: Parallel, device: torch.device, devic
             return model
         return nn.DataParallel(model, device_ids=list(range(devices.cuda_count)))
     return model
+
+
+def wrap_for_recipe(model: nn.Module, recipe: Recipe, device: torch.device, devices: Devices,
+                    optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+    """All ranks must call. ``wrap_model`` as the recipe's ``dist`` keys say (FSDP's shard plan, DDP's
+    options); under FSDP, which replaces the parameters with their shards, ``optimizer`` (made
+    before) is pointed at them."""
+    names = parameter_names(model)
+    wrapped = wrap_model(model, recipe.dist.parallel, device, devices, shard=ShardPlan.of(recipe),
+                         ddp_kwargs=ddp_options(recipe.dist))
+    if optimizer is not None:
+        repoint_optimizer(optimizer, names, unwrap_model(wrapped))
+    return wrapped
 
 
 def ddp_options(cfg: DistConfig) -> dict[str, Any]:
