@@ -82,7 +82,7 @@ def _accumulated(env, tmp: str, batch: int, accumulate: int):
     from ddp.config import load_recipe
 
     calls = []
-    original = runner.wrap_model
+    original = runner.wrap_for_recipe
 
     def counting(model, *args, **kwargs):
         wrapped = original(model, *args, **kwargs)
@@ -90,13 +90,13 @@ def _accumulated(env, tmp: str, batch: int, accumulate: int):
             wrapped.register_comm_hook(None, lambda state, bucket: calls.append(1) or allreduce_hook(None, bucket))
         return wrapped
 
-    runner.wrap_model = counting
+    runner.wrap_for_recipe = counting
     recipe = load_recipe(None, [f"data.batch_size={batch}", f"train.accumulate={accumulate}", "train.max_steps=3",
                                 f"run.dir={tmp}", "log.tensorboard=false", "log.progress=false"])
     try:
         result = execute(recipe, env)
     finally:
-        runner.wrap_model = original
+        runner.wrap_for_recipe = original
     return {k: v.numpy() for k, v in result.state_dict.items()}, len(calls)
 
 

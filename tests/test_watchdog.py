@@ -94,6 +94,19 @@ def test_losing_the_store_names_it_and_the_ranks_on_other_machines():
         "heard at ")
 
 
+def test_a_frozen_store_server_is_named_as_the_store_even_when_its_last_beat_came_before_the_last_read():
+    """Rank 0 serves the store and beats; its last beat (at 119) precedes rank 2's last read (120), so its
+    beat alone would pass the timeout first. While reads are overdue, the store decides."""
+    j = judge(rank=2)
+    when, verdict = every_second(j, 101, 120, lambda t: [min(int(t), 119)] + [int(t)] * 3)
+    assert verdict is None
+    t = 120.5
+    while (verdict := j.verdict(t)) is None:
+        t += 0.5
+        assert t < 200
+    assert 130 < t <= 131 and verdict.line.startswith("lost contact with node 0 "), verdict.line
+
+
 def test_a_process_that_was_itself_stopped_does_not_blame_its_peers():
     j = judge()
     beat_all(j, 101, [1, 1, 1, 1])

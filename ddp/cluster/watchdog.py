@@ -120,6 +120,8 @@ class Judge:
             return None
         if now - self.store_ok > limit:
             return Verdict(self._store_lost(now), exit=True)
+        if now - self.store_ok > limit / 2:  # reads are overdue: the ranks' silence is the store's; wait for its verdict
+            return None
         quiet = [r for r in range(self.world) if r != self.rank and not self._finished(r)
                  and now - self.heard[r] > limit / 2]
         if any(now - self.heard[r] > limit for r in quiet):  # the ones nearly as quiet went with it (a machine)
