@@ -174,6 +174,12 @@ class BestMode(str, Enum):
     min = "min"
 
 
+class CheckpointFormat(str, Enum):
+    auto = "auto"  # sharded under dist.parallel=fsdp, else file
+    file = "file"  # one step-N.pt written by rank 0, the whole state
+    sharded = "sharded"  # a step-N.dcp directory, every rank writing its shards (torch.distributed.checkpoint)
+
+
 @dataclass
 class CheckpointConfig:
     every_steps: int = setting(0, minimum=0, resume=HONOURED)  # save every N optimizer steps; 0 = off
@@ -182,6 +188,7 @@ class CheckpointConfig:
     best_metric: str = setting("auto", resume=HONOURED)  # epoch-record field that ranks checkpoints; auto = test_acc when reported, else test_loss (lower is better)
     best_mode: BestMode = setting(BestMode.max, resume=HONOURED)  # for a named best_metric: is higher (max) or lower (min) better
     signal_poll_s: float = setting(0.25, minimum=0.0, resume=HONOURED)  # ranks agree on preemption signals this often; 0 = every step
+    format: CheckpointFormat = setting(CheckpointFormat.auto, resume=HONOURED)  # file (one .pt by rank 0), sharded (every rank writes its shards), auto = sharded under fsdp
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A real 2-rank FSDP run (Gloo, CPU) is exported with the command line; ``torch.load(weights_only=True)``
 into a plain model built from the recipe gives the run's own recorded test accuracy and the
-checkpoint's weights bit for bit. A one-process DDP run starts from the FSDP run's export
+sharded checkpoint's weights bit for bit. A one-process DDP run starts from the FSDP run's export
 (``model.weights``), and an FSDP run from a DDP run's export. Every bad input is one line, exit 2
 (74 for a destination the disk or its permissions refuse), and leaves nothing behind.
 """
@@ -100,15 +100,15 @@ def test_an_fsdp_export_is_a_plain_state_dict_with_the_runs_weights_and_test_acc
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip()
     print(line)  # shown with pytest -s
-    checkpoint = tmp / "fsdp" / VERSION / "checkpoints" / "step-00000003.pt"
+    checkpoint = tmp / "fsdp" / VERSION / "checkpoints" / "step-00000003.dcp"  # FSDP's default: sharded
     assert re.fullmatch(rf"wrote model\.pt: 4 tensors, [\d.]+ KB, the weights of {re.escape(str(checkpoint))} "
                         r"\(step 3, epoch 0\)\. Load it into the recipe's model \(model\.name=mnist_mlp\) with "
                         r"model\.load_state_dict\(torch\.load\('model\.pt', weights_only=True\)\), "
                         r"or start a run from it with model\.weights=model\.pt", line), line
     exported = torch.load(tmp / "model.pt", weights_only=True)
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    saved = runs["fsdp"]["weights"]  # the run's final weights, gathered by its ranks
     assert list(exported) == list(saved) and not any(key.startswith(("module.", "_orig_mod.")) for key in exported)
-    assert all(torch.equal(exported[key], saved[key]) for key in saved)
+    assert all(torch.equal(exported[key], torch.from_numpy(saved[key])) for key in saved)
     recorded = _last_record(tmp / "fsdp" / VERSION)
     assert recorded["step"] == 3 and recorded["test_count"] == 359
     assert _accuracy(_plain_model(exported)) == pytest.approx(recorded["test_acc"], abs=1e-12)

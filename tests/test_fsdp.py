@@ -1,13 +1,16 @@
 """dist.parallel=fsdp on real Gloo ranks: FSDP2 equals one process with the global batch, resumes
-exactly, reads and writes the same checkpoints as DDP, and refuses what it cannot run in one line.
+exactly, at the same and at another world size, from its sharded checkpoints and from DDP's files
+(and DDP from its), and refuses what it cannot run in one line.
 
-Kept to two spawned jobs (2 and 4 ranks) that run several trainings each: process start-up, not
-training, is what costs here.
+Kept to three spawned jobs (2, 4, then 2 ranks) that run several trainings each: process start-up,
+not training, is what costs here.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,11 +89,14 @@ def _fsdp_jobs(env, tmp: str, ports: list[int]):
     world, out = env.world_size, {}
     batch = GLOBAL_BATCH // world
     plan = [("straight", _digits(f"{tmp}/straight", batch, 4, "dist.parallel=fsdp"))]
+    if world == 4:
+        plan += [("sharded@2", _digits(f"{tmp}/sharded", batch, 2, "dist.parallel=fsdp"))]  # 4 ranks' shards
     if world == 2:
-        plan += [("fsdp@2", _digits(f"{tmp}/chain", batch, 2, "dist.parallel=fsdp")),  # stops, checkpointed
-                 ("fsdp@4", _digits(f"{tmp}/chain", batch, 4, "dist.parallel=fsdp")),  # FSDP file → FSDP
+        plan += [("fsdp@2", _digits(f"{tmp}/chain", batch, 2, "dist.parallel=fsdp")),  # stops, sharded checkpoint
+                 ("fsdp@4", _digits(f"{tmp}/chain", batch, 4, "dist.parallel=fsdp",  # shards → FSDP, writes a file
+                                    "checkpoint.format=file")),
                  ("ddp@5", _digits(f"{tmp}/chain", batch, 5, "dist.parallel=ddp")),  # FSDP file → DDP
-                 ("fsdp@6", _digits(f"{tmp}/chain", batch, 6, "dist.parallel=fsdp")),  # DDP file → FSDP
+                 ("fsdp@6", _digits(f"{tmp}/chain", batch, 6, "dist.parallel=fsdp")),  # DDP file → FSDP shards
                  ("mlp", _mlp(f"{tmp}/mlp", 16 // world, 0.05, "dist.parallel=fsdp"))]
     for (name, recipe), port in zip(plan, ports):
         result = execute(recipe, replace(env, master_port=port))
@@ -99,6 +105,16 @@ def _fsdp_jobs(env, tmp: str, ports: list[int]):
         for parallel, port in zip(("fsdp", "ddp"), ports[-2:]):
             out[f"own {parallel}"] = _own_loop(replace(env, master_port=port), f"{tmp}/own_{parallel}", parallel)
     return out
+
+
+def _resumes_at_2(env, tmp: str, ports: list[int]):
+    """At 2 ranks: FSDP resumes 4 ranks' shards, DDP resumes one process's shards."""
+    from ddp.runner import execute
+
+    plan = [("fsdp 4→2", _digits(f"{tmp}/to2", GLOBAL_BATCH // 2, 3, "dist.parallel=fsdp")),
+            ("ddp 1→2", _digits(f"{tmp}/to1", GLOBAL_BATCH // 2, 4, "dist.parallel=ddp"))]
+    return {name: _numpy(execute(recipe, replace(env, master_port=port)).state_dict)
+            for (name, recipe), port in zip(plan, ports)}
 
 
 def _single(recipe) -> tuple[dict[str, np.ndarray], dict]:
@@ -131,7 +147,8 @@ def single(tmp_path_factory):
     _single(_digits(tmp / "d6", GLOBAL_BATCH, 6, "checkpoint.every_steps=1"))
     mlp = _single(_mlp(tmp / "mlp", 16, 0.05, "dist.parallel=fsdp"))[0]  # one rank under fsdp: unwrapped
     unclipped = _single(_mlp(tmp / "free", 16, 0.0))[0]
-    return {"digits@4": digits, "record@4": record4, "digits@5": _at_step(tmp / "d6", 5),
+    return {"digits@4": digits, "record@4": record4, "digits@3": _at_step(tmp / "d6", 3),
+            "digits@5": _at_step(tmp / "d6", 5),
             "digits@6": _at_step(tmp / "d6", 6), "mlp": mlp, "unclipped": unclipped}
 
 
@@ -159,18 +176,42 @@ def test_fsdp_at_2_ranks_trains_resumes_and_shares_checkpoints_with_ddp(tmp_path
     _assert_close(fsdp, ddp, "your own loop with BatchNorm: FSDP vs DDP at 2 ranks", atol=1e-6)
     assert fsdp_record["count"] == 33 and fsdp_record["loss"] == pytest.approx(ddp_record["loss"], abs=1e-6)
     assert (tmp_path / "own_fsdp" / "version_0" / "checkpoints" / "latest").is_file()
-    # the checkpoint of an FSDP run is a plain state_dict: it loads into the unwrapped model
+    # FSDP's file checkpoint (checkpoint.format=file) is a plain state_dict: it loads into the unwrapped model
     chain = next((tmp_path / "chain").glob("version_*/checkpoints"))
-    latest = (chain / (chain / "latest").read_text().strip())
     model = digits_cnn((1, 8, 8), 10)
-    model.load_state_dict(torch.load(latest, map_location="cpu", weights_only=True)["model"])
-    assert latest.name == "step-00000006.pt"
+    model.load_state_dict(torch.load(chain / "step-00000004.pt", map_location="cpu", weights_only=True)["model"])
+    assert (chain / "latest").read_text().strip() == "step-00000006.dcp"
+    assert _export(chain.parent, tmp_path / "fsdp6.pt").keys() == straight.keys()
 
 
-def test_fsdp_at_4_ranks_equals_one_process(tmp_path, single):
-    ranks = spawn_ranks(_fsdp_jobs, 4, str(tmp_path), [free_port()], init_group=False, timeout=180)
+def _export(run: Path, dest: Path) -> dict[str, np.ndarray]:
+    """``python -m ddp.export`` of the run's latest checkpoint, read back with ``torch.load``."""
+    from ddp.export import main as export_main
+
+    assert export_main([str(run), str(dest)]) == 0
+    return _numpy(torch.load(dest, map_location="cpu", weights_only=True))
+
+
+def test_fsdp_at_4_ranks_equals_one_process_and_its_shards_resume_at_2_and_at_1(tmp_path, single):
+    ranks = spawn_ranks(_fsdp_jobs, 4, str(tmp_path), [free_port() for _ in range(2)], init_group=False, timeout=180)
     _assert_close(ranks[0]["straight"][0], single["digits@4"], "FSDP at 4 ranks vs one process")
     assert all(np.array_equal(r["straight"][0][k], ranks[0]["straight"][0][k]) for r in ranks for k in r["straight"][0])
+    shards = next((tmp_path / "sharded").glob("version_*/checkpoints"))
+    assert sorted(p.name for p in (shards / "step-00000002.dcp").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp", "train_state.pt"]
+    for copy in ("to1", "to2"):
+        shutil.copytree(tmp_path / "sharded", tmp_path / copy)
+    # 4 → 1: one process (FSDP at one rank trains unwrapped) continues from the 4 ranks' shards
+    one, _ = _single(_digits(tmp_path / "to1", GLOBAL_BATCH, 3, "dist.parallel=fsdp"))
+    _assert_close(one, single["digits@3"], "4 ranks' shards resumed by one process, step 3")
+    # 4 → 2 under FSDP, and 1 → 2 under DDP (one process's shards, read whole by each rank)
+    two = spawn_ranks(_resumes_at_2, 2, str(tmp_path), [free_port() for _ in range(2)], init_group=False,
+                      timeout=120)[0]
+    _assert_close(two["fsdp 4→2"], single["digits@3"], "4 ranks' shards resumed at 2 ranks, step 3")
+    _assert_close(two["ddp 1→2"], single["digits@4"], "one process's shards resumed by DDP at 2 ranks, step 4")
+    # the export of the 2 ranks' shards is those ranks' final weights, bit for bit
+    exported = _export(tmp_path / "to2" / "version_0", tmp_path / "to2.pt")
+    assert all(np.array_equal(exported[k], two["fsdp 4→2"][k]) for k in two["fsdp 4→2"])
 
 
 # --- which blocks are sharded ----------------------------------------------------------------

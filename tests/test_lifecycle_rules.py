@@ -319,7 +319,7 @@ def test_naming_a_directory_without_a_valid_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError) as info:
         decide(_recipe(tmp_path, resume=tmp_path / "empty"))
     assert info.value.problem == f"train.resume={tmp_path / 'empty'}: no valid checkpoint in that directory."
-    assert info.value.hint == "point train.resume at a step-*.pt file, or use auto/never"
+    assert info.value.hint == "point train.resume at a step-*.pt file or step-*.dcp directory, or use auto/never"
     assert _tree(tmp_path) == ["empty"]
 
 

@@ -1,8 +1,11 @@
 """Checkpoint policy for a distributed run: who writes, what goes in, which file to resume from.
 
-Only rank 0 writes; the other ranks' RNG states and partial epoch sums are gathered to it, and
-under FSDP the shards of the model and optimizer state too (``ddp.checkpoint.full_state``), so
-every checkpoint holds the whole state as one process would have it. Every
+A checkpoint is one file or one sharded directory (``checkpoint.format``; auto = sharded under
+FSDP). A file is written by rank 0 alone: the other ranks' RNG states and partial epoch sums are
+gathered to it, and under FSDP the shards of the model and optimizer state too
+(``ddp.checkpoint.full_state``), so it holds the whole state as one process would have it. A
+sharded checkpoint (``ddp.checkpoint.sharded``) is written by every rank, each its own shards,
+and rank 0 publishes it once every rank's files are durable. Every
 save ends with rank 0's outcome sent to every rank, which doubles as the barrier: no rank races
 ahead of a save, and a failed save stops every rank with the same error. The others wait for it
 through the rendezvous store, outside the collective timeout (``comm.patient_broadcast``), so a
@@ -17,6 +20,9 @@ from __future__ import annotations
 
 import logging
 import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +31,12 @@ import torch
 from torch import nn
 
 import ddp
-from ddp.checkpoint import files, full_state, storage
+from ddp.checkpoint import files, full_state, sharded, storage
 from ddp.cluster import comm, progress
-from ddp.checkpoint.atomic import write_text_atomic
+from ddp.checkpoint.atomic import atomic_open, write_text_atomic
 from ddp.checkpoint.files import CheckpointError
 from ddp.errors import StorageError
-from ddp.config import BestMode, CheckpointConfig, Recipe, flat, to_yaml
+from ddp.config import BestMode, CheckpointConfig, CheckpointFormat, Parallel, Recipe, flat, to_yaml
 from ddp.model.parallel import unwrap_model
 from ddp.engine.rng import capture_rng, restore_rng
 from ddp.reporting.text import count
@@ -70,29 +76,99 @@ class Checkpointer:
         per_rank = comm.all_gather_object({"rng": capture_rng(), "sums": list(state.partial_sums)})
         outcome = None
         with progress.phase(progress.SAVING):  # however long it takes, not a stall
-            weights, optimizer_state = full_state.gather(model, optimizer)  # under FSDP: every rank gathers
-            if comm.is_main():
-                payload = None
-                try:
-                    payload = self._payload(weights, optimizer_state, scheduler, state, per_rank, scaler)
-                    manifest = files.save(self.directory, payload, state.global_step, state.epoch, metric,
-                                          self.recipe_yaml, metric_name)
-                    self._after_save(manifest, mode or self.cfg.best_mode)
-                except Exception as err:  # noqa: BLE001 - every rank must hear about it
-                    outcome = self._failure(err, state.global_step, payload)
+            if self.sharded:
+                outcome = self._save_sharded(model, optimizer, scheduler, state, per_rank, scaler, metric, mode,
+                                             metric_name)
+            else:
+                outcome = self._save_file(model, optimizer, scheduler, state, per_rank, scaler, metric, mode,
+                                          metric_name)
             outcome = comm.patient_broadcast(outcome, f"the checkpoint of step {state.global_step}")
         if outcome is not None:
             problem, hint, exit_code = outcome
             raise (StorageError if exit_code == StorageError.exit_code else CheckpointError)(problem, hint)
 
-    def _failure(self, err: Exception, step: int, payload: dict[str, Any] | None) -> tuple[str, str, int]:
+    @property
+    def sharded(self) -> bool:
+        """Does this run write sharded checkpoints (``checkpoint.format``)?"""
+        fmt = self.cfg.format
+        return fmt == CheckpointFormat.sharded or (fmt == CheckpointFormat.auto and
+                                                   self.recipe.dist.parallel == Parallel.fsdp)
+
+    def _save_file(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any,
+                   state: TrainState, per_rank: list[dict[str, Any]], scaler: Any, metric: float | None,
+                   mode: BestMode | None, metric_name: str | None) -> tuple[str, str, int] | None:
+        """All ranks must call (under FSDP they gather); rank 0 writes. Rank 0's outcome: None or
+        (problem, hint, exit code)."""
+        outcome = None
+        weights, optimizer_state = full_state.gather(model, optimizer)  # under FSDP: every rank gathers
+        if comm.is_main():
+            payload = None
+            try:
+                payload = self._payload(weights, optimizer_state, scheduler, state, per_rank, scaler)
+                manifest = files.save(self.directory, payload, state.global_step, state.epoch, metric,
+                                      self.recipe_yaml, metric_name)
+                self._after_save(manifest, mode or self.cfg.best_mode)
+            except Exception as err:  # noqa: BLE001 - every rank must hear about it
+                outcome = self._failure(err, state.global_step, payload)
+        return outcome
+
+    def _save_sharded(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any,
+                      state: TrainState, per_rank: list[dict[str, Any]], scaler: Any, metric: float | None,
+                      mode: BestMode | None, metric_name: str | None) -> tuple[str, str, int] | None:
+        """All ranks must call: each writes its shards into a hidden directory; rank 0 adds the train
+        state and, once every rank reported its files durable, publishes it. Rank 0's outcome."""
+        began = time.perf_counter()
+        final = self.directory / files.checkpoint_name(state.global_step, sharded=True)
+        partial = sharded.partial_dir(final)
+        if comm.is_main():
+            sharded.remove_dir(partial)  # a save of this step killed before
+            partial.mkdir(parents=True)
+        comm.barrier()
+        payload, report = None, None
+        try:
+            sharded.write_shards(partial, model, optimizer, comm.is_initialized())
+            if comm.is_main():
+                payload = self._payload(None, None, scheduler, state, per_rank, scaler)
+                with atomic_open(partial / sharded.STATE_FILE, sync_dir=True) as handle:
+                    files.torch_save(payload, handle)
+            report = (sharded.own_files(partial, comm.rank()), None)
+        except sharded.SAVE_ERRORS as err:  # rank 0 says it for every rank
+            report = (None, sharded.describe_error(err, comm.rank()))
+        reports = comm.all_gather_object(report)
+        if not comm.is_main():
+            return None
+        failed = [error for _, error in reports if error is not None]
+        if failed:
+            sharded.remove_dir(partial)
+            rank, code, text = failed[0]
+            if code is None:
+                return (f"saving a checkpoint in {self.directory} failed on rank {rank}: {text}",
+                        "check free disk space and permissions of the run dir", CheckpointError.exit_code)
+            return self._failure(OSError(code, text), state.global_step, None, rank=rank,
+                                 needed=sharded.bytes_of(model, optimizer))
+        listed = {name: entry for mine, _ in reports for name, entry in (mine or {}).items()}
+        manifest = files.Manifest(final.name, sum(size for size, _ in listed.values()), 0, state.global_step,
+                                  state.epoch, metric, self.recipe_yaml, round(time.perf_counter() - began, 3),
+                                  metric_name, files=listed)
+        try:
+            sharded.move_into_place(partial, final)
+            files.publish(self.directory, manifest)
+            self._after_save(manifest, mode or self.cfg.best_mode)
+        except Exception as err:  # noqa: BLE001 - every rank must hear about it
+            sharded.remove_dir(partial)
+            return self._failure(err, state.global_step, payload)
+        return None
+
+    def _failure(self, err: BaseException, step: int, payload: dict[str, Any] | None, rank: int = 0,
+                 needed: int | None = None) -> tuple[str, str, int]:
         """(problem, hint, exit code) of a failed save, for every rank: a disk that refused it
         (full, over quota, I/O error) is a ``StorageError`` naming the size needed and the room left."""
-        needed = storage.payload_bytes(payload) if payload is not None else None
-        refused = storage.save_failed(err, self.directory, files.checkpoint_name(step), needed)
+        if needed is None and payload is not None:
+            needed = storage.payload_bytes(payload)
+        refused = storage.save_failed(err, self.directory, files.checkpoint_name(step, self.sharded), needed)
         if refused is not None:
             return refused.problem, refused.hint, refused.exit_code
-        return (f"saving a checkpoint in {self.directory} failed on rank 0: {type(err).__name__}: {err}",
+        return (f"saving a checkpoint in {self.directory} failed on rank {rank}: {type(err).__name__}: {err}",
                 "check free disk space and permissions of the run dir", CheckpointError.exit_code)
 
     def _payload(self, weights: dict[str, Any] | None, optimizer_state: dict[str, Any] | None, scheduler: Any,
@@ -143,10 +219,17 @@ class Checkpointer:
         rebuilds its schedule from the recipe instead)."""
         if path is None:
             return None
-        payload = files.load(path)  # onto the CPU; load_state_dict moves each tensor to its parameter
-        weights = strip_prefixes(payload["model"])
-        check_compatible(payload, weights, self.recipe, unwrap_model(model), path)
-        _load_model_and_optimizer(model, optimizer, weights, payload.get("optimizer") or None)
+        if files.is_sharded(path):
+            payload = sharded.read_train_state(path)
+            check_compatible(payload, sharded.model_shapes(path), self.recipe, unwrap_model(model), path)
+            with _recipe_hyperparameters(optimizer):
+                sharded.load(path, model, optimizer, comm.is_initialized())  # each rank reads its pieces
+        else:
+            payload = files.load(path)  # onto the CPU; load_state_dict moves each tensor to its parameter
+            weights = strip_prefixes(payload["model"])
+            check_compatible(payload, _shapes(weights), self.recipe, unwrap_model(model), path)
+            with _recipe_hyperparameters(optimizer if payload.get("optimizer") else None):
+                full_state.load(model, optimizer, weights, payload.get("optimizer") or None)
         if scheduler is not None and payload.get("scheduler"):
             scheduler.load_state_dict(payload["scheduler"])
         if scaler is not None and payload.get("scaler"):
@@ -190,21 +273,28 @@ def ranking(record: dict[str, Any], cfg: CheckpointConfig) -> tuple[str, float |
     return cfg.best_metric, None, cfg.best_mode
 
 
-def _load_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict[str, Any],
-                              saved: dict[str, Any] | None) -> None:
-    """All ranks must call (under FSDP each keeps its shard). Weights, momentum buffers and moments
-    from the checkpoint; hyperparameters from the recipe (loading the optimizer's state dict alone
-    would bring back the old lr, weight decay and betas)."""
-    groups = optimizer.param_groups if optimizer is not None and saved is not None else []
-    recipe_groups = [{k: v for k, v in group.items() if k != "params"} for group in groups]
-    full_state.load(model, optimizer, weights, saved)
-    for group, values in zip(groups, recipe_groups):
+@contextmanager
+def _recipe_hyperparameters(optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Around loading a checkpoint: momentum buffers and moments come from it, hyperparameters
+    stay the recipe's (loading the optimizer's state dict alone would bring back the old lr,
+    weight decay and betas)."""
+    if optimizer is None:
+        yield
+        return
+    recipe_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    yield
+    for group, values in zip(optimizer.param_groups, recipe_groups):  # loading may have replaced the groups
         group.update(values)
 
 
-def check_compatible(payload: dict[str, Any], weights: dict[str, torch.Tensor], recipe: Recipe, model: nn.Module,
+def _shapes(weights: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in weights.items()}
+
+
+def check_compatible(payload: dict[str, Any], theirs: dict[str, tuple[int, ...]], recipe: Recipe, model: nn.Module,
                      path: Path) -> None:
-    """Refuse, naming the difference, a checkpoint written for another model or dataset."""
+    """Refuse, naming the difference, a checkpoint written for another model or dataset.
+    ``theirs``: the shape of each of its model tensors."""
     if payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a ddp.train checkpoint (format {payload.get('format')!r}).",
                               "train.resume=never starts fresh")
@@ -214,14 +304,14 @@ def check_compatible(payload: dict[str, Any], weights: dict[str, torch.Tensor], 
         if was != now:
             raise CheckpointError(f"{path} was written for {key}={was}, this run has {key}={now}.",
                                   "use the recipe that wrote it, another run.name, or train.resume=never")
-    mine, theirs = model.state_dict(), weights
+    mine = model.state_dict()
     missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
     if missing or extra:
         raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}.",
                               "use the recipe that wrote it or train.resume=never")
     for key, tensor in mine.items():
-        if tuple(theirs[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{path} does not fit this model: '{key}' is {list(theirs[key].shape)} there and "
+        if tuple(theirs[key]) != tuple(tensor.shape):
+            raise CheckpointError(f"{path} does not fit this model: '{key}' is {list(theirs[key])} there and "
                                   f"{list(tensor.shape)} here.", "use the recipe that wrote it or train.resume=never")
 
 

@@ -8,9 +8,9 @@ reader sees no file or the whole one. The result loads with ``torch.load(dest, w
 into the recipe's model, and a run starts from it with ``model.weights=dest``.
 
 Each checkpoint format is a ``Reader``: how to recognise a checkpoint of that format and how to
-read its weights. ``READERS`` has one today, the whole-state ``.pt`` file that DDP and FSDP runs
-both write; a sharded (``torch.distributed.checkpoint``) directory would be a second one.
-Pure file logic: no process group.
+read its weights: the whole-state ``.pt`` file (``checkpoint.format=file``) and the sharded
+``.dcp`` directory (``torch.distributed.checkpoint``, FSDP's default), whose shards are put
+together here in one process. Pure file logic: no process group.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ddp.checkpoint import files, storage
+from ddp.checkpoint import files, sharded, storage
 from ddp.checkpoint.atomic import atomic_open
 from ddp.checkpoint.checkpointer import FORMAT, strip_prefixes
 from ddp.checkpoint.files import CheckpointError
@@ -101,7 +101,7 @@ def locate(source: Path, which: str | None = None) -> Path:
 def _checkpoints_dir(source: Path) -> Path:
     if not source.is_dir():
         raise CheckpointError(f"{source} is not a checkpoint.",
-                              "give a run version directory (runs/<name>/version_N) or a step-*.pt file")
+                              "give a run version directory (runs/<name>/version_N) or a step-*.pt file or step-*.dcp directory")
     if (source / "checkpoints").is_dir():
         return source / "checkpoints"
     versions = list_versions(source)
@@ -122,7 +122,7 @@ def _pointed(directory: Path, which: str) -> Path:
         raise CheckpointError(f"{where} has no best checkpoint (no metric was recorded with its checkpoints).",
                               "export the newest with --which latest")
     raise CheckpointError(f"{where} has no checkpoint (no {directory / which}).",
-                          "train it until a checkpoint is saved, or give another run or a step-*.pt file")
+                          "train it until a checkpoint is saved, or give another run or a step-*.pt file or step-*.dcp directory")
 
 
 def reader_for(checkpoint: Path) -> Reader:
@@ -177,7 +177,28 @@ def _model_name(recipe_yaml: str) -> str | None:
     return str(name) if name is not None else None
 
 
-READERS: tuple[Reader, ...] = (Reader("a whole-state step-*.pt file", _is_whole_file, _read_whole_file),)
+# --- the sharded step-*.dcp directory (every rank's shards, torch.distributed.checkpoint) ---------
+
+def _is_sharded_dir(path: Path) -> bool:
+    return path.is_dir() and files.is_sharded(path)
+
+
+def _read_sharded(path: Path) -> Weights:
+    """Verified against its manifest file by file, then every shard of every model tensor read and
+    put together in this one process."""
+    try:
+        manifest = files.verify(path)
+    except CheckpointError as err:
+        raise CheckpointError(err.problem, _another(path)) from None
+    state = strip_prefixes(sharded.read_weights(path))
+    if not state:
+        raise CheckpointError(f"{path} holds no model weights.", _another(path))
+    metric = f"{manifest.metric_name or 'metric'} {manifest.metric:.4f}" if manifest.metric is not None else None
+    return Weights(state, path, manifest.step, manifest.epoch, metric, _model_name(manifest.recipe or ""))
+
+
+READERS: tuple[Reader, ...] = (Reader("a whole-state step-*.pt file", _is_whole_file, _read_whole_file),
+                               Reader("a sharded step-*.dcp directory", _is_sharded_dir, _read_sharded))
 
 
 # --- writing the destination ----------------------------------------------------------------

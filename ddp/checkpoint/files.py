@@ -3,6 +3,8 @@
     checkpoints/
       step-00000120.pt      torch.save of plain data (tensors, dicts, lists, numbers, strings)
       step-00000120.json    manifest: size and CRC-32 of the .pt, step, epoch, metric, seconds the save took
+      step-00000240.dcp/    or a sharded checkpoint: a directory of every rank's shards (ddp.checkpoint.sharded)
+      step-00000240.json    its manifest lists the size and CRC-32 of each file in it
       latest                name of the newest checkpoint
       best                  name of the best checkpoint by the recipe's metric
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 import zlib
 from collections.abc import Iterator
@@ -30,7 +33,8 @@ import torch
 from ddp.checkpoint.atomic import atomic_open, write_text_atomic
 from ddp.errors import DDPError
 
-_NAME = re.compile(r"step-(\d{8,})\.pt$")
+_NAME = re.compile(r"step-(\d{8,})\.(?:pt|dcp)$")
+SHARDED = ".dcp"
 
 
 class CheckpointError(DDPError):
@@ -50,6 +54,7 @@ class Manifest:
     recipe: str | None = None  # the resolved recipe YAML it was trained with (None: written before 0.2)
     save_s: float | None = None  # wall time of the save (None in manifests from before it was recorded)
     metric_name: str | None = None  # the epoch field ``metric`` holds (checkpoint.best_metric, auto resolved)
+    files: dict[str, list[int]] | None = None  # a sharded checkpoint: {file in its directory: [bytes, CRC-32]}
 
 
 class _CrcWriter:
@@ -72,8 +77,13 @@ class _CrcWriter:
         self.handle.flush()
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}.pt"
+def checkpoint_name(step: int, sharded: bool = False) -> str:
+    return f"step-{step:08d}{SHARDED if sharded else '.pt'}"
+
+
+def is_sharded(path: Path) -> bool:
+    """A sharded checkpoint (a directory written by every rank), not one ``.pt`` file."""
+    return path.suffix == SHARDED
 
 
 def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric: float | None,
@@ -86,16 +96,24 @@ def save(directory: Path, payload: dict[str, Any], step: int, epoch: int, metric
         size, crc = torch_save(payload, handle)
     manifest = Manifest(name, size, crc, step, epoch, metric, recipe,
                         save_s=round(time.perf_counter() - began, 3), metric_name=metric_name)
+    publish(directory, manifest)
+    return manifest
+
+
+def publish(directory: Path, manifest: Manifest) -> None:
+    """Make the checkpoint ``manifest.file``, complete under its final name, count: its manifest,
+    then ``latest``. When either write fails, the checkpoint is removed again (unless ``latest``
+    names it already) and the error raised."""
+    name = manifest.file
     before = read_pointer(directory, "latest")
     try:
         write_text_atomic(directory / f"{Path(name).stem}.json", json.dumps(asdict(manifest)), sync_dir=False)
         write_text_atomic(directory / "latest", name + "\n")  # this rename's directory fsync covers all three
     except BaseException:
         with suppress(OSError):  # the save's own error is the one to report
-            if read_pointer(directory, "latest") == before:  # unless `latest` names it already, the .pt goes
+            if read_pointer(directory, "latest") == before:  # unless `latest` names it already, it goes
                 _discard(directory / name)
         raise
-    return manifest
 
 
 def torch_save(obj: Any, handle: BinaryIO) -> tuple[int, int]:
@@ -115,7 +133,15 @@ def _discard(pt_file: Path) -> None:
     """Remove a checkpoint whose save failed after its .pt was renamed into place (its manifest or
     ``latest`` could not be written): nothing of a failed save stays under a final name."""
     pt_file.with_suffix(".json").unlink(missing_ok=True)
-    pt_file.unlink(missing_ok=True)
+    remove(pt_file)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint's data: the .pt file, or a sharded checkpoint's directory."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -147,22 +173,45 @@ def read_manifest(pt_file: Path) -> Manifest:
 
 
 def verify(pt_file: Path) -> Manifest:
-    """Check size and CRC-32 against the manifest; return it or raise CheckpointError."""
+    """Check size and CRC-32 (of every file of a sharded checkpoint) against the manifest; return
+    it or raise CheckpointError."""
     try:
         size = pt_file.stat().st_size
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {pt_file} does not exist.", "check train.resume") from None
     manifest = read_manifest(pt_file)
+    if manifest.files is not None or pt_file.is_dir():
+        _verify_sharded(pt_file, manifest)
+        return manifest
     if size != manifest.bytes:
         raise CheckpointError(f"checkpoint {pt_file} is truncated or altered: {size} bytes, manifest says "
                               f"{manifest.bytes}.", "use another checkpoint")
-    if _crc32(pt_file) != manifest.crc32:
+    if crc32(pt_file) != manifest.crc32:
         raise CheckpointError(f"checkpoint {pt_file} is corrupt: CRC-32 does not match its manifest.",
                               "use another checkpoint")
     return manifest
 
 
-def _crc32(path: Path, chunk: int = 1 << 22) -> int:
+def _verify_sharded(directory: Path, manifest: Manifest) -> None:
+    if not directory.is_dir() or not manifest.files:
+        raise CheckpointError(f"checkpoint {directory} does not match its manifest (a sharded checkpoint is a "
+                              "directory listed file by file).", "use another checkpoint")
+    for name, (size, crc) in manifest.files.items():
+        path = directory / name
+        try:
+            found = path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {directory} is incomplete: {name} is missing.",
+                                  "use another checkpoint") from None
+        if found != size:
+            raise CheckpointError(f"checkpoint {directory} is truncated or altered: {name} has {found} bytes, the "
+                                  f"manifest says {size}.", "use another checkpoint")
+        if crc32(path) != crc:
+            raise CheckpointError(f"checkpoint {directory} is corrupt: the CRC-32 of {name} does not match its "
+                                  "manifest.", "use another checkpoint")
+
+
+def crc32(path: Path, chunk: int = 1 << 22) -> int:
     crc = 0
     with path.open("rb") as handle:
         while block := handle.read(chunk):
@@ -192,12 +241,12 @@ def saved_recipe(pt_file: Path) -> str:
     before they carried it) from the file itself."""
     recipe = read_manifest(pt_file).recipe
     if recipe is None:
-        recipe = str(load(pt_file).get("recipe", ""))
+        recipe = str(load(pt_file).get("recipe", ""))  # sharded checkpoints always have it in the manifest
     return recipe
 
 
 def candidates(directory: Path) -> list[Path]:
-    """Every ``step-*.pt`` in ``directory``, newest (highest step) first."""
+    """Every checkpoint (``step-*.pt``, ``step-*.dcp``) in ``directory``, newest (highest step) first."""
     if not directory.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.search(p.name))]
@@ -213,14 +262,16 @@ def read_pointer(directory: Path, name: str) -> str | None:
 
 def prune(directory: Path, keep: int, protect: set[str]) -> list[str]:
     """Delete all but the ``keep`` newest checkpoints (and their manifests), sparing ``protect``,
-    and the temporary files of saves that were killed midway."""
+    and the temporary files and directories of saves that were killed midway."""
     for stale in directory.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
+    for stale in directory.glob(".*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
     removed = []
     for path in candidates(directory)[keep:]:
         if path.name in protect:
             continue
         path.with_suffix(".json").unlink(missing_ok=True)  # manifest first: a half-pruned pair is invalid
-        path.unlink(missing_ok=True)
+        remove(path)
         removed.append(path.name)
     return removed

@@ -196,8 +196,8 @@ def _done_line(what: Path, manifest: Manifest, recipe: Recipe) -> str:
 
 def _resolve_path(path: Path, spec: str) -> Path:
     """A checkpoint file, or the newest valid checkpoint under a version, group or checkpoints dir."""
-    if not path.is_dir():
-        return path  # files.verify says so when it does not exist
+    if not path.is_dir() or files.is_sharded(path):
+        return path  # one checkpoint; files.verify says so when it does not exist
     versions = list_versions(path)
     directory = versions[-1] if versions else path
     if (directory / "checkpoints").is_dir():
@@ -205,7 +205,7 @@ def _resolve_path(path: Path, spec: str) -> Path:
     found = newest_valid(directory)
     if found is None:
         raise CheckpointError(f"train.resume={spec}: no valid checkpoint in that directory.",
-                              "point train.resume at a step-*.pt file, or use auto/never")
+                              "point train.resume at a step-*.pt file or step-*.dcp directory, or use auto/never")
     return found
 
 

@@ -5,7 +5,7 @@
       history.jsonl         one record per start or resume, with the recipe changes (rank 0)
       metrics.jsonl         one JSON object per step interval and per epoch (rank 0)
       tensorboard/          the same metrics as TensorBoard events (rank 0)
-      checkpoints/          step-*.pt + manifests, latest, best (rank 0; see ddp.checkpoint.files)
+      checkpoints/          step-*.pt or step-*.dcp/ + manifests, latest, best (see ddp.checkpoint.files)
       logs/rank{r}.log      every rank's own log
 """
 

@@ -58,11 +58,18 @@ def torchvision_model(cfg: ModelConfig, classes: int | None) -> nn.Module:
 
 
 def load_state(model: nn.Module, path: Path, key: str) -> None:
-    """Load a state_dict file into ``model`` (every key must match)."""
-    if not path.is_file():
+    """Load a state_dict file, or the weights of a sharded checkpoint directory, into ``model``
+    (every key must match)."""
+    sharded_dir = path.is_dir() and path.suffix == ".dcp"
+    if not path.is_file() and not sharded_dir:
         raise ConfigError(f"{key}: weights file '{path}' not found.", "give the path of a saved state_dict")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if sharded_dir:
+            from ddp.checkpoint.sharded import read_weights
+
+            state = read_weights(path)  # every shard, put together in this process
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]  # one of our checkpoints
         model.load_state_dict(state)

@@ -1,0 +1,131 @@
+"""Sharded checkpoints (``checkpoint.format=sharded``, FSDP's default) in one process: published
+whole or not at all, checked file by file, pruned as directories, refused in one line when the disk
+says no. Resume at other world sizes, on real ranks: tests/test_fsdp.py."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddp.checkpoint import files, sharded
+from ddp.checkpoint.checkpointer import Checkpointer, TrainState
+from ddp.checkpoint.export import export
+from ddp.checkpoint.files import CheckpointError
+from ddp.config import CheckpointConfig, load_recipe
+from ddp.errors import StorageError
+from ddp.lifecycle.decision import newest_valid
+
+
+def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()  # momentum buffers now exist
+    return model, optimizer
+
+
+def _keeper(directory: Path, keep: int = 3, fmt: str = "sharded") -> Checkpointer:
+    return Checkpointer(CheckpointConfig(format=fmt, keep=keep), directory, load_recipe(None, []))
+
+
+def _save(keeper: Checkpointer, step: int, seed: int | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model, optimizer = _trained(step if seed is None else seed)
+    keeper.save(model, optimizer, None, TrainState(epoch=0, global_step=step, sample_index=step * 10,
+                                                   partial_sums=[1.0, 2.0, float(step)]))
+    return model, optimizer
+
+
+def test_a_sharded_save_is_listed_file_by_file_and_resumes_bit_for_bit_with_the_recipes_lr(tmp_path):
+    keeper = _keeper(tmp_path)
+    _save(keeper, 3)
+    model, optimizer = _save(keeper, 4)
+    assert files.read_pointer(tmp_path, "latest") == "step-00000004.dcp"
+    manifest = json.loads((tmp_path / "step-00000004.json").read_text())
+    on_disk = sorted(p.name for p in (tmp_path / "step-00000004.dcp").iterdir())
+    assert sorted(manifest["files"]) == on_disk == [".metadata", "__0_0.distcp", "train_state.pt"]
+    assert manifest["bytes"] == sum(size for size, _ in manifest["files"].values()) and manifest["step"] == 4
+    assert not list(tmp_path.glob(".*"))  # no temporary left
+
+    fresh, fresh_optimizer = _trained(99)
+    fresh_optimizer.param_groups[0]["lr"] = 0.5  # the recipe's new lr: kept, not the checkpoint's 0.1
+    state = keeper.resume(tmp_path / "step-00000004.dcp", fresh, fresh_optimizer)
+    assert state.global_step == 4 and state.sample_index == 40 and state.partial_sums == [1.0, 2.0, 4.0]
+    for name, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    for mine, theirs in zip(fresh.parameters(), model.parameters()):
+        assert torch.equal(fresh_optimizer.state[mine]["momentum_buffer"], optimizer.state[theirs]["momentum_buffer"])
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_a_file_checkpoint_keeps_the_recipes_hyperparameters_too(tmp_path):
+    keeper = _keeper(tmp_path, fmt="file")
+    _save(keeper, 3)
+    fresh, fresh_optimizer = _trained(99)
+    fresh_optimizer.param_groups[0].update(lr=0.5, momentum=0.5)  # loading the optimizer replaces its groups
+    keeper.resume(tmp_path / "step-00000003.pt", fresh, fresh_optimizer)
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.5 and fresh_optimizer.param_groups[0]["momentum"] == 0.5
+
+
+def test_a_torn_shard_is_skipped_by_auto_resume_refused_by_name_and_not_exported(tmp_path, caplog):
+    keeper = _keeper(tmp_path)
+    _save(keeper, 3)
+    _save(keeper, 4)
+    shard = tmp_path / "step-00000004.dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"step-00000004.dcp is corrupt: the CRC-32 of __0_0.distcp does not"):
+        files.verify(tmp_path / "step-00000004.dcp")
+    with caplog.at_level(logging.WARNING):
+        assert newest_valid(tmp_path) == tmp_path / "step-00000003.dcp"  # what train.resume=auto takes
+    assert "skipping checkpoint" in caplog.text
+    with pytest.raises(CheckpointError) as refused:
+        export(tmp_path / "step-00000004.dcp", tmp_path / "model.pt")
+    assert refused.value.hint == f"export an intact one, e.g. {tmp_path / 'step-00000003.dcp'}"
+    assert not (tmp_path / "model.pt").exists()
+    (tmp_path / "step-00000003.dcp" / "train_state.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"step-00000003.dcp is incomplete: train_state.pt is missing"):
+        files.verify(tmp_path / "step-00000003.dcp")
+
+
+def test_a_save_killed_midway_counts_for_nothing_and_the_next_save_clears_it(tmp_path):
+    keeper = _keeper(tmp_path, keep=2)
+    _save(keeper, 3)
+    killed_writing = sharded.partial_dir(tmp_path / "step-00000005.dcp")  # killed while the ranks wrote
+    killed_writing.mkdir()
+    (killed_writing / "__0_0.distcp").write_bytes(b"half")
+    killed_publishing = tmp_path / "step-00000006.dcp"  # renamed into place, killed before its manifest
+    killed_publishing.mkdir()
+    (killed_publishing / ".metadata").write_bytes(b"whole")
+    assert newest_valid(tmp_path) == tmp_path / "step-00000003.dcp"
+    assert files.read_pointer(tmp_path, "latest") == "step-00000003.dcp"
+    _save(keeper, 7)
+    _save(keeper, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000007.dcp", "step-00000007.json",
+                                                          "step-00000008.dcp", "step-00000008.json"]
+
+
+def test_a_disk_that_refuses_a_shard_is_a_storage_error_and_leaves_no_part_of_the_save(tmp_path, monkeypatch):
+    keeper = _keeper(tmp_path)
+    _save(keeper, 3)
+    real = sharded.write_shards
+
+    def full_disk(directory, *args, **kwargs):
+        real(directory, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sharded, "write_shards", full_disk)
+    with pytest.raises(StorageError) as refused:
+        _save(keeper, 4)
+    assert refused.value.exit_code == 74
+    assert refused.value.problem.startswith(f"checkpoint step-00000004.dcp not saved: no space left on device in "
+                                            f"{tmp_path}: it needs about ")
+    assert "it resumes from step-00000003.dcp" in refused.value.hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000003.dcp", "step-00000003.json"]
+    assert files.read_pointer(tmp_path, "latest") == "step-00000003.dcp"
