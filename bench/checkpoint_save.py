@@ -5,10 +5,12 @@ the same local directory. Each round times both sides once, in alternating order
 gives the median of per-round ratios with [min–max] and the absolute medians.
 
 * save — ours: ``Checkpointer.save`` (CRC-32 while streaming, fsync, atomic rename, manifest,
-  ``latest`` pointer, pruning); plain: ``torch.save(state, path)`` (no fsync, no rename).
-* resume — ours: ``Checkpointer.resume`` (pick newest, size + CRC check, ``weights_only`` load,
-  compatibility check, load into model/optimizer/scheduler, RNG restore); plain: ``torch.load``
-  + ``load_state_dict`` of model and optimizer.
+  ``latest`` pointer, pruning), as one file and sharded (``torch.distributed.checkpoint``, here
+  one process's shards), each synchronous and with ``checkpoint.async_save`` (timed until
+  training may go on); plain: ``torch.save(state, path)`` (no fsync, no rename).
+* resume — ours: ``Checkpointer.resume`` (size + CRC check, ``weights_only`` load or DCP's
+  reader, compatibility check, load into model/optimizer, RNG restore) of the file and of the
+  sharded checkpoint; plain: ``torch.load`` + ``load_state_dict`` of model and optimizer.
 
 ``python -m bench.checkpoint_save [--rounds N] [--out DIR]``
 """
@@ -48,25 +50,39 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def measure(rounds: int, directory: Path) -> dict[str, tuple[list[float], list[float]]]:
-    """Per round (ours, plain) seconds for save and for resume."""
+VARIANTS = {  # checkpoint.* of each of our sides
+    "file": {},
+    "sharded": {"format": "sharded"},
+    "file, async (blocking part)": {"async_save": True},
+    "sharded, async (blocking part)": {"format": "sharded", "async_save": True},
+}
+
+
+def measure(rounds: int, directory: Path) -> dict[str, dict[str, list[float]]]:
+    """Per operation, per side ("plain" and each of ours), the seconds of each round. An async
+    save is timed until training could go on (the snapshot); its background write finishes
+    before the next side runs, untimed."""
     model, optimizer, scheduler = _state()
     recipe = load_recipe(None, ["model.name=resnet18", "data.name=synthetic", "data.synthetic_shape=[3,32,32]"])
-    keeper = Checkpointer(CheckpointConfig(keep=2), directory / "ours", recipe)
+    keepers = {name: Checkpointer(CheckpointConfig(keep=2, **cfg), directory / f"ours-{index}", recipe)
+               for index, (name, cfg) in enumerate(VARIANTS.items())}
     plain_path = directory / "plain" / "state.pt"
     plain_path.parent.mkdir(parents=True)
     state = TrainState(epoch=1, global_step=10)
 
-    def ours_save() -> None:
-        state.global_step += 1
-        keeper.save(model, optimizer, scheduler, state)
+    def saving(keeper: Checkpointer) -> Callable[[], None]:
+        def save() -> None:
+            state.global_step += 1
+            keeper.save(model, optimizer, scheduler, state)
+        return save
 
     def plain_save() -> None:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict()}, plain_path)
 
-    def ours_resume() -> None:
-        keeper.resume(keeper.directory / str(read_pointer(keeper.directory, "latest")), model, optimizer)
+    def resuming(keeper: Checkpointer) -> Callable[[], None]:
+        return lambda: keeper.resume(keeper.directory / str(read_pointer(keeper.directory, "latest")), model,
+                                     optimizer)
 
     def plain_resume() -> None:
         payload = torch.load(plain_path, map_location="cpu", weights_only=True)
@@ -74,23 +90,39 @@ def measure(rounds: int, directory: Path) -> dict[str, tuple[list[float], list[f
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
 
-    results: dict[str, tuple[list[float], list[float]]] = {"save": ([], []), "resume": ([], [])}
-    ours_save(), plain_save()  # warm the page cache and allocator once
+    sides = {"save": {"plain": plain_save, **{name: saving(k) for name, k in keepers.items()}},
+             "resume": {"plain": plain_resume, "file": resuming(keepers["file"]),
+                        "sharded": resuming(keepers["sharded"])}}
+    for operation in sides.values():  # warm the page cache and allocator once
+        for fn in operation.values():
+            fn()
+            _finish(keepers)
+    results: dict[str, dict[str, list[float]]] = {op: {side: [] for side in fns} for op, fns in sides.items()}
     for round_ in range(rounds):
-        for name, ours, plain in (("save", ours_save, plain_save), ("resume", ours_resume, plain_resume)):
-            pair = [(0, ours), (1, plain)] if round_ % 2 == 0 else [(1, plain), (0, ours)]
-            for side, fn in pair:
-                results[name][side].append(_timed(fn))
+        for op, fns in sides.items():
+            order = list(fns.items())
+            for name, fn in order if round_ % 2 == 0 else reversed(order):
+                results[op][name].append(_timed(fn))
+                _finish(keepers)
     return results
 
 
-def report(results: dict[str, tuple[list[float], list[float]]]) -> list[str]:
-    lines = ["| operation | ours ÷ plain, median [min–max] | ours, median s | plain, median s | rounds |",
-             "|---|---|---|---|---|"]
-    for name, (ours, plain) in results.items():
-        ratios = [o / p for o, p in zip(ours, plain)]
-        lines.append(f"| {name} | {statistics.median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}] | "
-                     f"{statistics.median(ours):.3f} | {statistics.median(plain):.3f} | {len(ratios)} |")
+def _finish(keepers: dict[str, Checkpointer]) -> None:
+    for keeper in keepers.values():
+        keeper.finish()
+
+
+def report(results: dict[str, dict[str, list[float]]]) -> list[str]:
+    lines = ["| operation | ours | ours ÷ plain, median [min–max] | ours, median s | plain, median s | rounds |",
+             "|---|---|---|---|---|---|"]
+    for op, sides in results.items():
+        plain = sides["plain"]
+        for name, ours in sides.items():
+            if name == "plain":
+                continue
+            ratios = [o / p for o, p in zip(ours, plain)]
+            lines.append(f"| {op} | {name} | {statistics.median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}] | "
+                         f"{statistics.median(ours):.3f} | {statistics.median(plain):.3f} | {len(ratios)} |")
     return lines
 
 

@@ -188,6 +188,7 @@ class CheckpointConfig:
     best_metric: str = setting("auto", resume=HONOURED)  # epoch-record field that ranks checkpoints; auto = test_acc when reported, else test_loss (lower is better)
     best_mode: BestMode = setting(BestMode.max, resume=HONOURED)  # for a named best_metric: is higher (max) or lower (min) better
     signal_poll_s: float = setting(0.25, minimum=0.0, resume=HONOURED)  # ranks agree on preemption signals this often; 0 = every step
+    async_save: bool = setting(False, resume=HONOURED)  # training waits only for a host copy of the state; the write happens in the background
     format: CheckpointFormat = setting(CheckpointFormat.auto, resume=HONOURED)  # file (one .pt by rank 0), sharded (every rank writes its shards), auto = sharded under fsdp
 
 

@@ -153,6 +153,7 @@ class Run:
         ask for a stop that ``should_stop`` agrees on, instead of ending the process."""
         if self.stop is None:
             self.stop = StopRequest(self.recipe.dist.timeout_s, self.recipe.checkpoint.signal_poll_s).install()
+            self.stop.saves = self._checkpointer
             self._stack.push(self._close_stop)
         return self.stop
 
@@ -163,6 +164,9 @@ class Run:
             assert self.decision is not None and not self.decision.done, "the run is finished: nothing to save"
             self._checkpointer = Checkpointer(self.recipe.checkpoint, RunDir(self.decision.run_dir).checkpoints,
                                               self.recipe)
+            self._stack.push(self._finish_saves)  # before the group goes: it may still be writing
+            if self.stop is not None:
+                self.stop.saves = self._checkpointer  # a failed background save is agreed on at a poll
         return self._checkpointer
 
     @property
@@ -178,6 +182,13 @@ class Run:
                                                 gpu=gpu, nccl_dumps=dumps))
         if plan.backend == "nccl":
             make_dump_dir(dumps)
+
+    def _finish_saves(self, kind: Any, error: Any, trace: Any) -> bool:
+        """On a clean close every rank waits for the save in flight (raising its failure); after an
+        error the ranks do not wait for each other, and a torn save is never published."""
+        if error is None and self._checkpointer is not None:
+            self._checkpointer.finish()
+        return False
 
     def _close_stop(self, kind: Any, error: Any, trace: Any) -> bool:
         if self.stop is not None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from ddp.checkpoint import files
 from ddp.cluster.environment import ClusterEnv, SingleProcessEnv
 from ddp.config import Parallel, load_recipe
 from ddp.errors import DDPError
@@ -108,11 +109,15 @@ def _fsdp_jobs(env, tmp: str, ports: list[int]):
 
 
 def _resumes_at_2(env, tmp: str, ports: list[int]):
-    """At 2 ranks: FSDP resumes 4 ranks' shards, DDP resumes one process's shards."""
+    """At 2 ranks: FSDP resumes 4 ranks' shards, DDP resumes one process's shards; FSDP and DDP
+    save every step in the background (checkpoint.async_save)."""
     from ddp.runner import execute
 
+    saving = ["checkpoint.every_steps=1", "checkpoint.async_save=true"]
     plan = [("fsdp 4→2", _digits(f"{tmp}/to2", GLOBAL_BATCH // 2, 3, "dist.parallel=fsdp")),
-            ("ddp 1→2", _digits(f"{tmp}/to1", GLOBAL_BATCH // 2, 4, "dist.parallel=ddp"))]
+            ("ddp 1→2", _digits(f"{tmp}/to1", GLOBAL_BATCH // 2, 4, "dist.parallel=ddp")),
+            ("async fsdp", _digits(f"{tmp}/async_fsdp", GLOBAL_BATCH // 2, 4, "dist.parallel=fsdp", *saving)),
+            ("async ddp", _digits(f"{tmp}/async_ddp", GLOBAL_BATCH // 2, 4, "dist.parallel=ddp", *saving))]
     return {name: _numpy(execute(recipe, replace(env, master_port=port)).state_dict)
             for (name, recipe), port in zip(plan, ports)}
 
@@ -205,13 +210,22 @@ def test_fsdp_at_4_ranks_equals_one_process_and_its_shards_resume_at_2_and_at_1(
     one, _ = _single(_digits(tmp_path / "to1", GLOBAL_BATCH, 3, "dist.parallel=fsdp"))
     _assert_close(one, single["digits@3"], "4 ranks' shards resumed by one process, step 3")
     # 4 → 2 under FSDP, and 1 → 2 under DDP (one process's shards, read whole by each rank)
-    two = spawn_ranks(_resumes_at_2, 2, str(tmp_path), [free_port() for _ in range(2)], init_group=False,
+    two = spawn_ranks(_resumes_at_2, 2, str(tmp_path), [free_port() for _ in range(4)], init_group=False,
                       timeout=120)[0]
     _assert_close(two["fsdp 4→2"], single["digits@3"], "4 ranks' shards resumed at 2 ranks, step 3")
     _assert_close(two["ddp 1→2"], single["digits@4"], "one process's shards resumed by DDP at 2 ranks, step 4")
     # the export of the 2 ranks' shards is those ranks' final weights, bit for bit
     exported = _export(tmp_path / "to2" / "version_0", tmp_path / "to2.pt")
     assert all(np.array_equal(exported[k], two["fsdp 4→2"][k]) for k in two["fsdp 4→2"])
+    # saves in the background change nothing: the same weights, every checkpoint whole, the last one the final weights
+    for parallel, suffix in (("fsdp", ".dcp"), ("ddp", ".pt")):
+        weights = two[f"async {parallel}"]
+        _assert_close(weights, single["digits@4"], f"{parallel} at 2 ranks saving every step in the background")
+        checkpoints = tmp_path / f"async_{parallel}" / "version_0" / "checkpoints"
+        assert [files.verify(checkpoints / f"step-{step:08d}{suffix}").step for step in (1, 2, 3, 4)] == [1, 2, 3, 4]
+        assert (checkpoints / "latest").read_text().strip() == f"step-00000004{suffix}"
+        last = _export(checkpoints.parent, tmp_path / f"async_{parallel}.pt")
+        assert all(np.array_equal(last[k], weights[k]) for k in weights), parallel
 
 
 # --- which blocks are sharded ----------------------------------------------------------------

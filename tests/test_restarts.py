@@ -207,3 +207,18 @@ def test_a_rank_killed_before_the_first_checkpoint_restarts_in_the_same_version(
     history = read_history(version / "history.jsonl")
     assert [(h["event"], h["step"]) for h in history] == [("start", 0), ("start", 0)], history
     assert files.read_pointer(version / "checkpoints", "latest") == files.checkpoint_name(6)
+
+
+def test_a_rank_killed_while_its_shards_are_written_in_the_background_restarts_from_the_last_whole_checkpoint(
+        tmp_path):
+    background = ["dist.parallel=fsdp", "checkpoint.async_save=true"]
+    done = run_torchrun(2, [WORKER, *RECIPE, *background], tmp_path, extra=["--max-restarts=1"], DIE_AT="writing-6",
+                        DIE_RANK="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    version = tmp_path / "runs" / "digits" / "version_0"
+    assert "resumed from runs/digits/version_0/checkpoints/step-00000003.dcp: epoch 0, step 3" in done.stderr, \
+        done.stderr[-3000:]
+    history = read_history(version / "history.jsonl")
+    assert [(h["event"], h["step"]) for h in history] == [("start", 0), ("resume", 3)], history
+    assert files.read_pointer(version / "checkpoints", "latest") == "step-00000006.dcp"
+    assert files.verify(version / "checkpoints" / "step-00000006.dcp").step == 6

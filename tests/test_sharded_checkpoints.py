@@ -129,3 +129,28 @@ def test_a_disk_that_refuses_a_shard_is_a_storage_error_and_leaves_no_part_of_th
     assert "it resumes from step-00000003.dcp" in refused.value.hint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000003.dcp", "step-00000003.json"]
     assert files.read_pointer(tmp_path, "latest") == "step-00000003.dcp"
+
+
+def test_a_background_save_that_fails_stops_the_run_at_the_next_poll_with_the_disks_error(tmp_path, monkeypatch):
+    from ddp.runner import execute
+    from ddp.cluster.environment import SingleProcessEnv
+
+    real = files.save
+
+    def full_from_step_3(directory, payload, step, *args, **kwargs):
+        if step >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(directory, payload, step, *args, **kwargs)
+
+    monkeypatch.setattr(files, "save", full_from_step_3)
+    recipe = load_recipe(None, [f"run.dir={tmp_path}", "checkpoint.async_save=true", "checkpoint.every_steps=1",
+                                "train.max_steps=8", "log.every_steps=1", "log.tensorboard=false", "log.progress=false"])
+    with pytest.raises(StorageError) as refused:
+        execute(recipe, SingleProcessEnv())
+    assert refused.value.problem.startswith("checkpoint step-00000003.pt not saved: no space left on device in ")
+    checkpoints = tmp_path / "version_0" / "checkpoints"
+    assert files.read_pointer(checkpoints, "latest") == "step-00000002.pt"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000001.json", "step-00000001.pt",
+                                                                  "step-00000002.json", "step-00000002.pt"]
+    steps = (tmp_path / "version_0" / "metrics.jsonl").read_text().count('"kind": "step"')
+    assert 3 <= steps < 8  # stopped at the poll after the failure, not at the end

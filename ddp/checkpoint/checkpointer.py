@@ -18,6 +18,7 @@ is rebuilt from the recipe (``ddp.model.optim.build_scheduler(start_step=...)``)
 
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 import time
@@ -34,6 +35,7 @@ import ddp
 from ddp.checkpoint import files, full_state, sharded, storage
 from ddp.cluster import comm, progress
 from ddp.checkpoint.atomic import atomic_open, write_text_atomic
+from ddp.checkpoint.background import BackgroundSaves, Outcome, snapshot
 from ddp.checkpoint.files import CheckpointError
 from ddp.errors import StorageError
 from ddp.config import BestMode, CheckpointConfig, CheckpointFormat, Parallel, Recipe, flat, to_yaml
@@ -64,28 +66,38 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, directory: Path, recipe: Recipe) -> None:
         self.cfg, self.directory, self.recipe = cfg, directory, recipe
         self.recipe_yaml = to_yaml(recipe)  # what every checkpoint and manifest records, serialised once
+        self.background = BackgroundSaves(recipe.dist.timeout_s) if cfg.async_save else None
 
     # --- saving ---------------------------------------------------------------------------
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any, state: TrainState,
              metric: float | None = None, scaler: Any = None, mode: BestMode | None = None,
              metric_name: str | None = None) -> None:
-        """All ranks must call. Rank 0 writes; every rank returns once the file is durable.
-        ``metric`` ranks the checkpoint (``best``), higher or lower is better by ``mode``
+        """All ranks must call. Every rank returns once the checkpoint is durable, or with
+        ``checkpoint.async_save`` once its state is copied to host memory (``finish`` waits for
+        the rest). ``metric`` ranks the checkpoint (``best``), higher or lower is better by ``mode``
         (default ``checkpoint.best_mode``)."""
+        self.finish()  # at most one save in flight
         per_rank = comm.all_gather_object({"rng": capture_rng(), "sums": list(state.partial_sums)})
-        outcome = None
+        job = _Save(model, optimizer, scheduler, copy.deepcopy(state), per_rank, scaler, metric, mode or self.cfg.best_mode,
+                    metric_name, time.perf_counter())
         with progress.phase(progress.SAVING):  # however long it takes, not a stall
-            if self.sharded:
-                outcome = self._save_sharded(model, optimizer, scheduler, state, per_rank, scaler, metric, mode,
-                                             metric_name)
-            else:
-                outcome = self._save_file(model, optimizer, scheduler, state, per_rank, scaler, metric, mode,
-                                          metric_name)
-            outcome = comm.patient_broadcast(outcome, f"the checkpoint of step {state.global_step}")
-        if outcome is not None:
-            problem, hint, exit_code = outcome
-            raise (StorageError if exit_code == StorageError.exit_code else CheckpointError)(problem, hint)
+            if self.background is not None:
+                self._start_in_background(job)
+                return
+            outcome = self._save_sharded(job) if self.sharded else self._save_file(job)
+            _raise(comm.patient_broadcast(outcome, f"the checkpoint of step {state.global_step}"))
+
+    def finish(self) -> None:
+        """All ranks must call. Waits for the save in flight (``checkpoint.async_save``) and raises
+        its failure on every rank; nothing to do without one."""
+        if self.background is not None and self.background.in_flight:
+            with progress.phase(progress.SAVING):
+                _raise(self.background.wait())
+
+    def failed(self) -> bool:
+        """This rank's background save ended in a failure (``ddp.engine.stop`` has the ranks agree)."""
+        return self.background is not None and self.background.failed()
 
     @property
     def sharded(self) -> bool:
@@ -94,49 +106,56 @@ class Checkpointer:
         return fmt == CheckpointFormat.sharded or (fmt == CheckpointFormat.auto and
                                                    self.recipe.dist.parallel == Parallel.fsdp)
 
-    def _save_file(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any,
-                   state: TrainState, per_rank: list[dict[str, Any]], scaler: Any, metric: float | None,
-                   mode: BestMode | None, metric_name: str | None) -> tuple[str, str, int] | None:
-        """All ranks must call (under FSDP they gather); rank 0 writes. Rank 0's outcome: None or
-        (problem, hint, exit code)."""
-        outcome = None
-        weights, optimizer_state = full_state.gather(model, optimizer)  # under FSDP: every rank gathers
-        if comm.is_main():
-            payload = None
-            try:
-                payload = self._payload(weights, optimizer_state, scheduler, state, per_rank, scaler)
-                manifest = files.save(self.directory, payload, state.global_step, state.epoch, metric,
-                                      self.recipe_yaml, metric_name)
-                self._after_save(manifest, mode or self.cfg.best_mode)
-            except Exception as err:  # noqa: BLE001 - every rank must hear about it
-                outcome = self._failure(err, state.global_step, payload)
-        return outcome
+    def _save_file(self, job: _Save) -> Outcome:
+        """All ranks must call (under FSDP they gather); rank 0 writes. Rank 0's outcome."""
+        weights, optimizer_state = full_state.gather(job.model, job.optimizer)  # under FSDP: every rank gathers
+        if not comm.is_main():
+            return None
+        return self._write_file(job, self._payload(weights, optimizer_state, job))
 
-    def _save_sharded(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any,
-                      state: TrainState, per_rank: list[dict[str, Any]], scaler: Any, metric: float | None,
-                      mode: BestMode | None, metric_name: str | None) -> tuple[str, str, int] | None:
+    def _write_file(self, job: _Save, payload: dict[str, Any]) -> Outcome:
+        """Rank 0: write the file, its manifest and ``latest``; None or the failure."""
+        try:
+            manifest = files.save(self.directory, payload, job.state.global_step, job.state.epoch, job.metric,
+                                  self.recipe_yaml, job.metric_name)
+            self._after_save(manifest, job.mode)
+        except Exception as err:  # noqa: BLE001 - every rank must hear about it
+            return self._failure(err, job.state.global_step, payload)
+        return None
+
+    def _save_sharded(self, job: _Save) -> Outcome:
         """All ranks must call: each writes its shards into a hidden directory; rank 0 adds the train
         state and, once every rank reported its files durable, publishes it. Rank 0's outcome."""
-        began = time.perf_counter()
-        final = self.directory / files.checkpoint_name(state.global_step, sharded=True)
+        final, partial = self._partial_dir(job)
+        payload = self._payload(None, None, job) if comm.is_main() else None
+        try:
+            sharded.write_shards(partial, job.model, job.optimizer, comm.is_initialized())
+            report = self._shards_written(partial, payload)
+        except sharded.SAVE_ERRORS as err:  # rank 0 says it for every rank
+            report = (None, sharded.describe_error(err, comm.rank()))
+        reports = comm.all_gather_object(report)
+        return self._publish_shards(job, final, partial, reports) if comm.is_main() else None
+
+    def _partial_dir(self, job: _Save) -> tuple[Path, Path]:
+        """All ranks must call. (final, partial) directories of this save, the partial one made empty."""
+        final = self.directory / files.checkpoint_name(job.state.global_step, sharded=True)
         partial = sharded.partial_dir(final)
         if comm.is_main():
             sharded.remove_dir(partial)  # a save of this step killed before
             partial.mkdir(parents=True)
         comm.barrier()
-        payload, report = None, None
-        try:
-            sharded.write_shards(partial, model, optimizer, comm.is_initialized())
-            if comm.is_main():
-                payload = self._payload(None, None, scheduler, state, per_rank, scaler)
-                with atomic_open(partial / sharded.STATE_FILE, sync_dir=True) as handle:
-                    files.torch_save(payload, handle)
-            report = (sharded.own_files(partial, comm.rank()), None)
-        except sharded.SAVE_ERRORS as err:  # rank 0 says it for every rank
-            report = (None, sharded.describe_error(err, comm.rank()))
-        reports = comm.all_gather_object(report)
-        if not comm.is_main():
-            return None
+        return final, partial
+
+    @staticmethod
+    def _shards_written(partial: Path, payload: dict[str, Any] | None) -> tuple[dict[str, list[int]], None]:
+        """After this rank's shards are durable: rank 0 adds the train state; this rank's files."""
+        if payload is not None:
+            with atomic_open(partial / sharded.STATE_FILE, sync_dir=True) as handle:
+                files.torch_save(payload, handle)
+        return sharded.own_files(partial, comm.rank()), None
+
+    def _publish_shards(self, job: _Save, final: Path, partial: Path, reports: list[Any]) -> Outcome:
+        """Rank 0, once every rank reported: move the directory into place, manifest, ``latest``."""
         failed = [error for _, error in reports if error is not None]
         if failed:
             sharded.remove_dir(partial)
@@ -144,20 +163,49 @@ class Checkpointer:
             if code is None:
                 return (f"saving a checkpoint in {self.directory} failed on rank {rank}: {text}",
                         "check free disk space and permissions of the run dir", CheckpointError.exit_code)
-            return self._failure(OSError(code, text), state.global_step, None, rank=rank,
-                                 needed=sharded.bytes_of(model, optimizer))
+            return self._failure(OSError(code, text), job.state.global_step, None, rank=rank,
+                                 needed=sharded.bytes_of(job.model, job.optimizer))
         listed = {name: entry for mine, _ in reports for name, entry in (mine or {}).items()}
+        state = job.state
         manifest = files.Manifest(final.name, sum(size for size, _ in listed.values()), 0, state.global_step,
-                                  state.epoch, metric, self.recipe_yaml, round(time.perf_counter() - began, 3),
-                                  metric_name, files=listed)
+                                  state.epoch, job.metric, self.recipe_yaml, round(time.perf_counter() - job.began, 3),
+                                  job.metric_name, files=listed)
         try:
             sharded.move_into_place(partial, final)
             files.publish(self.directory, manifest)
-            self._after_save(manifest, mode or self.cfg.best_mode)
+            self._after_save(manifest, job.mode)
         except Exception as err:  # noqa: BLE001 - every rank must hear about it
             sharded.remove_dir(partial)
-            return self._failure(err, state.global_step, payload)
+            return self._failure(err, state.global_step, None)
         return None
+
+    def _start_in_background(self, job: _Save) -> None:
+        """All ranks must call. Copies what the save needs to host memory and hands the rest to the
+        background thread (``ddp.checkpoint.background``)."""
+        background = self.background
+        assert background is not None
+        group = background.group()
+        if self.sharded:
+            final, partial = self._partial_dir(job)
+            payload = snapshot(self._payload(None, None, job)) if comm.is_main() else None
+            written = sharded.start_shards(partial, job.model, job.optimizer, group, comm.is_initialized())
+
+            def rest() -> Outcome:
+                try:
+                    written()
+                    report = self._shards_written(partial, payload)
+                except sharded.SAVE_ERRORS as err:
+                    report = (None, sharded.describe_error(err, comm.rank()))
+                reports = background.all_gather(report)
+                return background.broadcast(self._publish_shards(job, final, partial, reports)
+                                            if comm.is_main() else None)
+        else:
+            weights, optimizer_state = full_state.gather(job.model, job.optimizer)
+            payload = snapshot(self._payload(weights, optimizer_state, job)) if comm.is_main() else None
+
+            def rest() -> Outcome:
+                return background.broadcast(self._write_file(job, payload) if payload is not None else None)
+        background.start(rest)
 
     def _failure(self, err: BaseException, step: int, payload: dict[str, Any] | None, rank: int = 0,
                  needed: int | None = None) -> tuple[str, str, int]:
@@ -171,8 +219,9 @@ class Checkpointer:
         return (f"saving a checkpoint in {self.directory} failed on rank {rank}: {type(err).__name__}: {err}",
                 "check free disk space and permissions of the run dir", CheckpointError.exit_code)
 
-    def _payload(self, weights: dict[str, Any] | None, optimizer_state: dict[str, Any] | None, scheduler: Any,
-                 state: TrainState, per_rank: list[dict[str, Any]], scaler: Any) -> dict[str, Any]:
+    def _payload(self, weights: dict[str, Any] | None, optimizer_state: dict[str, Any] | None,
+                 job: _Save) -> dict[str, Any]:
+        state, scheduler, scaler, per_rank = job.state, job.scheduler, job.scaler, job.per_rank
         saved_state = asdict(state)
         saved_state.pop("partial_sums")
         return {
@@ -249,6 +298,29 @@ class Checkpointer:
         else:  # the epoch's running sums are totals: give them all to rank 0
             sums = [sum(r["sums"][i] for r in ranks) for i in range(3)] if rank == 0 else [0.0, 0.0, 0.0]
         return TrainState(**payload["state"], partial_sums=sums)
+
+
+@dataclass
+class _Save:
+    """One save: what it writes and how its checkpoint ranks."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    scheduler: Any
+    state: TrainState
+    per_rank: list[dict[str, Any]]  # index r: rank r's RNG states and partial epoch sums
+    scaler: Any
+    metric: float | None
+    mode: BestMode
+    metric_name: str | None
+    began: float  # perf_counter at the start
+
+
+def _raise(outcome: Outcome) -> None:
+    """Raise a failed save's outcome (the same on every rank)."""
+    if outcome is not None:
+        problem, hint, exit_code = outcome
+        raise (StorageError if exit_code == StorageError.exit_code else CheckpointError)(problem, hint)
 
 
 def _better(value: float, than: float | None, mode: BestMode) -> bool:

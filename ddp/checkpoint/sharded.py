@@ -22,6 +22,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -136,6 +137,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return dict(state.get("model", {}))
 
 
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)  # DCP's
+# background thread (checkpoint.async_save in one process) says it too, where _quiet cannot reach
+
+
 class _quiet(warnings.catch_warnings):
     """DCP warns that it assumes one process whenever no process group exists: that is meant."""
 
@@ -197,3 +202,20 @@ def describe_error(err: BaseException, rank: int) -> tuple[int, int | None, str]
             return rank, seen.errno, seen.strerror or str(seen)
         seen = seen.__cause__ or seen.__context__
     return rank, None, f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+
+
+def start_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, group: Any,
+                 distributed: bool) -> Callable[[], Any]:
+    """All ranks must call, with the same (empty, existing) ``directory``. Copies this rank's part
+    of the state to host memory (DCP's stager) and starts writing it on DCP's thread, its
+    collectives on ``group``; returns the function that waits until the files are durable."""
+    import torch.distributed.checkpoint as dcp
+
+    with _quiet():
+        response = dcp.async_save(state_dicts(model, optimizer),
+                                  storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True),
+                                  process_group=group, no_dist=not distributed)
+    staging = getattr(response, "staging_completion", None)
+    if staging is not None:
+        staging.result()  # the snapshot: training may go on once it is taken
+    return getattr(response, "upload_completion", response).result

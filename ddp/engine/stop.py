@@ -9,7 +9,9 @@ torchrun starts its ranks in their own session and only forwards). The ranks agr
 group, about every ``checkpoint.signal_poll_s`` seconds of training, overlapped with the following
 steps: issued at one poll and read at the next, so the hot path never waits on it. The same
 all_reduce carries each rank's mean step time; every rank derives the next poll interval (in
-steps) from the identical reduced value, so all ranks poll, and stop, after the same step.
+steps) from the identical reduced value, so all ranks poll, and stop, after the same step. It also
+carries whether a background checkpoint save (``checkpoint.async_save``) failed: then every rank
+raises that save's error at the same poll.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class StopRequest:
         self._group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
                        if comm.world_size() > 1 else None)
         self._pending: Any = None
-        self._buffer = torch.zeros(3, dtype=torch.float64)
+        self._buffer = torch.zeros(4, dtype=torch.float64)
+        self.saves: Any = None  # the run's Checkpointer, once made: failed() and finish() (which raises)
         self._interval, self._steps, self._since = 1, 0, time.perf_counter()
 
     def install(self) -> StopRequest:
@@ -108,28 +111,37 @@ class StopRequest:
     def poll(self) -> bool:
         """All ranks must call after every step. True when the ranks have agreed to stop."""
         if self._group is None:
+            if self._save_failed():
+                self.saves.finish()  # raises the background save's error
             return self.received != 0
         self._steps += 1
         if self._steps < self._interval:
             return False
-        decided = self._collect()
+        decided, failed = self._collect()
+        if failed:
+            self._pending = None  # nothing in flight now: the error's path needs no last poll
+            self.saves.finish()  # every rank raises the same error at this same poll
         now = time.perf_counter()
         step_time, self._steps, self._since = (now - self._since) / self._steps, 0, now
-        self._buffer = torch.tensor([1.0 if self.received else 0.0, 1.0 if self.preempted else 0.0, step_time],
-                                    dtype=torch.float64)
+        self._buffer = torch.tensor([1.0 if self.received else 0.0, 1.0 if self.preempted else 0.0, step_time,
+                                     1.0 if self._save_failed() else 0.0], dtype=torch.float64)
         self._pending = dist.all_reduce(self._buffer, group=self._group, async_op=True)
         return decided
 
-    def _collect(self) -> bool:
-        """Read the previous poll's result; set the next interval from the ranks' mean step time."""
+    def _save_failed(self) -> bool:
+        return self.saves is not None and self.saves.failed()
+
+    def _collect(self) -> tuple[bool, bool]:
+        """Read the previous poll's result: (stop, a background save failed); set the next interval
+        from the ranks' mean step time."""
         if self._pending is None:
-            return False
+            return False, False
         self._pending.wait()
-        flags, preempted, step_times = self._buffer.tolist()
+        flags, preempted, step_times, failed = self._buffer.tolist()
         self.preempted = self.preempted or preempted > 0
         mean_step = step_times / comm.world_size()
         self._interval = max(1, min(MAX_INTERVAL, math.ceil(self.poll_s / mean_step))) if mean_step > 0 else 1
-        return flags > 0
+        return flags > 0, failed > 0
 
     def close(self, abandon: bool = False) -> None:
         """All ranks must call: completes the last poll and restores the previous handlers.
