@@ -4,10 +4,10 @@
 
 Every variant is ours (``python -m ddp.train``) on a workload of ``bench.workloads`` with one
 ``dist.*`` key changed from torch's own defaults (``gradient_as_bucket_view=false``,
-``bucket_cap_mb=25``, ``static_graph=false``). Each round launches every variant once per
+``bucket_cap_mb=25``, ``static_graph=false``), or FSDP2 instead of DDP (``parallel=fsdp``). Each round launches every variant once per
 workload, in an order rotated each round; a ratio is formed per round from that round's runs, and
 the report gives the median and [min–max] over rounds (the rules of ``bench.suite``). The report
-goes to stdout and ``<out>/<YYYY-MM-DD>-ddp-options.md``.
+goes to stdout and ``<out>/<YYYY-MM-DD>-<name>.md`` (``--name``, default ``ddp-options``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ VARIANTS = [BASELINE,
             Variant("static_graph=true", {"dist.static_graph": "true"}),
             Variant("bucket_cap_mb=5", {"dist.bucket_cap_mb": "5"}, BUCKETED),
             Variant("bucket_cap_mb=10", {"dist.bucket_cap_mb": "10"}, BUCKETED),
-            Variant("bucket_cap_mb=100", {"dist.bucket_cap_mb": "100"}, BUCKETED)]
+            Variant("bucket_cap_mb=100", {"dist.bucket_cap_mb": "100"}, BUCKETED),
+            Variant("parallel=fsdp", {"dist.parallel": "fsdp"})]  # FSDP2 instead of DDP (its keys then unused)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--quiet-wait", type=float, default=20.0, help="longest wait for an idle machine, s")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--name", default="ddp-options", help="the report is <out>/<YYYY-MM-DD>-<name>.md")
     return parser.parse_args(argv)
 
 
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["## Failed launches", "", *(f"- {f}" for f in failures), ""]
     text = "\n".join(lines)
     print(text)
-    print(f"report written to {write(text, args.out, f'{date}-ddp-options.md')}", file=sys.stderr)
+    print(f"report written to {write(text, args.out, f'{date}-{args.name}.md')}", file=sys.stderr)
     return 1 if failures else 0
 
 
