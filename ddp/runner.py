@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ddp.cluster import comm
 from ddp.cluster.devices import Devices, Placement, check_parallel, choose_backend, place, detect_devices
-from ddp.config import Recipe
+from ddp.config import Parallel, Recipe
 from ddp.model.registry import (Given, build_components, build_loss, build_metrics, check_one_batch, check_recipe,
                                  eval_loss)
 from ddp.data.datasets import Splits, build_datasets
@@ -268,7 +268,8 @@ def build_parts(recipe: Recipe, plan: Plan, wrap: bool = True) -> TrainParts:
     model = convert_sync_bn(plan.model, recipe.dist.sync_bn, comm.world_size())
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = model.to(device)
+    if not (recipe.dist.parallel == Parallel.fsdp and comm.world_size() > 1):  # FSDP moves it block by block
+        model = model.to(device)
     train, test, how = _loaders(recipe, plan)
     optimizer = build_optimizer(model, recipe.optim, trainable_only=recipe.model.unfreeze_after_epochs < 0)
     rewrap = partial(_wrap, recipe=recipe, plan=plan, optimizer=optimizer)

@@ -263,17 +263,37 @@ def test_on_gpus_the_mesh_is_cuda_on_the_rank_device_with_the_asked_policies(mon
     from ddp.config import Precision
     from ddp.model import sharding
 
-    calls: dict = {"shard": []}
+    calls: dict = {"shard": [], "events": []}
+    real_to = torch.Tensor.to
+
+    def to(tensor, *args, **kwargs):  # the host → GPU copy: recorded, the tensor stays where it is
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            calls["events"].append(("to", args[0], tensor.numel()))
+            return tensor
+        return real_to(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("device", device))
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
     monkeypatch.setattr(device_mesh, "init_device_mesh", lambda kind, shape: calls.setdefault("mesh", (kind, shape)))
-    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **options: calls["shard"].append((module, options)))
-    monkeypatch.setattr(sharding, "_from_rank0", lambda tensors: None)  # a broadcast: needs a group
+
+    def shard(module, **options):
+        calls["shard"].append((module, options))
+        calls["events"].append(("shard", module))
+
+    monkeypatch.setattr(fsdp, "fully_shard", shard)
+    monkeypatch.setattr(sharding, "_from_rank0", lambda tensors: calls["events"].append(("broadcast", len(tensors))))
     model = digits_cnn((1, 8, 8), 10)
     plan = sharding.ShardPlan(cpu_offload=True, precision=Precision.bf16)
     sharding.shard_model(model, torch.device("cuda", 2), plan)
     assert calls["device"] == torch.device("cuda", 2) and calls["mesh"] == ("cuda", (4,))
     assert [module for module, _ in calls["shard"]] == [*find_blocks(model), model]  # the blocks, then the root
+    # each block goes to the GPU just before it is sharded, never the whole model at once
+    expected = []
+    for block in find_blocks(model):
+        expected += [("to", torch.device("cuda", 2), p.numel()) for p in block.parameters()]
+        expected += [("broadcast", len(list(block.parameters()))), ("shard", block)]
+    assert calls["events"] == [*expected, ("broadcast", 0), ("shard", model)]
     options = calls["shard"][0][1]
     assert isinstance(options["offload_policy"], fsdp.CPUOffloadPolicy)
     assert options["mp_policy"].param_dtype == torch.bfloat16 and options["mp_policy"].reduce_dtype == torch.float32

@@ -25,15 +25,16 @@ def wrap_model(model: nn.Module, parallel: Parallel, device: torch.device, devic
     ddp: DistributedDataParallel when more than one rank runs (``device_ids=[i]`` on GPU, none on
     CPU) and ``ddp_kwargs`` (``ddp_options``: bucket size, gradient views, static graph); with a
     single rank the model runs unwrapped, which is what DDP would compute anyway.
-    fsdp: sharded in place by FSDP2 as ``shard`` says (``ddp.model.sharding``); one rank: unwrapped.
+    fsdp: sharded in place by FSDP2 as ``shard`` says (``ddp.model.sharding``), each block moved to
+    ``device`` as it is sharded; one rank: unwrapped.
     dp:  DataParallel over every visible GPU; with fewer than 2 GPUs it warns and runs unwrapped.
     """
+    if parallel == Parallel.fsdp and comm.world_size() > 1:  # one block at a time: never the whole model on the device
+        return shard_model(model, device, shard or ShardPlan())
     model = model.to(device)
     if parallel == Parallel.ddp and comm.world_size() > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, **(ddp_kwargs or {}))
-    if parallel == Parallel.fsdp and comm.world_size() > 1:
-        return shard_model(model, device, shard or ShardPlan())
     if parallel == Parallel.dp:
         if devices.cuda_count < 2:
             log.warning("dist.parallel=dp needs 2+ GPUs, %d visible: running unwrapped on %s",

@@ -131,9 +131,11 @@ def _has_parameters(module: nn.Module) -> bool:
 # --- sharding --------------------------------------------------------------------------------
 
 def shard_model(model: nn.Module, device: torch.device, plan: ShardPlan) -> nn.Module:
-    """All ranks must call, with the process group formed and ``model`` on ``device``. Shards every
-    block, then the root, over all ranks; returns the same module (FSDP2 wraps nothing). A model
-    sharded already (after unfreezing) is returned as it is: FSDP2 follows ``requires_grad``."""
+    """All ranks must call, with the process group formed; ``model`` may be on the CPU. Shards every
+    block, then the root, over all ranks; returns the same module (FSDP2 wraps nothing). A block
+    goes to ``device`` just before it is sharded, so the device never holds more than one whole
+    block besides the shards: a model larger than one GPU's memory is sharded from host memory. A
+    model sharded already (after unfreezing) is returned as it is: FSDP2 follows ``requires_grad``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -144,19 +146,44 @@ def shard_model(model: nn.Module, device: torch.device, plan: ShardPlan) -> nn.M
     world = torch.distributed.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
     options = {"mesh": mesh, "mp_policy": _precision_policy(plan.precision), **_offload(plan)}
-    _from_rank0([*model.parameters(), *model.buffers()])
-    model.register_forward_pre_hook(_buffers_from_rank0)
     blocks = find_blocks(model, plan.blocks)
     kinds = _class_counts(blocks)  # before fully_shard renames the classes (FSDPLinear)
+    placed: set[int] = set()
     for block in blocks:
+        _place_from_rank0(block, device, placed)
         fully_shard(block, reshard_after_forward=plan.reshard_after_forward, **options)
+    _place_from_rank0(model, device, placed)  # what no block holds: a stem, a head, buffers
     fully_shard(model, reshard_after_forward=False, **options)
+    model.register_forward_pre_hook(_buffers_from_rank0)
     log.info("dist.parallel=fsdp: %d blocks%s and the root sharded over %d ranks (%s mesh)", len(blocks),
              f" ({kinds})" if blocks else "", world, device.type)
     return model
 
 
 BROADCAST_BUCKET_BYTES = 64 * 2**20  # rank 0's weights go out in pieces of this size at most
+
+
+@torch.no_grad()
+def _place_from_rank0(module: nn.Module, device: torch.device, placed: set[int]) -> None:
+    """All ranks must call. ``module``'s parameters and buffers not placed before (ids in
+    ``placed``) nor sharded, moved to ``device`` in place (the same Parameter objects, which an
+    optimizer may hold) and given rank 0's values."""
+    from torch.distributed.tensor import DTensor
+
+    moved: list[torch.Tensor] = []
+    for owner in module.modules():
+        for kind in (owner._parameters, owner._buffers):
+            for name, tensor in kind.items():
+                if tensor is None or isinstance(tensor, DTensor) or id(tensor) in placed:
+                    continue
+                if tensor.device != device:
+                    if kind is owner._parameters:
+                        tensor.data = tensor.data.to(device)
+                    else:
+                        tensor = kind[name] = tensor.to(device)
+                placed.add(id(tensor))
+                moved.append(tensor)
+    _from_rank0(moved)
 
 
 def _from_rank0(tensors: list[torch.Tensor]) -> None:
