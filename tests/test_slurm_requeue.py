@@ -25,7 +25,7 @@ from ddp.cluster.environment import ClusterEnv
 from ddp.config import load_recipe, to_yaml
 from ddp.engine import stop
 from slurm import job as slurm_job
-from tests.harness import REPO, python_env
+from tests.harness import REPO, SYSTEM_TESTS, python_env
 
 SCRIPT = REPO / "slurm" / "train.sbatch"
 FAKES = {
@@ -80,6 +80,9 @@ def _job(tmp_path: Path, requeues: int, warn_after: str | None = None) -> tuple[
 
 # --- train.sbatch ---------------------------------------------------------------------------------
 
+@pytest.mark.skipif(os.environ.get(SYSTEM_TESTS) == "1" and os.geteuid() == 0,
+                    reason="with DDP_TEST_SYSTEM=1 as root, tests/test_slurm_two_nodes.py runs train.sbatch on a real "
+                           "two-node Slurm (warning, requeue, resume): this fake-srun version is for machines without it")
 def test_the_warning_checkpoints_requeues_and_the_requeued_job_continues_its_version(tmp_path):
     _fakes(tmp_path)
     code, text, calls = _job(tmp_path, 0, warn_after="epoch 1/4 step")
