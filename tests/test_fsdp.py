@@ -300,6 +300,37 @@ def test_on_gpus_the_mesh_is_cuda_on_the_rank_device_with_the_asked_policies(mon
     assert [o["reshard_after_forward"] for _, o in calls["shard"]] == [True] * 4 + [False]
 
 
+def test_the_whole_parameters_an_optimizer_made_before_holds_are_freed_as_each_block_is_sharded(monkeypatch):
+    """fully_shard registers its own (copied) shards; the whole parameters an optimizer made before
+    still holds must not keep their data (on a GPU: every whole block) until repoint_optimizer."""
+    import torch.distributed.device_mesh as device_mesh
+    import torch.distributed.fsdp as fsdp
+
+    from ddp.model import sharding
+
+    model = digits_cnn((1, 8, 8), 10)
+    held = list(model.parameters())  # what an optimizer made before sharding holds
+    blocks = [{id(p) for p in block.parameters()} for block in find_blocks(model)]  # before sharding
+    freed_before: list[set[int]] = []  # at each fully_shard call, the held parameters already freed
+
+    def shard(module, **options):  # FSDP2 replaces each parameter by a shard it copied
+        freed_before.append({id(p) for p in held if p.numel() == 0})
+        for owner in module.modules():
+            for name, param in list(owner._parameters.items()):
+                if param is not None and any(param is h for h in held):
+                    owner._parameters[name] = nn.Parameter(param.detach().reshape(-1)[:1].clone())
+
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(device_mesh, "init_device_mesh", lambda kind, shape: None)
+    monkeypatch.setattr(fsdp, "fully_shard", shard)
+    monkeypatch.setattr(sharding, "_from_rank0", lambda tensors: None)
+    sharding.shard_model(model, torch.device("cpu"), sharding.ShardPlan())
+    expected = [set().union(*blocks[:k]) for k in range(len(blocks) + 1)]
+    assert freed_before == expected  # each block freed before the next is sharded, the root last
+    assert all(p.numel() == 0 for p in held)
+    assert all(p.numel() == 1 for p in model.parameters())  # the model holds the shards
+
+
 # --- refusals -------------------------------------------------------------------------------
 
 REFUSED = [

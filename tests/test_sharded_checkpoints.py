@@ -154,3 +154,23 @@ def test_a_background_save_that_fails_stops_the_run_at_the_next_poll_with_the_di
                                                                   "step-00000002.json", "step-00000002.pt"]
     steps = (tmp_path / "version_0" / "metrics.jsonl").read_text().count('"kind": "step"')
     assert 3 <= steps < 8  # stopped at the poll after the failure, not at the end
+
+
+def test_the_same_step_saved_again_in_the_other_format_replaces_it(tmp_path):
+    _save(_keeper(tmp_path, fmt="file"), 3)
+    _save(_keeper(tmp_path), 3)  # checkpoint.format changed, the same step saved again (a stop right after a resume)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000003.dcp", "step-00000003.json"]
+    assert files.verify(tmp_path / "step-00000003.dcp").step == 3
+
+
+def test_an_optimizer_saved_before_its_first_step_starts_fresh_again(tmp_path):
+    """DCP makes an optimizer's state with a zero step: an Adam saved before any step would resume
+    at step 2. It is saved without state, and resumed without one."""
+    keeper = _keeper(tmp_path)
+    model = torch.nn.Linear(3, 2)
+    keeper.save(model, torch.optim.Adam(model.parameters()), None, TrainState(global_step=0))
+    assert not sharded.has_optimizer(tmp_path / "step-00000000.dcp")
+    fresh = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(fresh.parameters())
+    keeper.resume(tmp_path / "step-00000000.dcp", fresh, optimizer)
+    assert not optimizer.state and torch.equal(fresh.weight, model.weight)

@@ -66,7 +66,8 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, directory: Path, recipe: Recipe) -> None:
         self.cfg, self.directory, self.recipe = cfg, directory, recipe
         self.recipe_yaml = to_yaml(recipe)  # what every checkpoint and manifest records, serialised once
-        self.background = BackgroundSaves(recipe.dist.timeout_s) if cfg.async_save else None
+        self._saves = BackgroundSaves(recipe.dist.timeout_s)  # its Gloo group also carries DCP's collectives
+        self.background = self._saves if cfg.async_save else None
 
     # --- saving ---------------------------------------------------------------------------
 
@@ -80,7 +81,7 @@ class Checkpointer:
         self.finish()  # at most one save in flight
         per_rank = comm.all_gather_object({"rng": capture_rng(), "sums": list(state.partial_sums)})
         job = _Save(model, optimizer, scheduler, copy.deepcopy(state), per_rank, scaler, metric, mode or self.cfg.best_mode,
-                    metric_name, time.perf_counter())
+                    metric_name, time.perf_counter(), sharded.bytes_of(model, optimizer) if self.sharded else None)
         with progress.phase(progress.SAVING):  # however long it takes, not a stall
             if self.background is not None:
                 self._start_in_background(job)
@@ -128,8 +129,9 @@ class Checkpointer:
         state and, once every rank reported its files durable, publishes it. Rank 0's outcome."""
         final, partial = self._partial_dir(job)
         payload = self._payload(None, None, job) if comm.is_main() else None
+        group = self._saves.group()  # DCP's collectives wait as long as a slow rank writes
         try:
-            sharded.write_shards(partial, job.model, job.optimizer, comm.is_initialized())
+            sharded.write_shards(partial, job.model, job.optimizer, group, _distributed())
             report = self._shards_written(partial, payload)
         except sharded.SAVE_ERRORS as err:  # rank 0 says it for every rank
             report = (None, sharded.describe_error(err, comm.rank()))
@@ -140,11 +142,18 @@ class Checkpointer:
         """All ranks must call. (final, partial) directories of this save, the partial one made empty."""
         final = self.directory / files.checkpoint_name(job.state.global_step, sharded=True)
         partial = sharded.partial_dir(final)
-        if comm.is_main():
-            sharded.remove_dir(partial)  # a save of this step killed before
-            partial.mkdir(parents=True)
-        comm.barrier()
+        with comm.all_or_none(f"preparing {final.name}"):  # also the barrier: every rank writes into it next
+            if comm.is_main():
+                try:
+                    sharded.remove_dir(partial)  # a save of this step killed before
+                    partial.mkdir(parents=True)
+                except OSError as err:
+                    raise self._refusal(err, job) from None
         return final, partial
+
+    def _refusal(self, err: OSError, job: _Save) -> Exception:
+        problem, hint, code = self._failure(err, job.state.global_step, None, needed=job.needed)
+        return (StorageError if code == StorageError.exit_code else CheckpointError)(problem, hint)
 
     @staticmethod
     def _shards_written(partial: Path, payload: dict[str, Any] | None) -> tuple[dict[str, list[int]], None]:
@@ -163,8 +172,7 @@ class Checkpointer:
             if code is None:
                 return (f"saving a checkpoint in {self.directory} failed on rank {rank}: {text}",
                         "check free disk space and permissions of the run dir", CheckpointError.exit_code)
-            return self._failure(OSError(code, text), job.state.global_step, None, rank=rank,
-                                 needed=sharded.bytes_of(job.model, job.optimizer))
+            return self._failure(OSError(code, text), job.state.global_step, None, rank=rank, needed=job.needed)
         listed = {name: entry for mine, _ in reports for name, entry in (mine or {}).items()}
         state = job.state
         manifest = files.Manifest(final.name, sum(size for size, _ in listed.values()), 0, state.global_step,
@@ -188,24 +196,34 @@ class Checkpointer:
         if self.sharded:
             final, partial = self._partial_dir(job)
             payload = snapshot(self._payload(None, None, job)) if comm.is_main() else None
-            written = sharded.start_shards(partial, job.model, job.optimizer, group, comm.is_initialized())
+            written = sharded.start_shards(partial, job.model, job.optimizer, group, _distributed())
 
-            def rest() -> Outcome:
+            def rest() -> Outcome:  # every rank reaches both collectives, whatever fails before them
                 try:
                     written()
                     report = self._shards_written(partial, payload)
                 except sharded.SAVE_ERRORS as err:
                     report = (None, sharded.describe_error(err, comm.rank()))
                 reports = background.all_gather(report)
-                return background.broadcast(self._publish_shards(job, final, partial, reports)
+                return background.broadcast(_guarded(lambda: self._publish_shards(job, final, partial, reports))
                                             if comm.is_main() else None)
         else:
             weights, optimizer_state = full_state.gather(job.model, job.optimizer)
-            payload = snapshot(self._payload(weights, optimizer_state, job)) if comm.is_main() else None
+            payload = self._background_payload(weights, optimizer_state, job) if comm.is_main() else None
 
             def rest() -> Outcome:
-                return background.broadcast(self._write_file(job, payload) if payload is not None else None)
+                return background.broadcast(_guarded(lambda: self._write_file(job, payload))
+                                            if payload is not None else None)
         background.start(rest)
+
+    def _background_payload(self, weights: dict[str, Any] | None, optimizer_state: dict[str, Any] | None,
+                            job: _Save) -> dict[str, Any]:
+        """Rank 0's payload, safe from training: host copies of its tensors. Under FSDP the gathered
+        model and optimizer state are such copies already (no second one)."""
+        payload = self._payload(None, None, job)
+        copied = not full_state.is_live(job.model)
+        return {**snapshot(payload), "model": weights if copied else snapshot(weights),
+                "optimizer": optimizer_state if copied else snapshot(optimizer_state)}
 
     def _failure(self, err: BaseException, step: int, payload: dict[str, Any] | None, rank: int = 0,
                  needed: int | None = None) -> tuple[str, str, int]:
@@ -272,7 +290,7 @@ class Checkpointer:
             payload = sharded.read_train_state(path)
             check_compatible(payload, sharded.model_shapes(path), self.recipe, unwrap_model(model), path)
             with _recipe_hyperparameters(optimizer):
-                sharded.load(path, model, optimizer, comm.is_initialized())  # each rank reads its pieces
+                sharded.load(path, model, optimizer, self._saves.group(), _distributed())  # each rank: its pieces
         else:
             payload = files.load(path)  # onto the CPU; load_state_dict moves each tensor to its parameter
             weights = strip_prefixes(payload["model"])
@@ -314,6 +332,21 @@ class _Save:
     mode: BestMode
     metric_name: str | None
     began: float  # perf_counter at the start
+    needed: int | None = None  # about how many bytes a sharded save writes (for a disk's refusal), from the training thread
+
+
+def _distributed() -> bool:
+    """Does DCP coordinate ranks (a process group of 2+), or save and load in this one process?"""
+    return comm.is_initialized() and comm.world_size() > 1
+
+
+def _guarded(work: Any) -> Outcome:
+    """Rank 0's part of a background save, whose outcome must reach the broadcast whatever it raises."""
+    try:
+        return work()
+    except BaseException as err:  # noqa: BLE001 - the other ranks wait in the broadcast for it
+        return (f"a background checkpoint save failed on rank 0: {type(err).__name__}: {err}",
+                "check free disk space and permissions of the run dir", CheckpointError.exit_code)
 
 
 def _raise(outcome: Outcome) -> None:

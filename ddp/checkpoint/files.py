@@ -114,6 +114,10 @@ def publish(directory: Path, manifest: Manifest) -> None:
             if read_pointer(directory, "latest") == before:  # unless `latest` names it already, it goes
                 _discard(directory / name)
         raise
+    for other in (".pt", SHARDED):  # the same step in the other format (checkpoint.format changed) lost its manifest
+        sibling = directory / f"{Path(name).stem}{other}"
+        if sibling.name != name and sibling.exists():
+            remove(sibling)
 
 
 def torch_save(obj: Any, handle: BinaryIO) -> tuple[int, int]:
@@ -262,13 +266,17 @@ def read_pointer(directory: Path, name: str) -> str | None:
 
 def prune(directory: Path, keep: int, protect: set[str]) -> list[str]:
     """Delete all but the ``keep`` newest checkpoints (and their manifests), sparing ``protect``,
-    and the temporary files and directories of saves that were killed midway."""
+    and what saves killed midway left: temporary files and directories, and checkpoints renamed
+    into place whose manifest was never written."""
     for stale in directory.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
     for stale in directory.glob(".*.partial"):
         shutil.rmtree(stale, ignore_errors=True)
     removed = []
-    for path in candidates(directory)[keep:]:
+    found = candidates(directory)
+    orphans = [path for path in found if not path.with_suffix(".json").exists()]  # saves killed before their manifest
+    kept = [path for path in found if path not in orphans]
+    for path in orphans + kept[keep:]:
         if path.name in protect:
             continue
         path.with_suffix(".json").unlink(missing_ok=True)  # manifest first: a half-pruned pair is invalid

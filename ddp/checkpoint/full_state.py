@@ -41,6 +41,12 @@ def gather(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[S
     return weights, _by_index(optim) if optim is not None else None
 
 
+def is_live(model: nn.Module) -> bool:
+    """Does ``gather`` hand out the model's own tensors (DDP, one process), rather than host copies
+    it made (FSDP)?"""
+    return not is_sharded(unwrap_model(model))
+
+
 def load(model: nn.Module, optimizer: torch.optim.Optimizer | None, weights: StateDict,
          optimizer_state: StateDict | None) -> None:
     """All ranks must call, each with the whole dicts (as read from a checkpoint). Under FSDP each

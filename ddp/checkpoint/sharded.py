@@ -43,25 +43,27 @@ def partial_dir(final: Path) -> Path:
 
 def state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Each rank's part of the model's (and optimizer's) state, keyed by parameter name: DTensor
-    shards under FSDP, whole tensors otherwise. Under FSDP all ranks must call."""
+    shards under FSDP, whole tensors otherwise. Under FSDP all ranks must call. An optimizer
+    that has not stepped is left out: DCP would take a zero step to make its state (an Adam then
+    starts at step 2)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     plain = unwrap_model(model)
-    if optimizer is None:
+    if optimizer is None or not optimizer.state:
         return {"model": get_model_state_dict(plain)}
     weights, optim = get_state_dict(plain, optimizer)
     return {"model": weights, "optim": optim}
 
 
-def write_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+def write_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, group: Any,
                  distributed: bool) -> None:
     """All ranks must call, with the same (empty, existing) ``directory``. Each writes and fsyncs its
-    shards; replicated tensors (DDP) are written once, by one of the ranks."""
+    shards, DCP's collectives on ``group``; replicated tensors (DDP) are written once, by one rank."""
     import torch.distributed.checkpoint as dcp
 
     with _quiet():
         dcp.save(state_dicts(model, optimizer), storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True),
-                 no_dist=not distributed)
+                 process_group=group if distributed else None, no_dist=not distributed)
 
 
 def own_files(directory: Path, rank: int) -> dict[str, list[int]]:
@@ -73,23 +75,30 @@ def own_files(directory: Path, rank: int) -> dict[str, list[int]]:
     return {name: [(directory / name).stat().st_size, crc32(directory / name)] for name in sorted(names)}
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, distributed: bool) -> None:
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, group: Any,
+         distributed: bool) -> None:
     """All ranks must call. Reads the pieces of ``path`` this rank holds, at whatever world size
     and parallelism wrote them, into ``model`` (and ``optimizer``: its state and, until the caller
-    restores the recipe's, its hyperparameters)."""
+    restores the recipe's, its hyperparameters), DCP's collectives on ``group``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
-    wanted = state_dicts(model, optimizer)
-    if "optim" in wanted and not has_optimizer(path):
-        wanted.pop("optim")
-        optimizer = None
-    with _quiet():
-        dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(path)),
-                 planner=DefaultLoadPlanner(allow_partial_load=True),  # state of params that had no gradient yet
-                 no_dist=not distributed)
     plain = unwrap_model(model)
+    if optimizer is not None and not has_optimizer(path):
+        optimizer = None  # saved before its first step: the optimizer starts fresh, as it was
+    if optimizer is None:
+        wanted = {"model": get_model_state_dict(plain)}
+    else:  # an optimizer without state gets it from a zero step here, then the checkpoint's
+        weights, optim = get_state_dict(plain, optimizer)
+        wanted = {"model": weights, "optim": optim}
+    try:
+        with _quiet():
+            dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(path)),
+                     planner=DefaultLoadPlanner(allow_partial_load=True),  # state of params that had no gradient yet
+                     process_group=group if distributed else None, no_dist=not distributed)
+    except SAVE_ERRORS as err:
+        raise _unreadable(path, err) from None
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
@@ -103,7 +112,7 @@ def _keys(path: Path) -> dict[str, Any]:
 
     try:
         return dict(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-    except Exception as err:  # noqa: BLE001 - a torn or foreign .metadata
+    except SAVE_ERRORS as err:  # a torn or foreign .metadata
         raise CheckpointError(f"{path} has unreadable shard metadata ({type(err).__name__}: {err}).",
                               "use another checkpoint") from None
 
@@ -131,10 +140,18 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
-    with _quiet():
-        _load_state_dict(state, storage_reader=FileSystemReader(str(path)),
-                         planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    try:
+        with _quiet():
+            _load_state_dict(state, storage_reader=FileSystemReader(str(path)),
+                             planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    except SAVE_ERRORS as err:
+        raise _unreadable(path, err) from None
     return dict(state.get("model", {}))
+
+
+def _unreadable(path: Path, err: BaseException) -> CheckpointError:
+    _, _, text = describe_error(err, 0)
+    return CheckpointError(f"the shards of {path} cannot be read: {text}.", "use another checkpoint")
 
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)  # DCP's

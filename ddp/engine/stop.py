@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ddp.checkpoint.files import CheckpointError
 from ddp.cluster import comm
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,9 @@ class StopRequest:
         decided, failed = self._collect()
         if failed:
             self._pending = None  # nothing in flight now: the error's path needs no last poll
-            self.saves.finish()  # every rank raises the same error at this same poll
+            self.saves.finish()  # every rank raises the same error at this same poll...
+            raise CheckpointError("a background checkpoint save failed on another rank.",  # ...or this
+                                  "its log (logs/rank<N>.log) says why; run the same command again to resume")
         now = time.perf_counter()
         step_time, self._steps, self._since = (now - self._since) / self._steps, 0, now
         self._buffer = torch.tensor([1.0 if self.received else 0.0, 1.0 if self.preempted else 0.0, step_time,

@@ -151,9 +151,11 @@ def shard_model(model: nn.Module, device: torch.device, plan: ShardPlan) -> nn.M
     placed: set[int] = set()
     for block in blocks:
         _place_from_rank0(block, device, placed)
-        fully_shard(block, reshard_after_forward=plan.reshard_after_forward, **options)
+        with _freeing_replaced(block):
+            fully_shard(block, reshard_after_forward=plan.reshard_after_forward, **options)
     _place_from_rank0(model, device, placed)  # what no block holds: a stem, a head, buffers
-    fully_shard(model, reshard_after_forward=False, **options)
+    with _freeing_replaced(model):
+        fully_shard(model, reshard_after_forward=False, **options)
     model.register_forward_pre_hook(_buffers_from_rank0)
     log.info("dist.parallel=fsdp: %d blocks%s and the root sharded over %d ranks (%s mesh)", len(blocks),
              f" ({kinds})" if blocks else "", world, device.type)
@@ -161,6 +163,21 @@ def shard_model(model: nn.Module, device: torch.device, plan: ShardPlan) -> nn.M
 
 
 BROADCAST_BUCKET_BYTES = 64 * 2**20  # rank 0's weights go out in pieces of this size at most
+
+
+@contextlib.contextmanager
+def _freeing_replaced(module: nn.Module) -> Iterator[None]:
+    """Around ``fully_shard(module)``: the whole parameters it replaced by shards lose their data at
+    once. An optimizer made before sharding still holds them (until ``repoint_optimizer``), which
+    would otherwise keep every whole block on the device."""
+    from torch.distributed.tensor import DTensor
+
+    originals = [(owner, name, param) for owner in module.modules() for name, param in owner._parameters.items()
+                 if param is not None and not isinstance(param, DTensor)]
+    yield
+    for owner, name, param in originals:
+        if owner._parameters.get(name) is not param:  # FSDP registered its shard (a copy) instead
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
 
 @torch.no_grad()
