@@ -291,7 +291,8 @@ class Run:
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              scaler: Any = None, *, metric: float | None = None) -> Path:
-        """All ranks must call. Writes a checkpoint of where the loop stands (rank 0 writes, atomically;
+        """All ranks must call. Writes a checkpoint of where the loop stands (rank 0 writes, atomically, or
+        every rank its shards (``checkpoint.format``);
         the newest ``checkpoint.keep`` are kept, and ``best`` by the last logged metrics), and returns
         its directory. Mid-epoch (after ``should_stop``) it records the sample to resume at."""
         self._begin()
