@@ -94,16 +94,18 @@ def test_a_lost_node_is_named_and_slurm_requeues_the_job(two_nodes, tmp_path):
     _wait_for(lambda: log.exists() and "epoch 1/10" in log.read_text(), 150, f"job {job_id} to train an epoch")
     lost = time.monotonic()
     testbed.lose_node("h1")
-    named = re.compile(r"lost ranks 2, 3 of 4: no heartbeat for 5 s .*ranks 2, 3 on h1")
-    _wait_for(lambda: named.search(log.read_text()), 30, "rank 0 to name the lost node")
-    print(f"node h1 lost: named by rank 0 after {time.monotonic() - lost:.1f} s")
-    _wait_for(lambda: cluster.restarts(job_id) >= 1 and cluster.queue_state(job_id) == "PENDING", 90,
-              f"Slurm to requeue job {job_id}")
-    print(f"node h1 lost: job requeued after {time.monotonic() - lost:.1f} s")
-    assert "srun: error: Node failure on h1" in log.read_text()
-    assert list((tmp_path / "runs/lost/version_0/checkpoints").glob("step-*.pt"))  # what the requeued job resumes
-    subprocess.run(["scancel", job_id], check=True, timeout=30)
-    testbed.start(quiet=True, nodes=2)
+    try:
+        named = re.compile(r"lost ranks 2, 3 of 4: no heartbeat for 5 s .*ranks 2, 3 on h1")
+        _wait_for(lambda: named.search(log.read_text()), 30, "rank 0 to name the lost node")
+        print(f"node h1 lost: named by rank 0 after {time.monotonic() - lost:.1f} s")
+        _wait_for(lambda: cluster.restarts(job_id) >= 1 and cluster.queue_state(job_id) == "PENDING", 90,
+                  f"Slurm to requeue job {job_id}")
+        print(f"node h1 lost: job requeued after {time.monotonic() - lost:.1f} s")
+        assert "srun: error: Node failure on h1" in log.read_text()
+        assert list((tmp_path / "runs/lost/version_0/checkpoints").glob("step-*.pt"))  # what the requeued job resumes
+    finally:  # the tests after this one need both nodes, whatever happened here
+        subprocess.run(["scancel", job_id], timeout=30)
+        testbed.start(quiet=True, nodes=2)
     _wait_for(lambda: cluster.queue_state(job_id) is None, 60, f"job {job_id} to leave the queue")
 
 

@@ -107,6 +107,25 @@ def test_a_frozen_store_server_is_named_as_the_store_even_when_its_last_beat_cam
     assert 130 < t <= 131 and verdict.line.startswith("lost contact with node 0 "), verdict.line
 
 
+def test_only_a_rank_that_reads_the_store_from_another_process_waits_for_the_stores_verdict():
+    """Reads stall after 120 while ranks 2, 3 (h1) fell silent at 119. Rank 0 serves the store in its
+    own process, so it is not the one cut off: it names the silent ranks (as on the two-node Slurm
+    testbed when h1 was lost). Rank 2 reads from another process: its silence is the store's."""
+    verdicts = {}
+    for rank, serves in ((0, True), (2, False)):
+        j = Judge(rank, 4, HOSTS, "rank 0 (at 10.0.0.1), which serves the rendezvous store,",
+                  WatchConfig(heartbeat_timeout_s=10.0), started=100.0, serves_store=serves)
+        every_second(j, 101, 120, lambda t: [int(t), int(t), min(int(t), 119), min(int(t), 119)])
+        t = 120.5
+        while (verdict := j.verdict(t)) is None:  # no more reads
+            t += 0.5
+            assert t < 200
+        verdicts[rank] = (t, verdict.line)
+    assert 129 < verdicts[0][0] <= 130 and verdicts[0][1].startswith("lost ranks ") and \
+        "ranks 2, 3 on h1" in verdicts[0][1], verdicts[0]
+    assert 130 < verdicts[2][0] <= 131 and verdicts[2][1].startswith("lost contact with rank 0 "), verdicts[2]
+
+
 def test_a_process_that_was_itself_stopped_does_not_blame_its_peers():
     j = judge()
     beat_all(j, 101, [1, 1, 1, 1])

@@ -43,7 +43,8 @@ def is_comm_failure(err: BaseException) -> bool:
 
 @contextmanager
 def heartbeat(host: str, port: int, prefix: str, rank: int, world: int = 1, store_host: str = "the rendezvous store",
-              watch: WatchConfig | None = None, nccl_dumps: Path | None = None) -> Iterator[None]:
+              watch: WatchConfig | None = None, nccl_dumps: Path | None = None,
+              serves_store: bool = False) -> Iterator[None]:
     """Every rank enters (after the rendezvous). Beats until the body exits; a lost store ends it.
 
     With each beat the rank also publishes where it is (``ddp.cluster.progress``) and reads every
@@ -53,7 +54,7 @@ def heartbeat(host: str, port: int, prefix: str, rank: int, world: int = 1, stor
     for a lost one while the others end their run."""
     client = dist.PrefixStore(prefix, dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=30),
                                                     wait_for_workers=False))
-    watchdog = _watchdog(client, rank, world, store_host, watch, nccl_dumps)
+    watchdog = _watchdog(client, rank, world, store_host, watch, nccl_dumps, serves_store)
     stop = threading.Event()
     keys = [f"beat/{r}" for r in range(world)] + [f"pos/{r}" for r in range(world)]
 
@@ -86,12 +87,12 @@ def heartbeat(host: str, port: int, prefix: str, rank: int, world: int = 1, stor
 
 
 def _watchdog(client: dist.Store, rank: int, world: int, store_host: str, watch: WatchConfig | None,
-              nccl_dumps: Path | None) -> Watchdog | None:
+              nccl_dumps: Path | None, serves_store: bool = False) -> Watchdog | None:
     if watch is None or world <= 1:
         return None
     progress.reset()
     hosts = machine_names([_host(client, r) for r in range(world)])
-    judge = Judge(rank, world, hosts, store_host, watch, started=time.monotonic())
+    judge = Judge(rank, world, hosts, store_host, watch, started=time.monotonic(), serves_store=serves_store)
     return Watchdog(judge, nccl_dumps).start()
 
 

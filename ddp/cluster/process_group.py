@@ -68,7 +68,8 @@ def process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s
     try:
         comm.open_control_group(backend, timeout_s, store)
         with heartbeat(env.master_addr, env.master_port, env.store_prefix, env.rank, env.world_size, _store_host(env),
-                       watch_config(recipe), nccl_dumps if backend == "nccl" else None):  # beats through the roll call
+                       watch_config(recipe), nccl_dumps if backend == "nccl" else None,  # beats through the roll call
+                       serves_store=env.rank == 0 and not env.agent_store):
             try:
                 yield
             except Exception as err:

@@ -74,6 +74,7 @@ class Judge:
     store: str  # who serves the rendezvous store, for the message when it is the one lost
     cfg: WatchConfig
     started: float  # monotonic time the judge started: every rank counts as heard then
+    serves_store: bool = False  # this rank's own process serves the store (rank 0 without a torchrun agent)
     beats: list[int] = field(init=False)
     heard: list[float] = field(init=False)  # monotonic
     heard_wall: list[float] = field(init=False)  # wall clock, for the message
@@ -120,8 +121,8 @@ class Judge:
             return None
         if now - self.store_ok > limit:
             return Verdict(self._store_lost(now), exit=True)
-        if now - self.store_ok > limit / 2:  # reads are overdue: the ranks' silence is the store's; wait for its verdict
-            return None
+        if now - self.store_ok > limit / 2 and not self.serves_store:
+            return None  # reads from another process are overdue: its silence, not the ranks', decides (a frozen rank 0)
         quiet = [r for r in range(self.world) if r != self.rank and not self._finished(r)
                  and now - self.heard[r] > limit / 2]
         if any(now - self.heard[r] > limit for r in quiet):  # the ones nearly as quiet went with it (a machine)
