@@ -145,7 +145,7 @@ class Checkpointer:
         with comm.all_or_none(f"preparing {final.name}"):  # also the barrier: every rank writes into it next
             if comm.is_main():
                 try:
-                    sharded.remove_dir(partial)  # a save of this step killed before
+                    files.remove(partial)  # a save of this step killed before
                     partial.mkdir(parents=True)
                 except OSError as err:
                     raise self._refusal(err, job) from None
@@ -167,7 +167,7 @@ class Checkpointer:
         """Rank 0, once every rank reported: move the directory into place, manifest, ``latest``."""
         failed = [error for _, error in reports if error is not None]
         if failed:
-            sharded.remove_dir(partial)
+            files.remove(partial)
             rank, code, text = failed[0]
             if code is None:
                 return (f"saving a checkpoint in {self.directory} failed on rank {rank}: {text}",
@@ -183,7 +183,7 @@ class Checkpointer:
             files.publish(self.directory, manifest)
             self._after_save(manifest, job.mode)
         except Exception as err:  # noqa: BLE001 - every rank must hear about it
-            sharded.remove_dir(partial)
+            files.remove(partial)
             return self._failure(err, state.global_step, None)
         return None
 

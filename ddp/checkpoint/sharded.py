@@ -19,7 +19,6 @@ would pick. Who calls what is ``ddp.checkpoint.checkpointer``'s.
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from pathlib import Path
 from collections.abc import Callable
@@ -29,11 +28,10 @@ import torch
 from torch import nn
 
 from ddp.checkpoint.atomic import fsync_dir
-from ddp.checkpoint.files import CheckpointError, crc32, load as load_pt
+from ddp.checkpoint.files import CheckpointError, crc32, load as load_pt, remove
 from ddp.model.parallel import unwrap_model
 
 STATE_FILE = "train_state.pt"
-SUFFIX = ".dcp"
 
 
 def partial_dir(final: Path) -> Path:
@@ -61,9 +59,8 @@ def write_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
     shards, DCP's collectives on ``group``; replicated tensors (DDP) are written once, by one rank."""
     import torch.distributed.checkpoint as dcp
 
-    with _quiet():
-        dcp.save(state_dicts(model, optimizer), storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True),
-                 process_group=group if distributed else None, no_dist=not distributed)
+    dcp.save(state_dicts(model, optimizer), storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True),
+             process_group=group if distributed else None, no_dist=not distributed)
 
 
 def own_files(directory: Path, rank: int) -> dict[str, list[int]]:
@@ -93,10 +90,9 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, 
         weights, optim = get_state_dict(plain, optimizer)
         wanted = {"model": weights, "optim": optim}
     try:
-        with _quiet():
-            dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(path)),
-                     planner=DefaultLoadPlanner(allow_partial_load=True),  # state of params that had no gradient yet
-                     process_group=group if distributed else None, no_dist=not distributed)
+        dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(path)),
+                 planner=DefaultLoadPlanner(allow_partial_load=True),  # state of params that had no gradient yet
+                 process_group=group if distributed else None, no_dist=not distributed)
     except SAVE_ERRORS as err:
         raise _unreadable(path, err) from None
     if optimizer is None:
@@ -141,9 +137,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
     state: dict[str, Any] = {}
     try:
-        with _quiet():
-            _load_state_dict(state, storage_reader=FileSystemReader(str(path)),
-                             planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+        _load_state_dict(state, storage_reader=FileSystemReader(str(path)),
+                         planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
     except SAVE_ERRORS as err:
         raise _unreadable(path, err) from None
     return dict(state.get("model", {}))
@@ -154,21 +149,9 @@ def _unreadable(path: Path, err: BaseException) -> CheckpointError:
     return CheckpointError(f"the shards of {path} cannot be read: {text}.", "use another checkpoint")
 
 
-warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)  # DCP's
-# background thread (checkpoint.async_save in one process) says it too, where _quiet cannot reach
-
-
-class _quiet(warnings.catch_warnings):
-    """DCP warns that it assumes one process whenever no process group exists: that is meant."""
-
-    def __enter__(self) -> Any:
-        out = super().__enter__()
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return out
-
-
-def remove_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+# DCP warns that it assumes one process whenever no process group exists, on its own threads too
+# (checkpoint.async_save in one process): that is meant here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
 
 def move_into_place(partial: Path, final: Path) -> None:
@@ -176,10 +159,10 @@ def move_into_place(partial: Path, final: Path) -> None:
     before is replaced) and make the rename durable."""
     if final.exists():
         old = final.parent / f".{final.name}.replaced.partial"
-        remove_dir(old)
+        remove(old)
         os.replace(final, old)
         os.replace(partial, final)
-        remove_dir(old)
+        remove(old)
     else:
         os.replace(partial, final)
     fsync_dir(final.parent)
@@ -228,10 +211,9 @@ def start_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
     collectives on ``group``; returns the function that waits until the files are durable."""
     import torch.distributed.checkpoint as dcp
 
-    with _quiet():
-        response = dcp.async_save(state_dicts(model, optimizer),
-                                  storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True),
-                                  process_group=group, no_dist=not distributed)
+    response = dcp.async_save(state_dicts(model, optimizer),
+                              storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True),
+                              process_group=group, no_dist=not distributed)
     staging = getattr(response, "staging_completion", None)
     if staging is not None:
         staging.result()  # the snapshot: training may go on once it is taken

@@ -60,7 +60,9 @@ def torchvision_model(cfg: ModelConfig, classes: int | None) -> nn.Module:
 def load_state(model: nn.Module, path: Path, key: str) -> None:
     """Load a state_dict file, or the weights of a sharded checkpoint directory, into ``model``
     (every key must match)."""
-    sharded_dir = path.is_dir() and path.suffix == ".dcp"
+    from ddp.checkpoint.files import is_sharded
+
+    sharded_dir = path.is_dir() and is_sharded(path)
     if not path.is_file() and not sharded_dir:
         raise ConfigError(f"{key}: weights file '{path}' not found.", "give the path of a saved state_dict")
     try:
