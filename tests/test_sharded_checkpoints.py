@@ -174,3 +174,16 @@ def test_an_optimizer_saved_before_its_first_step_starts_fresh_again(tmp_path):
     optimizer = torch.optim.Adam(fresh.parameters())
     keeper.resume(tmp_path / "step-00000000.dcp", fresh, optimizer)
     assert not optimizer.state and torch.equal(fresh.weight, model.weight)
+
+
+@pytest.mark.parametrize("override, problem, hint", [
+    ("checkpoint.format=zip", "bad value for 'checkpoint.format'", "checkpoint.format takes one of: auto, file, sharded"),
+    ("checkpoint.async_save=maybe", "bad value for 'checkpoint.async_save'", "checkpoint.async_save takes bool"),
+    ("checkpoint.async=true", "unknown key 'checkpoint.async'", "did you mean 'checkpoint.async_save'?"),
+])
+def test_bad_checkpoint_keys_are_refused_in_one_line(override, problem, hint):
+    from ddp.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(None, [override])
+    assert refused.value.exit_code == 2 and problem in refused.value.problem and hint in refused.value.hint
