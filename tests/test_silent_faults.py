@@ -4,6 +4,7 @@ are tested with made-up clocks in tests/test_watchdog.py."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -155,7 +156,11 @@ def test_a_frozen_rank_on_another_machine_ends_every_other_rank_naming_it(tmp_pa
     assert code not in (0, None) and max(took) < timeout_s + 10, (code, took, out[-3000:])
     expected = "lost rank 3 of 4: no heartbeat for 5 s (dist.heartbeat_timeout_s); rank 3 on "
     assert [line for line in out.splitlines() if expected in line and "[rank 0/4" in line], out[-3000:]
-    assert [line for line in out.splitlines() if expected in line and "[rank 1/4" in line], out[-3000:]
+    # rank 1 names rank 3 too, unless its launcher ended it first, as torchrun does once rank 0 exited;
+    # whatever it said, it blamed no one else
+    said = [line for line in out.splitlines() if "[rank 1/4" in line and " lost " in line]
+    assert all(expected in line for line in said), said
+    assert said or re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: -15", out), out[-3000:]
     assert expected in rank2, rank2[-3000:]
     print(f"host 0 exited {took[0]:.1f} s and rank 2 {took[1]:.1f} s after rank 3 was frozen")
 

@@ -150,9 +150,11 @@ def _final(root: Path, name: str) -> dict:
     return {k: v for k, v in last.items() if k not in TIMING}
 
 
-def _wait_for(condition, seconds: float, what: str) -> None:
+def _wait_for(condition, seconds: float, what: str, log: Path | None = None) -> None:
+    """Wait for ``condition``; on timeout the error ends with the tail of ``log``, to show why."""
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
+            tail = log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}\n{tail}")
         time.sleep(0.2)

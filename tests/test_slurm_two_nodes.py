@@ -96,7 +96,7 @@ def test_a_lost_node_is_named_and_slurm_requeues_the_job(two_nodes, tmp_path):
     testbed.lose_node("h1")
     try:
         named = re.compile(r"lost ranks 2, 3 of 4: no heartbeat for 5 s .*ranks 2, 3 on h1")
-        _wait_for(lambda: named.search(log.read_text()), 30, "rank 0 to name the lost node")
+        _wait_for(lambda: named.search(log.read_text()), 30, "rank 0 to name the lost node", log)
         print(f"node h1 lost: named by rank 0 after {time.monotonic() - lost:.1f} s")
         _wait_for(lambda: cluster.restarts(job_id) >= 1 and cluster.queue_state(job_id) == "PENDING", 90,
                   f"Slurm to requeue job {job_id}")

@@ -4,6 +4,8 @@ tests/test_silent_faults.py."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 
 from ddp.cluster.progress import COMPUTE, DATA, DONE, SAVING, Position
@@ -63,6 +65,20 @@ def test_ranks_that_fell_silent_a_moment_apart_are_named_together():
     j = judge()
     when, verdict = every_second(j, 101, 200, lambda t: [int(t), int(t), min(int(t), 110), min(int(t), 113)])
     assert 120 < when <= 121.5 and verdict.line.startswith("lost ranks 2, 3 of 4:"), verdict.line
+
+
+def test_the_ranks_of_one_machine_heard_last_either_side_of_a_second_are_one_group_at_the_later_time(monkeypatch):
+    """Rank 3's last beat was read at 12:00:27.9 and rank 2's at 12:00:28.1: one group, one time."""
+    import ddp.cluster.watchdog as watchdog
+
+    j = judge()
+    base = 1_700_000_000.0  # a wall clock for the whole run, 101 s before the first observation
+    monkeypatch.setattr(watchdog.time, "time", lambda: base + watchdog.time.monotonic() - 101)
+    j.observe([1, 1, 1, 1], [None] * 4, 127.9)
+    j.observe([2, 2, 2, 1], [None] * 4, 128.1)
+    line = j._ranks_lost([2, 3], 133.2)
+    heard = datetime.fromtimestamp(base + 128.1 - 101).strftime("%H:%M:%S")
+    assert f"; ranks 2, 3 on h1 last heard at {heard} (5 s ago). HINT" in line, line
 
 
 def test_machines_sharing_a_host_name_are_told_apart_by_node():

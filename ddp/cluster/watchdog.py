@@ -149,13 +149,17 @@ class Judge:
                 "group and resumes from the latest checkpoint")
 
     def _who(self, ranks: list[int], now: float) -> str:
-        """'ranks 2, 3 on h1 last heard at 12:03:05 (31 s ago)', grouped by host and time."""
-        groups: dict[tuple[str, str, int], list[int]] = {}
+        """'ranks 2, 3 on h1 last heard at 12:03:05 (31 s ago)': grouped by host, each host with the
+        last time any of its ranks was heard (the ranks of one machine fall silent a beat apart)."""
+        groups: dict[str, list[int]] = {}
         for rank in ranks:
-            at = datetime.fromtimestamp(self.heard_wall[rank]).strftime("%H:%M:%S")
-            groups.setdefault((self.hosts[rank], at, round(now - self.heard[rank])), []).append(rank)
-        return "; ".join(f"{_ranks(rs)} on {host} last heard at {at} ({ago} s ago)"
-                         for (host, at, ago), rs in groups.items())
+            groups.setdefault(self.hosts[rank], []).append(rank)
+        lines = []
+        for host, group in groups.items():
+            last = max(group, key=lambda r: self.heard[r])
+            at = datetime.fromtimestamp(self.heard_wall[last]).strftime("%H:%M:%S")
+            lines.append(f"{_ranks(group)} on {host} last heard at {at} ({round(now - self.heard[last])} s ago)")
+        return "; ".join(lines)
 
     # --- stalls -------------------------------------------------------------------------------
 
