@@ -8,6 +8,7 @@ not training, is what costs here.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -98,7 +99,9 @@ def _fsdp_jobs(env, tmp: str, ports: list[int]):
                                     "checkpoint.format=file")),
                  ("ddp@5", _digits(f"{tmp}/chain", batch, 5, "dist.parallel=ddp")),  # FSDP file → DDP
                  ("fsdp@6", _digits(f"{tmp}/chain", batch, 6, "dist.parallel=fsdp")),  # DDP file → FSDP shards
-                 ("mlp", _mlp(f"{tmp}/mlp", 16 // world, 0.05, "dist.parallel=fsdp"))]
+                 ("mlp", _mlp(f"{tmp}/mlp", 16 // world, 0.05, "dist.parallel=fsdp")),
+                 ("auto", _digits(f"{tmp}/auto", batch, 2, "dist.parallel=fsdp", "data.batch_size=auto",
+                                  "memory.cache=''"))]  # no probe cache: each rank's trials
     for (name, recipe), port in zip(plan, ports):
         result = execute(recipe, replace(env, master_port=port))
         out[name] = (_numpy(result.state_dict), result.metrics)
@@ -158,7 +161,7 @@ def single(tmp_path_factory):
 
 
 def test_fsdp_at_2_ranks_trains_resumes_and_shares_checkpoints_with_ddp(tmp_path, single):
-    ranks = spawn_ranks(_fsdp_jobs, 2, str(tmp_path), [free_port() for _ in range(8)], init_group=False, timeout=180)
+    ranks = spawn_ranks(_fsdp_jobs, 2, str(tmp_path), [free_port() for _ in range(9)], init_group=False, timeout=180)
     runs = ranks[0]
     for name in runs:  # every rank ends with the same whole weights (BatchNorm statistics are each rank's own)
         weights = [k for k in runs[name][0] if "running_" not in k and "num_batches" not in k]
@@ -187,6 +190,16 @@ def test_fsdp_at_2_ranks_trains_resumes_and_shares_checkpoints_with_ddp(tmp_path
     model.load_state_dict(torch.load(chain / "step-00000004.pt", map_location="cpu", weights_only=True)["model"])
     assert (chain / "latest").read_text().strip() == "step-00000006.dcp"
     assert _export(chain.parent, tmp_path / "fsdp6.pt").keys() == straight.keys()
+    # data.batch_size=auto under FSDP: each rank's trial steps sit on the sharded state; the agreed batch trained
+    auto = next((tmp_path / "auto").glob("version_*"))
+    probe = json.loads((auto / "memory_probe.json").read_text())
+    assert [r["shards"] for r in probe["ranks"]] == [2, 2] and all('"parallel": "fsdp"' in r["cache_key"]
+                                                                   for r in probe["ranks"])
+    for rank in probe["ranks"]:
+        parts = rank["estimate_mb"]
+        sharded = sum(parts[k] for k in ("parameters", "gradients", "optimizer", "gathered", "data_on_device"))
+        assert rank["probes"]["train"]["state_mb"] == pytest.approx(sharded, abs=0.01)
+    assert f"batch_size: {probe['agreed']['batch_size']}\n" in (auto / "recipe.yaml").read_text()
 
 
 def _export(run: Path, dest: Path) -> dict[str, np.ndarray]:
@@ -336,7 +349,6 @@ def test_the_whole_parameters_an_optimizer_made_before_holds_are_freed_as_each_b
 REFUSED = [
     (["dist.fsdp_cpu_offload=true"], "dist.fsdp_cpu_offload=true keeps GPU training's shards in host memory",
      "set dist.fsdp_cpu_offload=false on CPU ranks"),
-    (["data.batch_size=auto"], "data.batch_size=auto sizes batches for a whole model", "data.batch_size=N"),
     (["dist.sync_bn=true"], "dist.sync_bn=true is not supported with dist.parallel=fsdp", "dist.parallel=ddp"),
     (["train.channels_last=true"], "FSDP shards only contiguous parameters", "set train.channels_last=false"),
     (["dist.fsdp_blocks=[Block]"], "dist.fsdp_blocks names ['Block'], which no module of this model is",

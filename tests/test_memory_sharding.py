@@ -102,8 +102,30 @@ def test_a_ddp_refusal_names_fsdp_with_its_numbers_when_it_would_fit():
                               "of 100.0 MB. HINT: under dist.parallel=fsdp at 4 ranks it would need 86.1 MB per "
                               "rank before any activation (parameters 10.7 + gradients 10.7 + optimizer 10.7 "
                               "(shards: each ÷ 4) + gathered root + largest block 54.1 MB), which fits the 100.0 MB "
-                              "budget: try dist.parallel=fsdp with data.batch_size=N")
+                              "budget: try dist.parallel=fsdp with data.batch_size=N (auto's trial steps would "
+                              "need a whole copy of the model, 128.0 MB); or ")
     assert "\n" not in message
+
+
+def test_auto_under_fsdp_refuses_a_model_whose_whole_copy_exceeds_the_budget_before_any_trial():
+    """The shards fit 100 MB (86.1 MB), the whole copy the trial steps run on does not (128.0 MB)."""
+    message = _refusal(100, "dist.parallel=fsdp", "data.eval_batch_size=auto")
+    assert message == ("data.batch_size/data.eval_batch_size=auto under dist.parallel=fsdp measures the activations "
+                       "on a whole copy of the model on each rank, and that copy needs 128.0 MB before any activation, "
+                       "more than the memory budget of 100.0 MB (sharded over 4 ranks, a rank holds 86.1 MB before "
+                       "any activation). HINT: give data.batch_size=N and data.eval_batch_size=N with "
+                       "dist.parallel=fsdp, leaving 13.9 MB per rank for the activations")
+    recipe = _recipe("dist.parallel=fsdp", "memory.budget_mb=100", "model.name=resnet18", "data.name=synthetic",
+                     "data.synthetic_shape=[3,32,32]", "data.synthetic_train=64", "data.synthetic_test=64")
+    with pytest.raises(MemoryBudgetError) as info:  # the probe itself (python -m ddp.probe) says the same
+        from ddp.data.datasets import build_datasets
+
+        probe_recipe(recipe, build_datasets(recipe.data), torch.device("cpu"), 4, ["train"])
+    assert str(info.value).startswith("data.batch_size=auto under dist.parallel=fsdp measures the activations")
+    roomy = _recipe("dist.parallel=fsdp", "memory.budget_mb=130", "model.name=resnet18", "data.name=synthetic",
+                    "data.synthetic_shape=[3,32,32]", "data.synthetic_train=64", "data.synthetic_test=64")
+    check_budget(roomy, ClusterEnv(world_size=4, local_world_size=4), build_datasets(roomy.data),
+                 torch.device("cpu"))  # the whole copy fits 130 MB: the trial steps decide
 
 
 def test_a_ddp_refusal_does_not_suggest_fsdp_when_it_would_not_fit():

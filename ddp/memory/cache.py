@@ -23,11 +23,15 @@ GROWTH = 1.10  # reprobe when the budget grew by more than this since the entry 
 
 
 def cache_key(device: str, model_name: str, architecture: str, shape: tuple[int, ...], dtype: str, optimizer: str,
-              world: int, data_on_device: int = 0) -> str:
-    """``data_on_device``: bytes the in-memory loader keeps on the device (part of what a pick needs)."""
+              world: int, data_on_device: int = 0, parallel: str = "ddp") -> str:
+    """``data_on_device``: bytes the in-memory loader keeps on the device (part of what a pick needs);
+    ``parallel``: ``dist.parallel`` (FSDP's shards leave room for other batches; DDP keys omit it)."""
     digest = hashlib.sha1(architecture.encode()).hexdigest()[:12]
-    return json.dumps({"device": device, "model": f"{model_name}@{digest}", "input": list(shape), "dtype": dtype,
-                       "optimizer": optimizer, "world": world, "data_on_device": data_on_device}, sort_keys=True)
+    key = {"device": device, "model": f"{model_name}@{digest}", "input": list(shape), "dtype": dtype,
+           "optimizer": optimizer, "world": world, "data_on_device": data_on_device}
+    if parallel == "fsdp":
+        key["parallel"] = parallel
+    return json.dumps(key, sort_keys=True)
 
 
 def lookup(path: Path | None, key: str, kinds: list[str], budget_mb: float) -> dict[str, int] | None:

@@ -28,7 +28,7 @@ from ddp.cluster import comm
 from ddp.checkpoint.atomic import write_text_atomic
 from ddp.config import Parallel, Recipe, is_auto
 from ddp.data.datasets import Splits
-from ddp.errors import ConfigError, DDPError
+from ddp.errors import ConfigError, DDPError, MemoryBudgetError
 from ddp.memory import cache
 from ddp.memory.agree import agree
 from ddp.memory.policy import sound_batch
@@ -128,6 +128,7 @@ def check_budget(recipe: Recipe, env: ClusterEnv, splits: Splits, device: torch.
     budget = _budget(recipe, reader_for(device, env.local_world_size), estimate, splits)
     if estimate.state > budget:
         raise budget_error(estimate, budget, None, fsdp=_fsdp_alternative(recipe, model, env.world_size, data))
+    _check_whole_copy(recipe, model, estimate, budget)
 
 
 def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: int, kinds: list[str],
@@ -144,6 +145,7 @@ def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: in
         optimizer = build_optimizer(model, recipe.optim)
         estimate = _estimate(recipe, model, world, data)
         budget = _budget(recipe, reader, estimate, splits)
+        _check_whole_copy(recipe, model, estimate, budget, kinds)
         limits = {"train": _shard(len(splits.train), world), "eval": _shard(len(splits.test), world)}
         results = probe_model(model, optimizer, splits.shape, splits.classes, reader, budget,
                               {kind: limits[kind] for kind in kinds}, estimate,
@@ -211,6 +213,28 @@ def _fsdp_alternative(recipe: Recipe, model: torch.nn.Module, world: int, data: 
         return None
 
 
+def _check_whole_copy(recipe: Recipe, model: torch.nn.Module, estimate: Estimate, budget: float,
+                      kinds: list[str] | None = None) -> None:
+    """Under ``dist.parallel=fsdp`` (``estimate.shards`` > 1) the trial steps run on a whole, unwrapped
+    copy of the model on each rank (no collective inside a trial: see ``ddp.memory.trials``). Refuse,
+    before any trial, when that copy's parameters, gradients and optimizer state alone exceed the
+    budget: the trials could not even start, though the shards might fit."""
+    if estimate.shards <= 1:
+        return
+    whole = _estimate(recipe, model, 1, estimate.data_on_device, Parallel.ddp)
+    if whole.state <= budget:
+        return
+    names = [f"data.{KEYS[kind]}" for kind in (kinds or auto_kinds(recipe))]
+    keys = "/".join(names)
+    raise MemoryBudgetError(
+        f"{keys}=auto under dist.parallel=fsdp measures the activations on a whole copy of the model on each "
+        f"rank, and that copy needs {whole.state / MB:,.1f} MB before any activation, more than the memory budget "
+        f"of {budget / MB:,.1f} MB (sharded over {estimate.shards} ranks, a rank holds {estimate.state / MB:,.1f} MB "
+        "before any activation).",
+        f"give {' and '.join(f'{name}=N' for name in names)} with dist.parallel=fsdp, leaving "
+        f"{max(budget - estimate.state, 0) / MB:,.1f} MB per rank for the activations")
+
+
 def _budget(recipe: Recipe, reader: MemoryReader, estimate: Estimate, splits: Splits) -> float:
     """memory.budget_mb, or memory.fraction of what this rank may use: its free memory (on the CPU,
     its share of the host's) plus what it holds already: its parameters (allocated when this is
@@ -255,7 +279,7 @@ def _key(recipe: Recipe, splits: Splits, reader: MemoryReader, world: int, archi
     optimizer = recipe.optim.name.value + ("+momentum" if recipe.optim.name.value == "sgd" and recipe.optim.momentum
                                            else "")
     return cache.cache_key(reader.describe(), recipe.model.name, architecture, tuple(splits.shape), "float32",
-                           optimizer, world, data)
+                           optimizer, world, data, recipe.dist.parallel.value)
 
 
 def _capped(recipe: Recipe, splits: Splits, fits: int, world: int) -> int:

@@ -274,7 +274,7 @@ def budget_error(estimate: Estimate, budget: float, activations: float | None, k
     return MemoryBudgetError(
         f"{key}=auto: the model needs {needs} per rank ({' + '.join(parts)} MB), more than the memory "
         f"budget of {budget / MB:,.1f} MB.",
-        _fsdp_hint(fsdp, budget, activations, batch)
+        _fsdp_hint(fsdp, budget, activations, batch, estimate.state - estimate.ddp_buckets)
         + "raise memory.budget_mb or memory.fraction, free memory on the device, or use a smaller model "
         "(optim.name=sgd keeps less optimizer state than adam)"
         + ("; data.loader=dataloader keeps the data off the device" if estimate.data_on_device else ""))
@@ -297,9 +297,10 @@ def _parts(estimate: Estimate) -> list[str]:
     return parts
 
 
-def _fsdp_hint(fsdp: Estimate | None, budget: float, activations: float | None, batch: int) -> str:
+def _fsdp_hint(fsdp: Estimate | None, budget: float, activations: float | None, batch: int, whole: float) -> str:
     """Whether ``dist.parallel=fsdp`` at this world size would hold the model (at ``batch``, when
-    the activations were measured), with its numbers; '' without an FSDP estimate."""
+    the activations were measured), with its numbers; '' without an FSDP estimate. ``whole``: what
+    an unsharded copy holds before any activation (auto's trial steps run on one)."""
     if fsdp is None:
         return ""
     need = fsdp.state + (activations or 0.0)
@@ -307,7 +308,10 @@ def _fsdp_hint(fsdp: Estimate | None, budget: float, activations: float | None, 
     numbers = (f"under dist.parallel=fsdp at {fsdp.shards} ranks it would need {need / MB:,.1f} MB per rank {at}"
                f"({' + '.join(_parts(fsdp))}"
                + (f" + activations {activations / MB:,.1f}" if activations is not None else "") + " MB)")
-    if need <= budget:
+    if need > budget:
+        return f"{numbers}, which does not fit either; "
+    if whole > budget:  # auto's trial steps hold a whole copy (ddp.memory.resolve._check_whole_copy)
         return (f"{numbers}, which fits the {budget / MB:,.1f} MB budget: try dist.parallel=fsdp with "
-                "data.batch_size=N (auto does not size FSDP's shards yet); or ")
-    return f"{numbers}, which does not fit either; "
+                f"data.batch_size=N (auto's trial steps would need a whole copy of the model, {whole / MB:,.1f} MB); or ")
+    return (f"{numbers}, which fits the {budget / MB:,.1f} MB budget: try dist.parallel=fsdp (data.batch_size=auto "
+            "sizes its batch too); or ")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ddp.config import Parallel, Precision, Recipe, is_auto
+from ddp.config import Parallel, Precision, Recipe
 from ddp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,6 @@ def check_recipe(recipe: Recipe, device: torch.device, world_size: int) -> None:
                           "set dist.fsdp_cpu_offload=false on CPU ranks")
     if world_size < 2:
         return  # one rank trains unwrapped: nothing below applies
-    for key in ("batch_size", "eval_batch_size"):
-        if is_auto(getattr(recipe.data, key)):
-            raise ConfigError(f"data.{key}=auto sizes batches for a whole model on every rank, not for "
-                              "dist.parallel=fsdp's shards.",
-                              f"give data.{key}=N with dist.parallel=fsdp (python -m ddp.probe --ranks "
-                              f"{world_size} dist.parallel=fsdp prints the sharded estimate), or use dist.parallel=ddp")
     if recipe.dist.sync_bn:
         raise ConfigError("dist.sync_bn=true is not supported with dist.parallel=fsdp.",
                           "use dist.parallel=ddp for SyncBatchNorm, or set dist.sync_bn=false")
