@@ -344,6 +344,28 @@ def test_the_whole_parameters_an_optimizer_made_before_holds_are_freed_as_each_b
     assert all(p.numel() == 1 for p in model.parameters())  # the model holds the shards
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ddp_options_changed_under_fsdp_are_named_once_as_unused(monkeypatch, caplog, rank):
+    import torch.distributed.device_mesh as device_mesh
+    import torch.distributed.fsdp as fsdp
+
+    from ddp.model import sharding
+
+    recipe = load_recipe(None, ["dist.parallel=fsdp", "dist.static_graph=true", "dist.bucket_cap_mb=10"])
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+    monkeypatch.setattr(device_mesh, "init_device_mesh", lambda kind, shape: None)
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **options: None)
+    monkeypatch.setattr(sharding, "_from_rank0", lambda tensors: None)
+    with caplog.at_level("WARNING", logger="ddp.model.sharding"):
+        sharding.shard_model(digits_cnn((1, 8, 8), 10), torch.device("cpu"), sharding.ShardPlan.of(recipe))
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == ([] if rank else ["dist.bucket_cap_mb=10, dist.static_graph=true: options of "
+                                     "DistributedDataParallel, unused under dist.parallel=fsdp (remove them, or use "
+                                     "dist.parallel=ddp)"])
+    assert sharding.ShardPlan.of(load_recipe(None, ["dist.parallel=fsdp"])).unused == ()  # the defaults: nothing said
+
+
 # --- refusals -------------------------------------------------------------------------------
 
 REFUSED = [

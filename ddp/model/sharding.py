@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ddp.config import Parallel, Precision, Recipe
+from ddp.config import DistConfig, Parallel, Precision, Recipe
 from ddp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,27 @@ class ShardPlan:
     reshard_after_forward: bool = True
     cpu_offload: bool = False
     precision: Precision = Precision.fp32
+    unused: tuple[str, ...] = ()  # DDP's keys the recipe changed from their defaults: FSDP has no use for them
 
     @classmethod
     def of(cls, recipe: Recipe) -> ShardPlan:
         dist = recipe.dist
         return cls(tuple(dist.fsdp_blocks), dist.fsdp_reshard_after_forward, dist.fsdp_cpu_offload,
-                   recipe.train.precision)
+                   recipe.train.precision, ddp_keys_changed(dist))
+
+
+def ddp_keys_changed(dist: DistConfig) -> tuple[str, ...]:
+    """``dist.gradient_as_bucket_view``, ``bucket_cap_mb`` and ``static_graph`` where they differ from
+    their defaults, as ``key=value``: options of DistributedDataParallel, which FSDP does not use."""
+    default = DistConfig()
+    return tuple(f"dist.{key}={_said(getattr(dist, key))}"
+                 for key in ("gradient_as_bucket_view", "bucket_cap_mb", "static_graph")
+                 if getattr(dist, key) != getattr(default, key))
+
+
+def _said(value: object) -> str:
+    """A value as it is typed on the command line: true, 10, 2.5."""
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}"
 
 
 # --- checks, before any process group forms -------------------------------------------------
@@ -153,6 +168,9 @@ def shard_model(model: nn.Module, device: torch.device, plan: ShardPlan) -> nn.M
     model.register_forward_pre_hook(_buffers_from_rank0)
     log.info("dist.parallel=fsdp: %d blocks%s and the root sharded over %d ranks (%s mesh)", len(blocks),
              f" ({kinds})" if blocks else "", world, device.type)
+    if plan.unused and torch.distributed.get_rank() == 0:
+        log.warning("%s: options of DistributedDataParallel, unused under dist.parallel=fsdp (remove them, or "
+                    "use dist.parallel=ddp)", ", ".join(plan.unused))
     return model
 
 
