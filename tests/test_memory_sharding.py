@@ -151,3 +151,27 @@ def test_the_probe_under_fsdp_sits_its_trials_on_the_sharded_state():
                                "parameters 0.1 MB, gradients 0.1 MB, optimizer 0.1 MB, gathered root + largest "
                                "block 1.5 MB")
     assert f"{KEYS['train']}=" in lines[2] and "← pick" in "\n".join(lines)
+
+
+def test_under_fsdp_a_gpu_budget_counts_the_whole_copy_the_probe_put_there_and_nothing_before():
+    """The budget is this rank's free memory plus what the model holds there already. Under FSDP a GPU
+    holds none of the model before it is sharded (placed block by block), but the probe's whole copy
+    while it runs: the budget is the same read before and after that copy arrives."""
+    from types import SimpleNamespace
+
+    from ddp.memory.resolve import _budget, _estimate, _whole_held
+
+    model, cuda = resnet18((3, 32, 32), 10), torch.device("cuda", 0)
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    recipe, splits = _recipe("dist.parallel=fsdp"), SimpleNamespace(in_memory=False)
+    estimate = _estimate(recipe, model, 4, 0)
+    free = 1000 * MB
+
+    def on(room: float):
+        return SimpleNamespace(device=cuda, room=lambda: room)
+
+    before = _budget(recipe, on(free), estimate, splits, _whole_held(model, cuda))
+    during = _budget(recipe, on(free - whole), estimate, splits, _whole_held(model, cuda, copied=True))
+    assert before == during == pytest.approx(0.9 * free)
+    ddp = _estimate(_recipe(), model, 4, 0)  # DDP: the model is on the GPU already, its parameters held
+    assert _budget(_recipe(), on(free - whole), ddp, splits) == pytest.approx(0.9 * free)

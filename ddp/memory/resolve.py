@@ -125,7 +125,7 @@ def check_budget(recipe: Recipe, env: ClusterEnv, splits: Splits, device: torch.
             return
     data = _data_on_device(recipe, splits, device)
     estimate = _estimate(recipe, model, env.world_size, data)
-    budget = _budget(recipe, reader_for(device, env.local_world_size), estimate, splits)
+    budget = _budget(recipe, reader_for(device, env.local_world_size), estimate, splits, _whole_held(model, device))
     if estimate.state > budget:
         raise budget_error(estimate, budget, None, fsdp=_fsdp_alternative(recipe, model, env.world_size, data))
     _check_whole_copy(recipe, model, estimate, budget)
@@ -141,11 +141,15 @@ def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: in
     data = _data_on_device(recipe, splits, device)  # asked before the copy takes device memory
     rng = capture_rng()
     try:
-        model = _throwaway_model(recipe, splits, model).to(device)
+        model = _throwaway_model(recipe, splits, model)
+        if recipe.dist.parallel == Parallel.fsdp:  # before the whole copy goes to the device
+            estimate = _estimate(recipe, model, world, data)
+            _check_whole_copy(recipe, model, estimate, _budget(recipe, reader, estimate, splits,
+                                                               _whole_held(model, device)), kinds)
+        model = model.to(device)
         optimizer = build_optimizer(model, recipe.optim)
         estimate = _estimate(recipe, model, world, data)
-        budget = _budget(recipe, reader, estimate, splits)
-        _check_whole_copy(recipe, model, estimate, budget, kinds)
+        budget = _budget(recipe, reader, estimate, splits, _whole_held(model, device, copied=True))
         limits = {"train": _shard(len(splits.train), world), "eval": _shard(len(splits.test), world)}
         results = probe_model(model, optimizer, splits.shape, splits.classes, reader, budget,
                               {kind: limits[kind] for kind in kinds}, estimate,
@@ -235,14 +239,25 @@ def _check_whole_copy(recipe: Recipe, model: torch.nn.Module, estimate: Estimate
         f"{max(budget - estimate.state, 0) / MB:,.1f} MB per rank for the activations")
 
 
-def _budget(recipe: Recipe, reader: MemoryReader, estimate: Estimate, splits: Splits) -> float:
+def _whole_held(model: torch.nn.Module, device: torch.device, copied: bool = False) -> int:
+    """Under FSDP, the bytes of whole parameters the device holds when the budget is read: the probe's
+    copy (``copied``), or on the CPU the model every rank builds whole before sharding it; a GPU
+    holds none of the model before it is sharded (placed block by block, ``ddp.model.sharding``)."""
+    if not copied and device.type != "cpu":
+        return 0
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _budget(recipe: Recipe, reader: MemoryReader, estimate: Estimate, splits: Splits,
+            fsdp_held: int = 0) -> float:
     """memory.budget_mb, or memory.fraction of what this rank may use: its free memory (on the CPU,
     its share of the host's) plus what it holds already: its parameters (allocated when this is
-    read) and, on the CPU, data that is tensors already (the in-memory loader keeps those very
-    tensors, no copy). The data on the device is part of ``estimate.state``, so it comes off this."""
+    read; under FSDP, ``fsdp_held``: the whole parameters there, see ``_whole_held``) and, on the
+    CPU, data that is tensors already (the in-memory loader keeps those very tensors, no copy). The
+    data on the device is part of ``estimate.state``, so it comes off this."""
     if recipe.memory.budget_mb > 0:
         return float(recipe.memory.budget_mb * MB)
-    held = estimate.parameters
+    held = estimate.parameters if estimate.shards <= 1 else fsdp_held
     if reader.device.type == "cpu" and splits.in_memory:
         held += estimate.data_on_device
     return recipe.memory.fraction * (reader.room() + held)
@@ -266,7 +281,7 @@ def _probe_or_cache(recipe: Recipe, splits: Splits, device: torch.device, world:
     architecture = model if model is not None else _rebuilt(recipe, splits)  # for the key, not copied
     estimate = _estimate(recipe, architecture, world, _data_on_device(recipe, splits, device))
     key = _key(recipe, splits, reader, world, str(architecture), estimate.data_on_device)
-    budget_mb = _budget(recipe, reader, estimate, splits) / MB
+    budget_mb = _budget(recipe, reader, estimate, splits, _whole_held(architecture, device)) / MB
     del architecture
     cached = cache.lookup(path, key, kinds, budget_mb)
     if cached is not None:
