@@ -481,8 +481,9 @@ def _check_choices(recipe: Recipe) -> None:
 
 def _check_static_graph(recipe: Recipe) -> None:
     """DDP's static graph records its first backward, which must all-reduce; with accumulation the
-    first micro-batch runs under ``no_sync()`` and DDP fails inside its reducer (torch 2.14)."""
-    if recipe.dist.static_graph and recipe.train.accumulate > 1:
+    first micro-batch runs under ``no_sync()`` and DDP fails inside its reducer (torch 2.14). Under
+    FSDP the key is unused (``ddp.model.sharding`` says so), so nothing is refused there."""
+    if recipe.dist.static_graph and recipe.train.accumulate > 1 and recipe.dist.parallel != Parallel.fsdp:
         raise ConfigError(f"dist.static_graph=true cannot be combined with train.accumulate={recipe.train.accumulate}: "
                           "DDP's static graph must all-reduce in its first backward, which accumulation skips (no_sync).",
                           "set dist.static_graph=false, or train.accumulate=1")

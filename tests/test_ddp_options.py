@@ -91,6 +91,8 @@ def test_bad_values_and_combinations_are_refused(overrides, problem):
 def test_static_graph_alone_and_accumulation_alone_are_accepted():
     assert load_recipe(None, ["dist.static_graph=true"]).dist.static_graph
     assert load_recipe(None, ["train.accumulate=4"]).train.accumulate == 4
+    # under FSDP the key is unused (a warning says so when the model is sharded): nothing to refuse
+    assert load_recipe(None, ["dist.parallel=fsdp", "dist.static_graph=true", "train.accumulate=4"]).dist.static_graph
 
 
 def test_static_graph_with_accumulation_is_one_line_exit_2_before_any_rank(tmp_path):

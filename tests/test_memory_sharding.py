@@ -108,24 +108,30 @@ def test_a_ddp_refusal_names_fsdp_with_its_numbers_when_it_would_fit():
 
 
 def test_auto_under_fsdp_refuses_a_model_whose_whole_copy_exceeds_the_budget_before_any_trial():
-    """The shards fit 100 MB (86.1 MB), the whole copy the trial steps run on does not (128.0 MB)."""
-    message = _refusal(100, "dist.parallel=fsdp", "data.eval_batch_size=auto")
-    assert message == ("data.batch_size/data.eval_batch_size=auto under dist.parallel=fsdp measures the activations "
-                       "on a whole copy of the model on each rank, and that copy needs 128.0 MB before any activation, "
-                       "more than the memory budget of 100.0 MB (sharded over 4 ranks, a rank holds 86.1 MB before "
-                       "any activation). HINT: give data.batch_size=N and data.eval_batch_size=N with "
-                       "dist.parallel=fsdp, leaving 13.9 MB per rank for the activations")
-    recipe = _recipe("dist.parallel=fsdp", "memory.budget_mb=100", "model.name=resnet18", "data.name=synthetic",
-                     "data.synthetic_shape=[3,32,32]", "data.synthetic_train=64", "data.synthetic_test=64")
-    with pytest.raises(MemoryBudgetError) as info:  # the probe itself (python -m ddp.probe) says the same
-        from ddp.data.datasets import build_datasets
+    """The shards fit 100 MB (86.1 MB), the whole copy the trial steps run on does not (128.0 MB). The
+    check before the group lets it pass (a resume takes its batch from the checkpoint and a cached
+    pick needs no trial); the probe refuses before the copy goes to the device."""
+    from ddp.data.datasets import build_datasets
 
-        probe_recipe(recipe, build_datasets(recipe.data), torch.device("cpu"), 4, ["train"])
-    assert str(info.value).startswith("data.batch_size=auto under dist.parallel=fsdp measures the activations")
-    roomy = _recipe("dist.parallel=fsdp", "memory.budget_mb=130", "model.name=resnet18", "data.name=synthetic",
-                    "data.synthetic_shape=[3,32,32]", "data.synthetic_train=64", "data.synthetic_test=64")
-    check_budget(roomy, ClusterEnv(world_size=4, local_world_size=4), build_datasets(roomy.data),
-                 torch.device("cpu"))  # the whole copy fits 130 MB: the trial steps decide
+    def resnet(budget_mb: int, *extra: str):
+        return _recipe("dist.parallel=fsdp", f"memory.budget_mb={budget_mb}", "model.name=resnet18",
+                       "data.name=synthetic", "data.synthetic_shape=[3,32,32]", "data.synthetic_train=64",
+                       "data.synthetic_test=64", *extra)
+
+    recipe = resnet(100, "data.eval_batch_size=auto")
+    splits = build_datasets(recipe.data)
+    check_budget(recipe, ClusterEnv(world_size=4, local_world_size=4), splits, torch.device("cpu"))
+    with pytest.raises(MemoryBudgetError) as info:
+        probe_recipe(recipe, splits, torch.device("cpu"), 4, ["train", "eval"])
+    assert str(info.value) == (
+        "data.batch_size/data.eval_batch_size=auto under dist.parallel=fsdp measures the activations on a whole "
+        "copy of the model on each rank, and that copy needs 128.0 MB before any activation, more than the memory "
+        "budget of 100.0 MB (sharded over 4 ranks, a rank holds 86.1 MB before any activation). HINT: give "
+        "data.batch_size=N and data.eval_batch_size=N with dist.parallel=fsdp, leaving 13.9 MB per rank for the "
+        "activations")
+    with pytest.raises(MemoryBudgetError) as info:  # shards that do not fit either: refused before the group
+        check_budget(resnet(80), ClusterEnv(world_size=4, local_world_size=4), splits, torch.device("cpu"))
+    assert str(info.value).startswith("data.batch_size=auto: the model needs 86.1 MB before any activation")
 
 
 def test_a_ddp_refusal_does_not_suggest_fsdp_when_it_would_not_fit():
@@ -170,8 +176,33 @@ def test_under_fsdp_a_gpu_budget_counts_the_whole_copy_the_probe_put_there_and_n
     def on(room: float):
         return SimpleNamespace(device=cuda, room=lambda: room)
 
-    before = _budget(recipe, on(free), estimate, splits, _whole_held(model, cuda))
-    during = _budget(recipe, on(free - whole), estimate, splits, _whole_held(model, cuda, copied=True))
+    before = _budget(recipe, on(free), estimate, splits, _whole_held(model, cuda))  # the model in host memory
+    assert _whole_held(model, cuda) == 0 and _whole_held(model, torch.device("cpu")) == whole
+    copied = resnet18((3, 32, 32), 10).to("meta")  # where the probe's copy is, as the device (no GPU here)
+    during = _budget(recipe, on(free - whole), estimate, splits, _whole_held(copied, torch.device("meta")))
     assert before == during == pytest.approx(0.9 * free)
     ddp = _estimate(_recipe(), model, 4, 0)  # DDP: the model is on the GPU already, its parameters held
     assert _budget(_recipe(), on(free - whole), ddp, splits) == pytest.approx(0.9 * free)
+
+
+def test_under_fsdp_a_trial_never_adds_more_than_the_fraction_of_what_is_free_beside_the_whole_copy():
+    """The sharded state leaves a large budget, but the trials run beside the whole copy: on a device
+    with room for 1,000 samples beside it, the pick stays at memory.fraction (0.9) of that room, where
+    without the ceiling the search would go on up to the out-of-memory error at 1,000 (or, on the
+    CPU, into the kernel's OOM killer)."""
+    from bench.simulated_memory import SimulatedDevice
+    from ddp.memory.trials import probe_model
+    from ddp.model.zoo import mnist_mlp
+
+    device = SimulatedDevice(cap=1_000, per_sample=0.25 * MB, seed=1)
+    model = device.attach(mnist_mlp((1, 4, 4), 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sharded = estimate_state(model, "sgd", 0.9, shards=4)
+    roomy = sharded.state + 100 * device.budget()
+    pick = probe_model(model, optimizer, (1, 4, 4), 10, device, roomy, {"train": 10**7}, sharded)["train"].pick
+    assert 0.85 * 1_000 <= pick <= 0.9 * 1_000
+    whole = estimate_state(model, "sgd", 0.9)  # DDP's search is the budget's alone: up to the device's cap
+    model = device.attach(mnist_mlp((1, 4, 4), 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert probe_model(model, optimizer, (1, 4, 4), 10, device, whole.state + 100 * device.budget(),
+                       {"train": 10**7}, whole)["train"].pick > 0.95 * 1_000

@@ -128,7 +128,6 @@ def check_budget(recipe: Recipe, env: ClusterEnv, splits: Splits, device: torch.
     budget = _budget(recipe, reader_for(device, env.local_world_size), estimate, splits, _whole_held(model, device))
     if estimate.state > budget:
         raise budget_error(estimate, budget, None, fsdp=_fsdp_alternative(recipe, model, env.world_size, data))
-    _check_whole_copy(recipe, model, estimate, budget)
 
 
 def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: int, kinds: list[str],
@@ -149,11 +148,11 @@ def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: in
         model = model.to(device)
         optimizer = build_optimizer(model, recipe.optim)
         estimate = _estimate(recipe, model, world, data)
-        budget = _budget(recipe, reader, estimate, splits, _whole_held(model, device, copied=True))
+        budget = _budget(recipe, reader, estimate, splits, _whole_held(model, device))
         limits = {"train": _shard(len(splits.train), world), "eval": _shard(len(splits.test), world)}
         results = probe_model(model, optimizer, splits.shape, splits.classes, reader, budget,
                               {kind: limits[kind] for kind in kinds}, estimate,
-                              _fsdp_alternative(recipe, model, world, data))
+                              _fsdp_alternative(recipe, model, world, data), recipe.memory.fraction)
         return RecipeProbe(estimate, budget, reader.describe(), _usage(reader), results)
     finally:
         model = optimizer = None  # noqa: F841 - the throwaway copy goes before the training model comes
@@ -219,8 +218,8 @@ def _fsdp_alternative(recipe: Recipe, model: torch.nn.Module, world: int, data: 
 
 def _check_whole_copy(recipe: Recipe, model: torch.nn.Module, estimate: Estimate, budget: float,
                       kinds: list[str] | None = None) -> None:
-    """Under ``dist.parallel=fsdp`` (``estimate.shards`` > 1) the trial steps run on a whole, unwrapped
-    copy of the model on each rank (no collective inside a trial: see ``ddp.memory.trials``). Refuse,
+    """Not collective. Under ``dist.parallel=fsdp`` (``estimate.shards`` > 1) the trial steps run on a
+    whole, unwrapped copy of the model on each rank (no collective inside a trial: see ``ddp.memory.trials``). Refuse,
     before any trial, when that copy's parameters, gradients and optimizer state alone exceed the
     budget: the trials could not even start, though the shards might fit."""
     if estimate.shards <= 1:
@@ -239,13 +238,11 @@ def _check_whole_copy(recipe: Recipe, model: torch.nn.Module, estimate: Estimate
         f"{max(budget - estimate.state, 0) / MB:,.1f} MB per rank for the activations")
 
 
-def _whole_held(model: torch.nn.Module, device: torch.device, copied: bool = False) -> int:
-    """Under FSDP, the bytes of whole parameters the device holds when the budget is read: the probe's
-    copy (``copied``), or on the CPU the model every rank builds whole before sharding it; a GPU
-    holds none of the model before it is sharded (placed block by block, ``ddp.model.sharding``)."""
-    if not copied and device.type != "cpu":
-        return 0
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def _whole_held(model: torch.nn.Module, device: torch.device) -> int:
+    """Not collective. Under FSDP, the bytes of ``model``'s whole parameters that are on ``device``'s
+    kind when the budget is read: the probe's copy once it is there, the model every rank builds in
+    host memory on the CPU; nothing on a GPU before sharding (blocks are placed one by one later)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == device.type)
 
 
 def _budget(recipe: Recipe, reader: MemoryReader, estimate: Estimate, splits: Splits,

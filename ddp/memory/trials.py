@@ -205,7 +205,7 @@ def _tensor_bytes(tensors: Any) -> int:
 
 def probe_model(model: nn.Module, optimizer: torch.optim.Optimizer, sample_shape: tuple[int, ...], classes: int,
                 reader: MemoryReader, budget: float, limits: dict[str, int], estimate: Estimate,
-                fsdp: Estimate | None = None) -> dict[str, ProbeResult]:
+                fsdp: Estimate | None = None, fraction: float = 0.9) -> dict[str, ProbeResult]:
     """Search the largest train and/or eval batch (``limits`` keys: "train", "eval") under
     ``budget`` bytes on this rank. Not collective. Raises ``MemoryBudgetError`` when batch 1 does
     not fit, before any trial when the parameters, gradients and optimizer state alone do not
@@ -213,7 +213,9 @@ def probe_model(model: nn.Module, optimizer: torch.optim.Optimizer, sample_shape
 
     Under FSDP (``estimate.shards`` > 1) the trials still run on the whole, unwrapped model, which
     measures the activations (each rank runs its batch through every gathered block); the state
-    they sit on is the sharded estimate, not what the unwrapped copy holds."""
+    they sit on is the sharded estimate, not what the unwrapped copy holds. A trial may still add no
+    more than ``fraction`` of the memory free beside the primed copy: the copy is really there, so a
+    batch past that is the copy's limit, not FSDP's, and the pick stops below it."""
     if estimate.state > budget:
         raise budget_error(estimate, budget, None, fsdp=fsdp)
     results: dict[str, ProbeResult] = {}
@@ -221,11 +223,14 @@ def probe_model(model: nn.Module, optimizer: torch.optim.Optimizer, sample_shape
         bench = TrialBench(model, optimizer, tuple(sample_shape), classes, reader)
         bench.prime()
         state = _state(bench, estimate)
+        room = budget - state
+        if estimate.shards > 1:  # beside the whole copy: never more than what is free (no OOM killer on the CPU)
+            room = min(room, fraction * reader.room())
         for kind, limit in limits.items():
             started = time.perf_counter()
             step = bench.train_step if kind == "train" else bench.eval_step
             start = smallest_batch(model)
-            search = run_search(Search(budget=budget - state, limit=max(start, limit), start=start), step)
+            search = run_search(Search(budget=room, limit=max(start, limit), start=start), step)
             results[kind] = ProbeResult(kind, search.good, budget, state, search, time.perf_counter() - started)
             if kind == "train":
                 _fill_activations(estimate, search)
