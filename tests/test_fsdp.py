@@ -316,9 +316,6 @@ def test_on_gpus_the_mesh_is_cuda_on_the_rank_device_with_the_asked_policies(mon
 def test_the_whole_parameters_an_optimizer_made_before_holds_are_freed_as_each_block_is_sharded(monkeypatch):
     """fully_shard registers its own (copied) shards; the whole parameters an optimizer made before
     still holds must not keep their data (on a GPU: every whole block) until repoint_optimizer."""
-    import torch.distributed.device_mesh as device_mesh
-    import torch.distributed.fsdp as fsdp
-
     from ddp.model import sharding
 
     model = digits_cnn((1, 8, 8), 10)
@@ -333,10 +330,7 @@ def test_the_whole_parameters_an_optimizer_made_before_holds_are_freed_as_each_b
                 if param is not None and any(param is h for h in held):
                     owner._parameters[name] = nn.Parameter(param.detach().reshape(-1)[:1].clone())
 
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    monkeypatch.setattr(device_mesh, "init_device_mesh", lambda kind, shape: None)
-    monkeypatch.setattr(fsdp, "fully_shard", shard)
-    monkeypatch.setattr(sharding, "_from_rank0", lambda tensors: None)
+    _two_ranks_faked(monkeypatch, shard)
     sharding.shard_model(model, torch.device("cpu"), sharding.ShardPlan())
     expected = [set().union(*blocks[:k]) for k in range(len(blocks) + 1)]
     assert freed_before == expected  # each block freed before the next is sharded, the root last
@@ -344,26 +338,36 @@ def test_the_whole_parameters_an_optimizer_made_before_holds_are_freed_as_each_b
     assert all(p.numel() == 1 for p in model.parameters())  # the model holds the shards
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_ddp_options_changed_under_fsdp_are_named_once_as_unused(monkeypatch, caplog, rank):
+def _two_ranks_faked(monkeypatch, shard) -> None:
+    """shard_model as on rank 0 of 2, with ``shard`` for fully_shard and no mesh or broadcast."""
     import torch.distributed.device_mesh as device_mesh
     import torch.distributed.fsdp as fsdp
 
     from ddp.model import sharding
 
-    recipe = load_recipe(None, ["dist.parallel=fsdp", "dist.static_graph=true", "dist.bucket_cap_mb=10"])
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
     monkeypatch.setattr(device_mesh, "init_device_mesh", lambda kind, shape: None)
-    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **options: None)
+    monkeypatch.setattr(fsdp, "fully_shard", shard)
     monkeypatch.setattr(sharding, "_from_rank0", lambda tensors: None)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ddp_options_changed_under_fsdp_are_named_once_as_unused(monkeypatch, caplog, rank):
+    from ddp.cluster import comm
+    from ddp.cluster.devices import Devices
+    from ddp.model.parallel import changed_ddp_options, wrap_for_recipe
+
+    recipe = load_recipe(None, ["dist.parallel=fsdp", "dist.static_graph=true", "dist.bucket_cap_mb=10"])
+    _two_ranks_faked(monkeypatch, lambda module, **options: None)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+    monkeypatch.setattr(comm, "world_size", lambda: 2)
     with caplog.at_level("WARNING", logger="ddp.model.sharding"):
-        sharding.shard_model(digits_cnn((1, 8, 8), 10), torch.device("cpu"), sharding.ShardPlan.of(recipe))
+        wrap_for_recipe(digits_cnn((1, 8, 8), 10), recipe, torch.device("cpu"), Devices(False, 0))
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert said == ([] if rank else ["dist.bucket_cap_mb=10, dist.static_graph=true: options of "
                                      "DistributedDataParallel, unused under dist.parallel=fsdp (remove them, or use "
                                      "dist.parallel=ddp)"])
-    assert sharding.ShardPlan.of(load_recipe(None, ["dist.parallel=fsdp"])).unused == ()  # the defaults: nothing said
+    assert changed_ddp_options(load_recipe(None, ["dist.parallel=fsdp"]).dist) == ()  # the defaults: nothing said
 
 
 # --- refusals -------------------------------------------------------------------------------

@@ -141,13 +141,12 @@ def probe_recipe(recipe: Recipe, splits: Splits, device: torch.device, world: in
     rng = capture_rng()
     try:
         model = _throwaway_model(recipe, splits, model)
-        if recipe.dist.parallel == Parallel.fsdp:  # before the whole copy goes to the device
-            estimate = _estimate(recipe, model, world, data)
+        estimate = _estimate(recipe, model, world, data)  # sizes only: the same wherever the copy is
+        if estimate.shards > 1:  # before the whole copy goes to the device
             _check_whole_copy(recipe, model, estimate, _budget(recipe, reader, estimate, splits,
                                                                _whole_held(model, device)), kinds)
         model = model.to(device)
         optimizer = build_optimizer(model, recipe.optim)
-        estimate = _estimate(recipe, model, world, data)
         budget = _budget(recipe, reader, estimate, splits, _whole_held(model, device))
         limits = {"train": _shard(len(splits.train), world), "eval": _shard(len(splits.test), world)}
         results = probe_model(model, optimizer, splits.shape, splits.classes, reader, budget,
@@ -217,17 +216,15 @@ def _fsdp_alternative(recipe: Recipe, model: torch.nn.Module, world: int, data: 
 
 
 def _check_whole_copy(recipe: Recipe, model: torch.nn.Module, estimate: Estimate, budget: float,
-                      kinds: list[str] | None = None) -> None:
-    """Not collective. Under ``dist.parallel=fsdp`` (``estimate.shards`` > 1) the trial steps run on a
+                      kinds: list[str]) -> None:
+    """Not collective. Under ``dist.parallel=fsdp`` (``estimate`` sharded) the trial steps run on a
     whole, unwrapped copy of the model on each rank (no collective inside a trial: see ``ddp.memory.trials``). Refuse,
     before any trial, when that copy's parameters, gradients and optimizer state alone exceed the
     budget: the trials could not even start, though the shards might fit."""
-    if estimate.shards <= 1:
-        return
     whole = _estimate(recipe, model, 1, estimate.data_on_device, Parallel.ddp)
     if whole.state <= budget:
         return
-    names = [f"data.{KEYS[kind]}" for kind in (kinds or auto_kinds(recipe))]
+    names = [f"data.{KEYS[kind]}" for kind in kinds]
     keys = "/".join(names)
     raise MemoryBudgetError(
         f"{keys}=auto under dist.parallel=fsdp measures the activations on a whole copy of the model on each "

@@ -50,8 +50,8 @@ def wrap_for_recipe(model: nn.Module, recipe: Recipe, device: torch.device, devi
     options); under FSDP, which replaces the parameters with their shards, ``optimizer`` (made
     before) is pointed at them."""
     names = parameter_names(model)
-    wrapped = wrap_model(model, recipe.dist.parallel, device, devices, shard=ShardPlan.of(recipe),
-                         ddp_kwargs=ddp_options(recipe.dist))
+    shard = ShardPlan.of(recipe, unused=changed_ddp_options(recipe.dist))
+    wrapped = wrap_model(model, recipe.dist.parallel, device, devices, shard=shard, ddp_kwargs=ddp_options(recipe.dist))
     if optimizer is not None:
         repoint_optimizer(optimizer, names, unwrap_model(wrapped))
     return wrapped
@@ -62,6 +62,18 @@ def ddp_options(cfg: DistConfig) -> dict[str, Any]:
     (docs/performance.md#ddp-communication-options says how their defaults were measured)."""
     return {"gradient_as_bucket_view": cfg.gradient_as_bucket_view, "bucket_cap_mb": cfg.bucket_cap_mb,
             "static_graph": cfg.static_graph}
+
+
+def changed_ddp_options(cfg: DistConfig) -> tuple[str, ...]:
+    """The ``ddp_options`` the recipe changed from their defaults, as typed (``dist.static_graph=true``):
+    what ``dist.parallel=fsdp`` has no use for, and says so."""
+    default = ddp_options(DistConfig())
+    return tuple(f"dist.{key}={_as_typed(value)}" for key, value in ddp_options(cfg).items() if value != default[key])
+
+
+def _as_typed(value: object) -> str:
+    """A value as it is typed on the command line: true, 10, 2.5."""
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}"
 
 
 def check_sync_bn(enabled: bool, device: torch.device, world_size: int) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ddp.config import DistConfig, Parallel, Precision, Recipe
+from ddp.config import Parallel, Precision, Recipe
 from ddp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -53,24 +53,10 @@ class ShardPlan:
     unused: tuple[str, ...] = ()  # DDP's keys the recipe changed from their defaults: FSDP has no use for them
 
     @classmethod
-    def of(cls, recipe: Recipe) -> ShardPlan:
+    def of(cls, recipe: Recipe, unused: tuple[str, ...] = ()) -> ShardPlan:
         dist = recipe.dist
         return cls(tuple(dist.fsdp_blocks), dist.fsdp_reshard_after_forward, dist.fsdp_cpu_offload,
-                   recipe.train.precision, ddp_keys_changed(dist))
-
-
-def ddp_keys_changed(dist: DistConfig) -> tuple[str, ...]:
-    """``dist.gradient_as_bucket_view``, ``bucket_cap_mb`` and ``static_graph`` where they differ from
-    their defaults, as ``key=value``: options of DistributedDataParallel, which FSDP does not use."""
-    default = DistConfig()
-    return tuple(f"dist.{key}={_said(getattr(dist, key))}"
-                 for key in ("gradient_as_bucket_view", "bucket_cap_mb", "static_graph")
-                 if getattr(dist, key) != getattr(default, key))
-
-
-def _said(value: object) -> str:
-    """A value as it is typed on the command line: true, 10, 2.5."""
-    return str(value).lower() if isinstance(value, bool) else f"{value:g}"
+                   recipe.train.precision, unused)
 
 
 # --- checks, before any process group forms -------------------------------------------------
