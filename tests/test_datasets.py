@@ -6,6 +6,8 @@ on-disk formats (idx for MNIST, pickled batches for CIFAR-10); nothing is downlo
 
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,9 @@ import torch
 
 from ddp.config import DataConfig
 from ddp.data.datasets import build_datasets
+from ddp.data.digits import digits_arrays, shipped_file
 from ddp.errors import DataError
+from tests.harness import python_env
 
 # ---------------------------------------------------------------- MNIST (idx files)
 
@@ -242,6 +246,30 @@ def test_digits_split_is_seeded():
     rows = {tuple(r.tolist()) for r in first.test.tensors[0].flatten(1)}
     other_rows = {tuple(r.tolist()) for r in other.test.tensors[0].flatten(1)}
     assert rows != other_rows
+
+
+def test_digits_are_read_from_scikit_learns_file_as_its_loader_gives_them_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    images, labels = digits_arrays()
+    want_images, want_labels = load_digits(return_X_y=True)
+    assert shipped_file() is not None  # the fast path, not the fallback to the loader compared here
+    assert images.dtype == want_images.dtype and np.array_equal(images, want_images)
+    assert labels.dtype == np.int64 and np.array_equal(labels, want_labels)
+    code = ("import sys; from ddp.data.datasets import build_datasets; from ddp.config import DataConfig; "
+            "build_datasets(DataConfig()); print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], env=python_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
+def test_digits_fall_back_to_scikit_learns_loader_where_its_file_moved(monkeypatch):
+    import ddp.data.digits as digits
+
+    from_file = digits.digits_arrays()
+    monkeypatch.setattr(digits, "shipped_file", lambda: None)
+    images, labels = digits.digits_arrays()
+    assert np.array_equal(images, from_file[0]) and np.array_equal(labels, from_file[1])
+    assert labels.dtype == np.int64 and build_datasets(DataConfig()).train.tensors[0].shape == (1438, 1, 8, 8)
 
 
 # ---------------------------------------------------------------- synthetic

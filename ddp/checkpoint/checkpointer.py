@@ -133,7 +133,7 @@ class Checkpointer:
         try:
             sharded.write_shards(partial, job.model, job.optimizer, group, _distributed())
             report = self._shards_written(partial, payload)
-        except sharded.SAVE_ERRORS as err:  # rank 0 says it for every rank
+        except sharded.save_errors() as err:  # rank 0 says it for every rank
             report = (None, sharded.describe_error(err, comm.rank()))
         reports = comm.all_gather_object(report)
         return self._publish_shards(job, final, partial, reports) if comm.is_main() else None
@@ -202,7 +202,7 @@ class Checkpointer:
                 try:
                     written()
                     report = self._shards_written(partial, payload)
-                except sharded.SAVE_ERRORS as err:
+                except sharded.save_errors() as err:
                     report = (None, sharded.describe_error(err, comm.rank()))
                 reports = background.all_gather(report)
                 return background.broadcast(_guarded(lambda: self._publish_shards(job, final, partial, reports))
