@@ -24,6 +24,7 @@ bench: venv  ## the benchmark suite (installs Lightning and Accelerate into .ven
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench all
 	$(BIN)/python -m bench.checkpoint_save
+	$(BIN)/python -m bench.checkpoint_save --model big --rounds 5
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,7 +1,8 @@
 """Checkpoint save and resume cost: ``Checkpointer`` ÷ plain ``torch.save`` / ``torch.load``.
 
-State: torchvision ResNet-18 (CIFAR head) + SGD-momentum state after one step (≈ 94 MB), saved to
-the same local directory. Each round times both sides once, in alternating order; the report
+State: torchvision ResNet-18 (CIFAR head) + SGD-momentum state after one step (≈ 94 MB), or with
+``--model big`` a 4 × Linear(4096, 4096) stack + its momentum (≈ 537 MB), saved to the same local
+directory. Each round times both sides once, in alternating order; the report
 gives the median of per-round ratios with [min–max] and the absolute medians.
 
 * save — ours: ``Checkpointer.save`` (CRC-32 while streaming, fsync, atomic rename, manifest,
@@ -12,7 +13,7 @@ gives the median of per-round ratios with [min–max] and the absolute medians.
   reader, compatibility check, load into model/optimizer, RNG restore) of the file and of the
   sharded checkpoint; plain: ``torch.load`` + ``load_state_dict`` of model and optimizer.
 
-``python -m bench.checkpoint_save [--rounds N] [--out DIR]``
+``python -m bench.checkpoint_save [--rounds N] [--model resnet18|big]``
 """
 
 from __future__ import annotations
@@ -33,12 +34,21 @@ from ddp.config import CheckpointConfig, load_recipe
 from ddp.model.zoo import resnet18
 
 
-def _state() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+MODELS = {  # name → (model, one input batch)
+    "resnet18": (lambda: resnet18((3, 32, 32), 10), lambda: torch.randn(4, 3, 32, 32)),
+    "big": (lambda: torch.nn.Sequential(*(torch.nn.Linear(4096, 4096) for _ in range(4))),
+            lambda: torch.randn(4, 4096)),
+}
+
+
+def _state(name: str = "resnet18") -> tuple[torch.nn.Module, torch.optim.Optimizer,
+                                            torch.optim.lr_scheduler.LRScheduler]:
     torch.manual_seed(0)
-    model = resnet18((3, 32, 32), 10)
+    build, batch = MODELS[name]
+    model = build()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
-    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    model(batch()).sum().backward()
     optimizer.step()
     scheduler.step()
     return model, optimizer, scheduler
@@ -58,11 +68,11 @@ VARIANTS = {  # checkpoint.* of each of our sides
 }
 
 
-def measure(rounds: int, directory: Path) -> dict[str, dict[str, list[float]]]:
+def measure(rounds: int, directory: Path, model_name: str = "resnet18") -> dict[str, dict[str, list[float]]]:
     """Per operation, per side ("plain" and each of ours), the seconds of each round. An async
     save is timed until training could go on (the snapshot); its background write finishes
     before the next side runs, untimed."""
-    model, optimizer, scheduler = _state()
+    model, optimizer, scheduler = _state(model_name)
     recipe = load_recipe(None, ["model.name=resnet18", "data.name=synthetic", "data.synthetic_shape=[3,32,32]"])
     keepers = {name: Checkpointer(CheckpointConfig(keep=2, **cfg), directory / f"ours-{index}", recipe)
                for index, (name, cfg) in enumerate(VARIANTS.items())}
@@ -129,10 +139,12 @@ def report(results: dict[str, dict[str, list[float]]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.checkpoint_save", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--model", choices=sorted(MODELS), default="resnet18",
+                        help="resnet18 (≈ 94 MB of state) or big (≈ 537 MB)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        lines = report(measure(args.rounds, Path(tmp)))
+        lines = report(measure(args.rounds, Path(tmp), args.model))
     print("\n".join(lines))
     return 0
 
