@@ -205,16 +205,30 @@ def describe_error(err: BaseException, rank: int) -> tuple[int, int | None, str]
     return rank, None, f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
 
+def host_stager(pinned: bool) -> Any:
+    """DCP's stager for ``start_shards``, kept for the run: it copies this rank's state into host
+    buffers made on the first save and reused by the next ones (in page-locked memory when
+    ``pinned``: the state is on a GPU). Fresh buffers each save, DCP's default, cost training the
+    page faults of a new allocation at every save: 20-95 ms for ResNet-18's 94 MB here, instead of
+    a steady 27-31 ms. The price is a host copy of this rank's share of the state, held between
+    saves."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    return DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False,
+                                        use_non_blocking_copy=False))
+
+
 def start_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, group: Any,
-                 distributed: bool) -> Callable[[], Any]:
+                 distributed: bool, stager: Any) -> Callable[[], Any]:
     """All ranks must call, with the same (empty, existing) ``directory``. Copies this rank's part
-    of the state to host memory (DCP's stager) and starts writing it on DCP's thread, its
-    collectives on ``group``; returns the function that waits until the files are durable."""
+    of the state to host memory (``stager``, from ``host_stager``) and starts writing it on DCP's
+    thread, its collectives on ``group``; returns the function that waits until the files are
+    durable. The next call may only come after that function returned: it reuses the buffers."""
     import torch.distributed.checkpoint as dcp
 
     response = dcp.async_save(state_dicts(model, optimizer),
                               storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True),
-                              process_group=group, no_dist=not distributed)
+                              process_group=group, no_dist=not distributed, async_stager=stager)
     staging = getattr(response, "staging_completion", None)
     if staging is not None:
         staging.result()  # the snapshot: training may go on once it is taken
