@@ -63,10 +63,11 @@ def test_a_sharded_save_is_listed_file_by_file_and_resumes_bit_for_bit_with_the_
     assert fresh_optimizer.param_groups[0]["lr"] == 0.5
 
 
-def test_background_saves_reuse_their_host_buffers_and_each_checkpoint_holds_its_own_step(tmp_path):
+@pytest.mark.parametrize("fmt", ["sharded", "file"])
+def test_background_saves_reuse_their_host_buffers_and_each_checkpoint_holds_its_own_step(tmp_path, fmt):
     """checkpoint.async_save keeps the host copy of the state between saves: the second save must
     overwrite it with the second state, and the first checkpoint must still hold the first."""
-    keeper = Checkpointer(CheckpointConfig(format="sharded", keep=3, async_save=True), tmp_path, load_recipe(None, []))
+    keeper = Checkpointer(CheckpointConfig(format=fmt, keep=3, async_save=True), tmp_path, load_recipe(None, []))
     model, optimizer = _trained(0)
     saved = {}
     for step in (1, 2):
@@ -79,7 +80,7 @@ def test_background_saves_reuse_their_host_buffers_and_each_checkpoint_holds_its
     assert not torch.equal(saved[1]["0.weight"], saved[2]["0.weight"])
     for step in (1, 2):
         fresh, fresh_optimizer = _trained(99)
-        keeper.resume(tmp_path / f"step-0000000{step}.dcp", fresh, fresh_optimizer)
+        keeper.resume(tmp_path / files.checkpoint_name(step, sharded=fmt == "sharded"), fresh, fresh_optimizer)
         for name, value in saved[step].items():
             assert torch.equal(fresh.state_dict()[name], value), (step, name)
 

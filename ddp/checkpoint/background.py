@@ -102,3 +102,16 @@ def snapshot(obj: Any) -> Any:
     """A copy of ``obj`` whose tensors are host-memory copies: training may change the originals."""
     return tree_map(lambda value: value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value,
                     obj)
+
+
+def host_stager(pinned: bool) -> Any:
+    """The snapshot of a background save, kept for the run: DCP's stager copies the state into host
+    buffers made on the first save and reused by the next ones (in page-locked memory when
+    ``pinned``: the state is on a GPU). Fresh buffers each save cost training the page faults of a
+    new allocation at every save: 20-95 ms for ResNet-18's 94 MB here, instead of a steady
+    27-31 ms. The price is a host copy of the state this rank saves, held between saves. Stage
+    again only after the save that used the buffers finished (``BackgroundSaves.wait``)."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    return DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False,
+                                        use_non_blocking_copy=False))

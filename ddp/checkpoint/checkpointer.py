@@ -36,6 +36,7 @@ from ddp.checkpoint import files, full_state, sharded, storage
 from ddp.cluster import comm, progress
 from ddp.checkpoint.atomic import atomic_open, write_text_atomic
 from ddp.checkpoint.background import BackgroundSaves, Outcome, snapshot
+from ddp.checkpoint.background import host_stager as background_host_stager
 from ddp.checkpoint.files import CheckpointError
 from ddp.errors import StorageError
 from ddp.config import BestMode, CheckpointConfig, CheckpointFormat, Parallel, Recipe, flat, to_yaml
@@ -68,7 +69,7 @@ class Checkpointer:
         self.recipe_yaml = to_yaml(recipe)  # what every checkpoint and manifest records, serialised once
         self._saves = BackgroundSaves(recipe.dist.timeout_s)  # its Gloo group also carries DCP's collectives
         self.background = self._saves if cfg.async_save else None
-        self._stager: Any = None  # sharded background saves: host buffers reused save after save
+        self._stager: Any = None  # background saves: host buffers reused save after save
         self._sizes: tuple[tuple[int, int, int], int] | None = None  # (model, optimizer, states) → sharded bytes
 
     # --- saving ---------------------------------------------------------------------------
@@ -207,9 +208,8 @@ class Checkpointer:
         if self.sharded:
             final, partial = self._partial_dir(job)
             payload = snapshot(self._payload(None, None, job)) if comm.is_main() else None
-            if self._stager is None:
-                self._stager = sharded.host_stager(pinned=_on_gpu(job.model))
-            written = sharded.start_shards(partial, job.model, job.optimizer, group, _distributed(), self._stager)
+            written = sharded.start_shards(partial, job.model, job.optimizer, group, _distributed(),
+                                           self._host_stager(job.model))
 
             def rest() -> Outcome:  # every rank reaches both collectives, whatever fails before them
                 try:
@@ -233,10 +233,16 @@ class Checkpointer:
                             job: _Save) -> dict[str, Any]:
         """Rank 0's payload, safe from training: host copies of its tensors. Under FSDP the gathered
         model and optimizer state are such copies already (no second one)."""
-        payload = self._payload(None, None, job)
-        copied = not full_state.is_live(job.model)
-        return {**snapshot(payload), "model": weights if copied else snapshot(weights),
-                "optimizer": optimizer_state if copied else snapshot(optimizer_state)}
+        payload = snapshot(self._payload(None, None, job))
+        if not full_state.is_live(job.model):
+            return {**payload, "model": weights, "optimizer": optimizer_state}
+        staged = self._host_stager(job.model).stage({"model": weights, "optimizer": optimizer_state})
+        return {**payload, **staged}
+
+    def _host_stager(self, model: nn.Module) -> Any:
+        if self._stager is None:
+            self._stager = background_host_stager(pinned=_on_gpu(model))
+        return self._stager
 
     def _failure(self, err: BaseException, step: int, payload: dict[str, Any] | None, rank: int = 0,
                  needed: int | None = None) -> tuple[str, str, int]:

@@ -205,23 +205,10 @@ def describe_error(err: BaseException, rank: int) -> tuple[int, int | None, str]
     return rank, None, f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
 
-def host_stager(pinned: bool) -> Any:
-    """DCP's stager for ``start_shards``, kept for the run: it copies this rank's state into host
-    buffers made on the first save and reused by the next ones (in page-locked memory when
-    ``pinned``: the state is on a GPU). Fresh buffers each save, DCP's default, cost training the
-    page faults of a new allocation at every save: 20-95 ms for ResNet-18's 94 MB here, instead of
-    a steady 27-31 ms. The price is a host copy of this rank's share of the state, held between
-    saves."""
-    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-    return DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False,
-                                        use_non_blocking_copy=False))
-
-
 def start_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, group: Any,
                  distributed: bool, stager: Any) -> Callable[[], Any]:
     """All ranks must call, with the same (empty, existing) ``directory``. Copies this rank's part
-    of the state to host memory (``stager``, from ``host_stager``) and starts writing it on DCP's
+    of the state to host memory (``stager``, from ``background.host_stager``) and starts writing it on DCP's
     thread, its collectives on ``group``; returns the function that waits until the files are
     durable. The next call may only come after that function returned: it reuses the buffers."""
     import torch.distributed.checkpoint as dcp
