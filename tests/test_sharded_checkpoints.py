@@ -85,6 +85,23 @@ def test_background_saves_reuse_their_host_buffers_and_each_checkpoint_holds_its
             assert torch.equal(fresh.state_dict()[name], value), (step, name)
 
 
+@pytest.mark.parametrize("fmt", ["sharded", "file"])
+def test_background_saves_copy_into_fresh_memory_on_a_torch_without_dcps_stager(tmp_path, monkeypatch, fmt):
+    import ddp.checkpoint.checkpointer as checkpointer
+
+    monkeypatch.setattr(checkpointer, "background_host_stager", lambda: None)  # torch before 2.8
+    keeper = Checkpointer(CheckpointConfig(format=fmt, keep=3, async_save=True), tmp_path, load_recipe(None, []))
+    model, optimizer = _trained(0)
+    keeper.save(model, optimizer, None, TrainState(epoch=0, global_step=1))
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    keeper.finish()
+    fresh, fresh_optimizer = _trained(99)
+    keeper.resume(tmp_path / files.checkpoint_name(1, sharded=fmt == "sharded"), fresh, fresh_optimizer)
+    assert all(torch.equal(fresh.state_dict()[name], value) for name, value in saved.items())
+
+
 def test_a_file_checkpoint_keeps_the_recipes_hyperparameters_too(tmp_path):
     keeper = _keeper(tmp_path, fmt="file")
     _save(keeper, 3)

@@ -1,7 +1,7 @@
 """Checkpoint saves off the hot path (``checkpoint.async_save=true``).
 
-Training waits only for the snapshot: the state copied to host memory (DCP's stager for a sharded
-checkpoint, a CPU copy of the gathered state for a file). Writing, fsync, the per-file CRCs, the
+Training waits only for the snapshot: the state copied into host buffers kept for the run
+(``host_stager``; under FSDP a file's gathered state is such a copy already). Writing, fsync, the per-file CRCs, the
 manifest and ``latest`` then happen on one background thread per rank, whose collectives run on a
 Gloo group of their own, so they never interleave with training's. At most one save is in flight:
 the next save, the end of the run and a stop signal wait for it first. ``latest`` moves only once
@@ -104,14 +104,18 @@ def snapshot(obj: Any) -> Any:
                     obj)
 
 
-def host_stager(pinned: bool) -> Any:
+def host_stager() -> Any:
     """The snapshot of a background save, kept for the run: DCP's stager copies the state into host
-    buffers made on the first save and reused by the next ones (in page-locked memory when
-    ``pinned``: the state is on a GPU). Fresh buffers each save cost training the page faults of a
-    new allocation at every save: 20-95 ms for ResNet-18's 94 MB here, instead of a steady
-    27-31 ms. The price is a host copy of the state this rank saves, held between saves. Stage
-    again only after the save that used the buffers finished (``BackgroundSaves.wait``)."""
-    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-    return DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False,
+    buffers made on the first save and reused by the next ones. Fresh buffers each save cost
+    training the page faults of a new allocation at every save: 20-95 ms for ResNet-18's 94 MB
+    here, instead of a steady 27-31 ms. The price is a host copy of the state this rank saves, held
+    between saves. Stage again only after the save that used the buffers finished
+    (``BackgroundSaves.wait``). Page-locked buffers would make a GPU's copy faster; they are not
+    used until that path has run on a GPU. None on a torch without DCP's ``DefaultStager``
+    (before 2.8): each save then copies into fresh memory."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        return None
+    return DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False, use_async_staging=False,
                                         use_non_blocking_copy=False))

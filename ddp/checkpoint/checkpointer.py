@@ -209,7 +209,7 @@ class Checkpointer:
             final, partial = self._partial_dir(job)
             payload = snapshot(self._payload(None, None, job)) if comm.is_main() else None
             written = sharded.start_shards(partial, job.model, job.optimizer, group, _distributed(),
-                                           self._host_stager(job.model))
+                                           self._host_stager())
 
             def rest() -> Outcome:  # every rank reaches both collectives, whatever fails before them
                 try:
@@ -236,12 +236,13 @@ class Checkpointer:
         payload = snapshot(self._payload(None, None, job))
         if not full_state.is_live(job.model):
             return {**payload, "model": weights, "optimizer": optimizer_state}
-        staged = self._host_stager(job.model).stage({"model": weights, "optimizer": optimizer_state})
-        return {**payload, **staged}
+        stager = self._host_stager()
+        state = {"model": weights, "optimizer": optimizer_state}
+        return {**payload, **(stager.stage(state) if stager is not None else snapshot(state))}
 
-    def _host_stager(self, model: nn.Module) -> Any:
+    def _host_stager(self) -> Any:
         if self._stager is None:
-            self._stager = background_host_stager(pinned=_on_gpu(model))
+            self._stager = background_host_stager()
         return self._stager
 
     def _failure(self, err: BaseException, step: int, payload: dict[str, Any] | None, rank: int = 0,
@@ -352,10 +353,6 @@ class _Save:
     metric_name: str | None
     began: float  # perf_counter at the start
     needed: int | None = None  # about how many bytes a sharded save writes (for a disk's refusal), from the training thread
-
-
-def _on_gpu(model: nn.Module) -> bool:
-    return any(p.device.type == "cuda" for p in model.parameters())
 
 
 def _distributed() -> bool:

@@ -208,14 +208,19 @@ def describe_error(err: BaseException, rank: int) -> tuple[int, int | None, str]
 def start_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, group: Any,
                  distributed: bool, stager: Any) -> Callable[[], Any]:
     """All ranks must call, with the same (empty, existing) ``directory``. Copies this rank's part
-    of the state to host memory (``stager``, from ``background.host_stager``) and starts writing it on DCP's
-    thread, its collectives on ``group``; returns the function that waits until the files are
-    durable. The next call may only come after that function returned: it reuses the buffers."""
+    of the state to host memory (``stager``, from ``background.host_stager``; None: DCP's own) and
+    starts writing it on DCP's thread, its collectives on ``group``; returns the function that
+    waits until the files are durable. The next call may only come after that function returned:
+    it reuses the buffers."""
     import torch.distributed.checkpoint as dcp
 
-    response = dcp.async_save(state_dicts(model, optimizer),
-                              storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True),
-                              process_group=group, no_dist=not distributed, async_stager=stager)
+    # per_thread_copy_ahead=0: the staged state is in host memory already. DCP's own stager sets it
+    # so; with ours given instead, its writer would otherwise pick the CUDA-overlapping loader on any
+    # machine with a GPU, and make a CUDA context on GPU 0 from its writer thread in every rank.
+    writer = dcp.FileSystemWriter(str(directory), sync_files=True, per_thread_copy_ahead=0)
+    staged = {"async_stager": stager} if stager is not None else {}
+    response = dcp.async_save(state_dicts(model, optimizer), storage_writer=writer, process_group=group,
+                              no_dist=not distributed, **staged)
     staging = getattr(response, "staging_completion", None)
     if staging is not None:
         staging.result()  # the snapshot: training may go on once it is taken
