@@ -89,7 +89,7 @@ def test_background_saves_reuse_their_host_buffers_and_each_checkpoint_holds_its
 def test_background_saves_copy_into_fresh_memory_on_a_torch_without_dcps_stager(tmp_path, monkeypatch, fmt):
     import ddp.checkpoint.checkpointer as checkpointer
 
-    monkeypatch.setattr(checkpointer, "background_host_stager", lambda: None)  # torch before 2.8
+    monkeypatch.setattr(checkpointer, "background_host_stager", lambda: None)  # an older torch
     keeper = Checkpointer(CheckpointConfig(format=fmt, keep=3, async_save=True), tmp_path, load_recipe(None, []))
     model, optimizer = _trained(0)
     keeper.save(model, optimizer, None, TrainState(epoch=0, global_step=1))

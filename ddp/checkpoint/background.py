@@ -111,8 +111,8 @@ def host_stager() -> Any:
     here, instead of a steady 27-31 ms. The price is a host copy of the state this rank saves, held
     between saves. Stage again only after the save that used the buffers finished
     (``BackgroundSaves.wait``). Page-locked buffers would make a GPU's copy faster; they are not
-    used until that path has run on a GPU. None on a torch without DCP's ``DefaultStager``
-    (before 2.8): each save then copies into fresh memory."""
+    used until that path has run on a GPU. None on an older torch without DCP's ``DefaultStager``:
+    each save then copies into fresh memory."""
     try:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
     except ImportError:
