@@ -1,14 +1,14 @@
 """Checkpoint saves off the hot path (``checkpoint.async_save=true``).
 
 Training waits only for the snapshot: the state copied into host buffers kept for the run
-(``host_stager``; under FSDP a file's gathered state is such a copy already). Writing, fsync, the per-file CRCs, the
-manifest and ``latest`` then happen on one background thread per rank, whose collectives run on a
-Gloo group of their own, so they never interleave with training's. At most one save is in flight:
-the next save, the end of the run and a stop signal wait for it first. ``latest`` moves only once
-every file is durable (the same publication as a synchronous save), so a process killed during a
-background write resumes from the previous complete checkpoint. A background failure is agreed on
-by the ranks at the next stop poll (``ddp.engine.stop``) and raised on every rank there, as a
-synchronous save's failure would have been.
+(``host_stager``; under FSDP a file's gathered state is such a copy already). Writing, fsync, the
+per-file CRCs, the manifest and ``latest`` then happen on one background thread per rank, whose
+collectives run on a Gloo group of their own, so they never interleave with training's. At most one
+save is in flight: the next save, the end of the run and a stop signal wait for it first. ``latest``
+moves only once every file is durable (the same publication as a synchronous save), so a process
+killed during a background write resumes from the previous complete checkpoint. A background failure
+is agreed on by the ranks at the next stop poll (``ddp.engine.stop``) and raised on every rank
+there, as a synchronous save's failure would have been.
 """
 
 from __future__ import annotations

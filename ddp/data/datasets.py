@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from ddp.data.augment import CropFlip
-from ddp.data.digits import digits_arrays
+from ddp.data.digits import digits_tensors
 from ddp.config import DataConfig
 from ddp.errors import DataError
 
@@ -62,9 +62,7 @@ def seeded_split(count: int, test_fraction: float, seed: int) -> tuple[torch.Ten
 
 def load_digits(cfg: DataConfig) -> Splits:
     """scikit-learn's 1,797 8×8 digit images, a seeded split, standardised by train statistics."""
-    pixels, classes = digits_arrays()
-    images = torch.tensor(pixels, dtype=torch.float32).view(-1, 1, 8, 8)
-    labels = torch.tensor(classes, dtype=torch.long)
+    images, labels = digits_tensors()
     train_idx, test_idx = seeded_split(len(images), cfg.test_fraction, cfg.split_seed)
     mean, std = images[train_idx].mean(), images[train_idx].std()
     images = (images - mean) / std
