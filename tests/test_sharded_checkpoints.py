@@ -102,6 +102,23 @@ def test_background_saves_copy_into_fresh_memory_on_a_torch_without_dcps_stager(
     assert all(torch.equal(fresh.state_dict()[name], value) for name, value in saved.items())
 
 
+def test_a_background_shard_writer_reads_host_memory_only(tmp_path, monkeypatch):
+    """With our stager, DCP's writer must be told the state is in host memory already
+    (per_thread_copy_ahead=0); left at its default it would use its CUDA-overlapping loader on any
+    machine with a GPU, from its writer thread, on GPU 0 in every rank."""
+    import torch.distributed.checkpoint as dcp
+
+    seen = []
+    real = dcp.async_save
+    monkeypatch.setattr(dcp, "async_save", lambda *a, **k: seen.append(k) or real(*a, **k))
+    keeper = Checkpointer(CheckpointConfig(format="sharded", async_save=True), tmp_path, load_recipe(None, []))
+    model, optimizer = _trained(0)
+    keeper.save(model, optimizer, None, TrainState(epoch=0, global_step=1))
+    keeper.finish()
+    assert len(seen) == 1 and seen[0]["storage_writer"].per_thread_copy_ahead == 0
+    assert seen[0]["async_stager"] is keeper._stager is not None
+
+
 def test_a_file_checkpoint_keeps_the_recipes_hyperparameters_too(tmp_path):
     keeper = _keeper(tmp_path, fmt="file")
     _save(keeper, 3)
