@@ -91,7 +91,10 @@ def test_a_lost_node_is_named_and_slurm_requeues_the_job(two_nodes, tmp_path):
     assert done.returncode == 0, done.stderr
     job_id = _job_id(done.stdout)
     log = tmp_path / f"runs/lost/slurm/{job_id}/{job_id}_0_log.err"
-    _wait_for(lambda: log.exists() and "epoch 1/10" in log.read_text(), 150, f"job {job_id} to train an epoch")
+    checkpoints = tmp_path / "runs/lost/version_0/checkpoints"
+    # the epoch's line is logged before its checkpoint is saved: the node is lost once that checkpoint is on disk
+    _wait_for(lambda: log.exists() and "epoch 1/10" in log.read_text() and any(checkpoints.glob("step-*.pt")), 150,
+              f"job {job_id} to train an epoch and checkpoint it", log)
     lost = time.monotonic()
     testbed.lose_node("h1")
     try:
@@ -102,7 +105,7 @@ def test_a_lost_node_is_named_and_slurm_requeues_the_job(two_nodes, tmp_path):
                   f"Slurm to requeue job {job_id}")
         print(f"node h1 lost: job requeued after {time.monotonic() - lost:.1f} s")
         assert "srun: error: Node failure on h1" in log.read_text()
-        assert list((tmp_path / "runs/lost/version_0/checkpoints").glob("step-*.pt"))  # what the requeued job resumes
+        assert list(checkpoints.glob("step-*.pt"))  # what the requeued job resumes: not removed by the failure
     finally:  # the tests after this one need both nodes, whatever happened here
         subprocess.run(["scancel", job_id], timeout=30)
         testbed.start(quiet=True, nodes=2)
