@@ -384,9 +384,18 @@ def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> Any:
         if key in _sections():
             raise _whole_section(key, item.partition("=")[2], "overrides")
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        return OmegaConf.from_dotlist([_empty_string(item) for item in overrides])
     except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read overrides {list(overrides)}: {err}.", "write them as key=value") from None
+
+
+def _empty_string(item: str) -> str:
+    """``memory.cache=`` sets a text key to ``''``, as Hydra reads it (OmegaConf reads a bare ``=`` as null)."""
+    key, _, value = item.partition("=")
+    declared = _declaration(key)
+    if value or declared is None or declared.type not in ("str", str):
+        return item
+    return f"{key}=''"
 
 
 def _config_error(err: OmegaConfBaseException, source: str) -> ConfigError:

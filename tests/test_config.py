@@ -36,6 +36,16 @@ def test_overrides_are_typed():
     assert recipe.data.synthetic_shape == [3, 32, 32]
 
 
+def test_an_empty_override_of_a_text_key_is_the_empty_string():
+    """A shell turns ``memory.cache=''`` into ``memory.cache=``: both turn the probe cache off, as documented;
+    an optional key given nothing is unset, and a number given nothing is still refused."""
+    for item in ("memory.cache=", "memory.cache=''"):
+        assert load_recipe(None, [item]).memory.cache == ""
+    assert load_recipe(None, ["model.weights="]).model.weights is None
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_recipe(None, ["train.epochs="])
+
+
 def test_resolved_yaml_round_trips(tmp_path):
     recipe = load_recipe(None, ["train.epochs=4", "optim.name=adamw"])
     path = tmp_path / "r.yaml"
