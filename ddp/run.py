@@ -50,7 +50,7 @@ from ddp.engine.stop import StopRequest
 from ddp.lifecycle import lock
 from ddp.lifecycle.changes import Policy, describe
 from ddp.lifecycle.decision import Decision, decide
-from ddp.lifecycle.history import record_start
+from ddp.lifecycle.history import record_start, record_stop
 from ddp.lifecycle.run_dir import RunDir
 from ddp.model import sharding
 from ddp.model.parallel import convert_sync_bn, unwrap_model, wrap_for_recipe
@@ -217,6 +217,8 @@ class Run:
         log.log(logging.WARNING if self.is_main else logging.INFO,
                 "stopped by %s at step %d; run the same command to resume", self.stop.name if self.stop else "?",
                 self.step)
+        if self.is_main and self.decision is not None and self.stop is not None:
+            record_stop(RunDir(self.decision.run_dir), self.stop.name, self.step, code)
         self.close()
         raise SystemExit(code)
 

@@ -34,6 +34,7 @@ from ddp.memory.readers import peak_memory_mb as device_peak_mb, reset_peak_memo
 from ddp.memory.resolve import check_budget, resolve_batch_sizes
 from ddp.data.device_data import MemoryLoader, choose_loader
 from ddp.lifecycle.decision import Decision
+from ddp.lifecycle.history import record_stop
 from ddp.reporting.logs import RankLogs, rank_logging
 from ddp.model.optim import build_optimizer, build_scheduler, schedule_position
 from ddp.model.parallel import check_sync_bn, convert_sync_bn, wrap_for_recipe
@@ -175,6 +176,8 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
         outcome, step, weights = _train(run, plan)
     run_dir = RunDir(run.run_dir)
     _log_outcome(outcome, step, run_dir, env.rank)  # the group is gone: env knows the rank, comm no longer
+    if env.rank == 0 and outcome.stopped_by:
+        record_stop(run_dir, outcome.stopped_by, step, outcome.exit_code)
     if env.rank == 0:
         log.info("summary\n%s", summary(run_dir.root, time.perf_counter() - started, peak_memory_mb(plan.device)))
     return RunResult(metrics=outcome.last_record, state_dict=weights, run_dir=run_dir.root,

@@ -20,6 +20,8 @@ import pytest
 
 from ddp.config import load_recipe, to_yaml
 from ddp.lifecycle.changes import Policy, policy_of, recipe_changes
+from ddp.lifecycle.history import read_history
+from ddp.reporting.compare import run_state
 from ddp.model.optim import build_optimizer, build_scheduler, schedule_position
 from tests.harness import REPO, python_env, run_cli
 
@@ -125,9 +127,15 @@ def test_ctrl_c_on_one_process_checkpoints_exits_130_and_the_rerun_resumes(tmp_p
     latest = (version / "checkpoints" / "latest").read_text().strip()
     step = int(latest.removeprefix("step-").removesuffix(".pt"))
     assert 15 <= step < 40 * 45
+    history = read_history(version / "history.jsonl")
+    assert [(h["event"], h["step"]) for h in history] == [("start", 0), ("stop", step)], history
+    assert history[1]["signal"] == "SIGINT" and history[1]["exit_code"] == 130
+    assert run_state(version) == "stopped"  # what python -m ddp.report shows for it: the same command resumes it
     rerun = _train(tmp_path, "train.epochs=40", f"train.max_steps={step + 5}")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resumed from runs/digits/version_0/checkpoints/{latest}" in rerun.stderr
+    assert [h["event"] for h in read_history(version / "history.jsonl")] == ["start", "stop", "resume"]
+    assert f"stopped by SIGINT at step {step}\n" in (version / "recipe.yaml").read_text()
 
 
 def test_ctrl_c_on_two_torchrun_ranks_checkpoints_once_and_resumes(tmp_path):

@@ -40,7 +40,8 @@ def test_the_tutorial_loop_stopped_by_a_signal_on_one_rank_resumes_to_the_uninte
     assert "stopped by" in cut.stderr and "run the same command to resume" in cut.stderr, cut.stderr[-3000:]
     version = stopped / "runs" / "multinode" / "version_0"
     history = [json.loads(line) for line in (version / "history.jsonl").read_text().splitlines()]
-    assert [h["event"] for h in history] == ["start"]
+    assert [h["event"] for h in history] == ["start", "stop"]  # rank 0 records it, told by rank 1:
+    assert (history[1]["signal"], history[1]["exit_code"]) == ("a signal on another rank", 75)
     stop_step = torch.load(version / "checkpoints" / (version / "checkpoints" / "latest").read_text().strip(),
                            weights_only=True)["state"]
     assert 40 <= stop_step["global_step"] < 64 and stop_step["epoch"] == 1 and stop_step["sample_index"] > 0
@@ -49,7 +50,8 @@ def test_the_tutorial_loop_stopped_by_a_signal_on_one_rank_resumes_to_the_uninte
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(p.name for p in (stopped / "runs" / "multinode").iterdir()) == ["version_0"]
     history = [json.loads(line) for line in (version / "history.jsonl").read_text().splitlines()]
-    assert [h["event"] for h in history] == ["start", "resume"] and history[1]["step"] == stop_step["global_step"]
+    assert [h["event"] for h in history] == ["start", "stop", "resume"]
+    assert history[1]["step"] == history[2]["step"] == stop_step["global_step"]
     assert [e["epoch"] for e in _epochs(version)] == [1, 2]  # the epoch cut short is recorded once, when done
     expected, got = _final_weights(whole / "runs" / "multinode" / "version_0"), _final_weights(version)
     for key in expected:

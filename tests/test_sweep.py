@@ -202,6 +202,22 @@ def test_report_on_a_sweep_is_one_row_per_run_best_first_with_its_state_and_one_
         "optim.lr=0.01 (failed)", "optim.lr=0.05 (failed)", "optim.lr=0.1 (finished)"]  # lock released by now
 
 
+def test_report_calls_a_run_stopped_on_a_signal_stopped_until_it_resumes(tmp_path, capsys):
+    """A preempted run waiting for its requeue (or one stopped by Ctrl-C) is ``stopped``, not ``failed``: its
+    history ends with the stop. Once resumed and ended without finishing, it is ``failed`` again."""
+    group = tmp_path / "runs" / "digits"
+    version = group / "optim.lr=0.1" / "version_0"
+    _fake_run(version, [0.6], epochs=3, checkpoint_epoch=1)
+    start = {"event": "start", "step": 0, "epoch": 0, "world_size": 2, "checkpoint": None, "changes": {}}
+    stop = {"event": "stop", "signal": "SIGUSR2", "step": 14, "exit_code": 75}
+    resume = {**start, "event": "resume", "step": 14}
+    for events, state in (([start], "failed"), ([start, stop], "stopped"), ([start, stop, resume], "failed")):
+        (version / "history.jsonl").write_text("".join(json.dumps({"time": "t", **e}) + "\n" for e in events))
+        assert report.main([str(group)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[1].split()[5] == state and out[2] == f"1 run under {group}: 1 {state}", out
+
+
 def report_figure(group):
     from ddp.reporting import compare
 

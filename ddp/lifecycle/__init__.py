@@ -3,7 +3,7 @@
     runs/<name>/                    the run group (``run.dir`` overrides it)
       version_0/  version_1/ ...    one directory per training run, never shared
         recipe.yaml                 what this run trains with now, with its history as comments
-        history.jsonl               one record per start or resume (step, changes)
+        history.jsonl               one record per start, resume (step, changes) or stop on a signal
         metrics.jsonl, tensorboard/, checkpoints/, logs/
 
 Rank 0 decides (``decision.decide``) after the process group forms and tells the other ranks,

@@ -1,9 +1,10 @@
-"""A run's history: one JSON record per start or resume in ``history.jsonl``, and ``recipe.yaml``
-rewritten to say what the run trains with now, headed by that history as comments."""
+"""A run's history: one JSON record per start, resume or stop on a signal in ``history.jsonl``, and
+``recipe.yaml`` rewritten to say what the run trains with now, headed by that history as comments."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from ddp.checkpoint.atomic import write_text_atomic
 from ddp.config import Recipe, to_yaml
 from ddp.lifecycle.changes import Change, Policy, show_value
 from ddp.lifecycle.run_dir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 def record_start(run_dir: RunDir, recipe: Recipe, checkpoint: Path | None, step: int, epoch: int,
@@ -23,9 +26,35 @@ def record_start(run_dir: RunDir, recipe: Recipe, checkpoint: Path | None, step:
         "checkpoint": str(checkpoint) if checkpoint else None,
         "changes": {c.key: [c.before, c.after] for c in changes if c.policy == Policy.honoured},
     }
-    entries = [*read_history(run_dir.history), entry]
-    write_text_atomic(run_dir.history, "".join(json.dumps(e) + "\n" for e in entries))
+    entries = _append(run_dir.history, entry)
     run_dir.write_recipe(_header(run_dir.root, entries) + to_yaml(recipe))
+
+
+def record_stop(run_dir: RunDir, signal: str, step: int, exit_code: int) -> None:
+    """Rank 0 only, when a run stops on ``signal`` (a preemption, Ctrl-C) after its checkpoint: a
+    ``stop`` record, so a reader tells a run waiting to be resumed from one that failed. A history
+    that cannot be written is said in a warning: the stop itself succeeded."""
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "stop", "signal": signal, "step": step,
+             "exit_code": exit_code}
+    try:
+        _append(run_dir.history, entry)
+    except (OSError, ValueError) as err:
+        log.warning("could not record the stop in %s: %s", run_dir.history, err)
+
+
+def stopped(path: Path) -> bool:
+    """The run's last record is a stop on a signal: running the same command resumes it."""
+    try:
+        entries = read_history(path)
+    except ValueError:  # not a history this version wrote
+        return False
+    return bool(entries) and entries[-1].get("event") == "stop"
+
+
+def _append(path: Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    entries = [*read_history(path), entry]
+    write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in entries))
+    return entries
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
@@ -37,8 +66,11 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 
 
 def _header(root: Path, entries: list[dict[str, Any]]) -> str:
-    lines = [f"# The recipe {root} trains with now (history.jsonl has every start and resume):"]
+    lines = [f"# The recipe {root} trains with now (history.jsonl has every start, resume and stop):"]
     for entry in entries:
+        if entry["event"] == "stop":
+            lines.append(f"#   {entry['time']} stopped by {entry['signal']} at step {entry['step']}")
+            continue
         ranks = entry["world_size"]
         where = f"step {entry['step']} (epoch {entry['epoch']}) on {ranks} rank{'' if ranks == 1 else 's'}"
         if entry["event"] == "start":

@@ -2,7 +2,7 @@
 
     runs/<name>/version_N/  (or <run.dir>/version_N/; see ddp.lifecycle for how N is chosen)
       recipe.yaml           the resolved recipe it trains with now, its history as comments (rank 0)
-      history.jsonl         one record per start or resume, with the recipe changes (rank 0)
+      history.jsonl         one record per start or resume (with the recipe changes) or stop on a signal (rank 0)
       metrics.jsonl         one JSON object per step interval and per epoch (rank 0)
       tensorboard/          the same metrics as TensorBoard events (rank 0)
       checkpoints/          step-*.pt or step-*.dcp/ + manifests, latest, best (see ddp.checkpoint.files)

@@ -7,8 +7,9 @@ plot of every run's test accuracy per epoch (``report.png`` in the directory). R
 
 A run's state: ``running`` while a process holds its version's lock (``ddp.lifecycle.lock``);
 ``finished`` when its newest checkpoint reached the run's ``train.epochs`` (or ``train.max_steps``),
-as ``train.resume=auto`` judges it; ``failed`` otherwise (it stopped before its end: an error, a
-kill, or a preemption whose requeue has not started yet).
+as ``train.resume=auto`` judges it; ``stopped`` when its last act was to stop on a signal after a
+checkpoint (a preemption waiting for its requeue, Ctrl-C: the same command resumes it); ``failed``
+otherwise (it ended before its end without that: an error, a kill).
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ import yaml
 
 from ddp.checkpoint import files
 from ddp.config import flat
-from ddp.lifecycle import lock
+from ddp.lifecycle import history, lock
 from ddp.lifecycle.decision import reached_end
 from ddp.lifecycle.sweep_dirs import parse_name
 from ddp.lifecycle.versions import list_versions, version_number
 from ddp.reporting.report import read_records
 from ddp.reporting.text import count
 
-RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+RUNNING, FINISHED, STOPPED, FAILED = "running", "finished", "stopped", "failed"
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ def rows(path: Path, groups: list[Path]) -> list[Row]:
 def run_state(version: Path) -> str:
     if lock.held(version):
         return RUNNING
-    return FINISHED if _finished(version) else FAILED
+    if _finished(version):
+        return FINISHED
+    return STOPPED if history.stopped(version / "history.jsonl") else FAILED
 
 
 def _finished(version: Path) -> bool:
@@ -163,7 +166,7 @@ def report(path: Path, groups: list[Path], out: Path | None) -> int:
     print(table(found))
     states = [row.state for row in found]
     print(f"{count(len(found), 'run')} under {path}: " +
-          ", ".join(f"{states.count(s)} {s}" for s in (FINISHED, RUNNING, FAILED) if s in states))
+          ", ".join(f"{states.count(s)} {s}" for s in (FINISHED, RUNNING, STOPPED, FAILED) if s in states))
     fig = figure(path, found)
     out = out or path / "report.png"
     fig.savefig(out, dpi=90)
