@@ -232,16 +232,31 @@ def gpu_with_free(monkeypatch):
 
 
 def test_on_a_gpu_auto_loader_data_counts_only_where_the_memory_path_is_taken(gpu_with_free):
-    """1.7 MB free: 90% of it (plus the parameters) holds the model state, not state + data. The
-    auto loader takes the in-memory path there (the data fits half the free memory): refused."""
+    """2.2 MB free: 90% of it holds the model state (1.7 MB), not state + data (2.2 MB). The auto
+    loader takes the in-memory path there (the data fits half the free memory): refused."""
     from ddp.errors import MemoryBudgetError
     from ddp.memory.resolve import check_budget
 
     digits, gpu = _digits(), torch.device("cuda", 0)
-    gpu_with_free["bytes"] = int(1.7 * MB)
+    gpu_with_free["bytes"] = int(2.2 * MB)
     check_budget(_auto("data.loader=dataloader"), SingleProcessEnv(), digits, gpu)
     with pytest.raises(MemoryBudgetError, match="data on device 0.5 MB"):
         check_budget(_auto("data.loader=auto"), SingleProcessEnv(), digits, gpu)
+
+
+def test_on_a_gpu_the_check_before_the_group_does_not_count_the_host_models_parameters_as_free(gpu_with_free):
+    """Before the group forms the model is still in host memory, so the GPU's free memory is all it
+    has: 1.85 MB free, 90% of it (1.67 MB) cannot hold the 1.7 MB of state. Counting the parameters
+    (0.6 MB) as already there, as they are once the probe's copy is placed, would let it through."""
+    from ddp.errors import MemoryBudgetError
+    from ddp.memory.resolve import check_budget
+
+    digits, gpu = _digits(), torch.device("cuda", 0)
+    gpu_with_free["bytes"] = int(1.85 * MB)
+    with pytest.raises(MemoryBudgetError, match="more than the memory budget of 1.7 MB"):
+        check_budget(_auto("data.loader=dataloader"), SingleProcessEnv(), digits, gpu)
+    gpu_with_free["bytes"] = int(1.95 * MB)  # 1.76 MB of budget: fits
+    check_budget(_auto("data.loader=dataloader"), SingleProcessEnv(), digits, gpu)
 
 
 def _mnist_like(train: int = 4000, test: int = 1000):

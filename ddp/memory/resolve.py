@@ -236,22 +236,22 @@ def _check_whole_copy(recipe: Recipe, model: torch.nn.Module, estimate: Estimate
 
 
 def _whole_held(model: torch.nn.Module, device: torch.device) -> int:
-    """Not collective. Under FSDP, the bytes of ``model``'s whole parameters that are on ``device``'s
-    kind when the budget is read: the probe's copy once it is there, the model every rank builds in
-    host memory on the CPU; nothing on a GPU before sharding (blocks are placed one by one later)."""
+    """Not collective. The bytes of ``model``'s whole parameters that are on ``device``'s kind when
+    the budget is read, so already out of its free memory: the probe's copy once it is there, the
+    model every rank builds in host memory on the CPU; nothing on a GPU before the model is placed
+    (DDP's check before the group, the probe cache's lookup) or sharded (FSDP places blocks one by one)."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == device.type)
 
 
-def _budget(recipe: Recipe, reader: MemoryReader, estimate: Estimate, splits: Splits,
-            fsdp_held: int = 0) -> float:
+def _budget(recipe: Recipe, reader: MemoryReader, estimate: Estimate, splits: Splits, held_params: int) -> float:
     """memory.budget_mb, or memory.fraction of what this rank may use: its free memory (on the CPU,
-    its share of the host's) plus what it holds already: its parameters (allocated when this is
-    read; under FSDP, ``fsdp_held``: the whole parameters there, see ``_whole_held``) and, on the
-    CPU, data that is tensors already (the in-memory loader keeps those very tensors, no copy). The
-    data on the device is part of ``estimate.state``, so it comes off this."""
+    its share of the host's) plus what it holds already: ``held_params``, the parameters on the
+    device when this is read (``_whole_held``), and, on the CPU, data that is tensors already (the
+    in-memory loader keeps those very tensors, no copy). The data on the device is part of
+    ``estimate.state``, so it comes off this."""
     if recipe.memory.budget_mb > 0:
         return float(recipe.memory.budget_mb * MB)
-    held = estimate.parameters if estimate.shards <= 1 else fsdp_held
+    held = held_params
     if reader.device.type == "cpu" and splits.in_memory:
         held += estimate.data_on_device
     return recipe.memory.fraction * (reader.room() + held)
