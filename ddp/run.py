@@ -37,7 +37,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ddp.checkpoint.checkpointer import Checkpointer, TrainState, ranking
+from ddp.checkpoint.checkpointer import Checkpointer, TrainState
+from ddp.checkpoint.ranking import ranking
 from ddp.cluster import comm, progress
 from ddp.cluster.devices import Devices, Placement
 from ddp.cluster.environment import ClusterEnv, hostname, job_attempt

@@ -37,17 +37,16 @@ from ddp.cluster import comm, progress
 from ddp.checkpoint.atomic import atomic_open, write_text_atomic
 from ddp.checkpoint.background import BackgroundSaves, Outcome, snapshot
 from ddp.checkpoint.background import host_stager as background_host_stager
+from ddp.checkpoint.compatibility import FORMAT, check_compatible, shapes, strip_prefixes
 from ddp.checkpoint.files import CheckpointError
+from ddp.checkpoint.ranking import better
 from ddp.errors import StorageError
-from ddp.config import BestMode, CheckpointConfig, CheckpointFormat, Parallel, Recipe, flat, to_yaml
+from ddp.config import BestMode, CheckpointConfig, CheckpointFormat, Parallel, Recipe, to_yaml
 from ddp.model.parallel import unwrap_model
 from ddp.engine.rng import capture_rng, restore_rng
 from ddp.reporting.text import count
 
 log = logging.getLogger(__name__)
-
-FORMAT = 1
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass
@@ -278,7 +277,7 @@ class Checkpointer:
     def _after_save(self, manifest: files.Manifest, mode: BestMode | None = None) -> None:
         mode = mode or self.cfg.best_mode
         best = self._best_manifest()
-        if manifest.metric is not None and (best is None or _better(manifest.metric, best.metric, mode)):
+        if manifest.metric is not None and (best is None or better(manifest.metric, best.metric, mode)):
             write_text_atomic(self.directory / "best", manifest.file + "\n")
             best = manifest
         removed = files.prune(self.directory, self.cfg.keep, protect={best.file} if best else set())
@@ -314,7 +313,7 @@ class Checkpointer:
         else:
             payload = files.load(path)  # onto the CPU; load_state_dict moves each tensor to its parameter
             weights = strip_prefixes(payload["model"])
-            check_compatible(payload, _shapes(weights), self.recipe, unwrap_model(model), path)
+            check_compatible(payload, shapes(weights), self.recipe, unwrap_model(model), path)
             with _recipe_hyperparameters(optimizer if payload.get("optimizer") else None):
                 full_state.load(model, optimizer, weights, payload.get("optimizer") or None)
         if scheduler is not None and payload.get("scheduler"):
@@ -376,28 +375,6 @@ def _raise(outcome: Outcome) -> None:
         raise (StorageError if exit_code == StorageError.exit_code else CheckpointError)(problem, hint)
 
 
-def _better(value: float, than: float | None, mode: BestMode) -> bool:
-    if than is None:
-        return True
-    return value > than if mode == BestMode.max else value < than
-
-
-AUTO_RANKING = (("test_acc", BestMode.max), ("accuracy", BestMode.max), ("test_loss", BestMode.min),
-                ("loss", BestMode.min))  # checkpoint.best_metric=auto: the first a run reports
-
-
-def ranking(record: dict[str, Any], cfg: CheckpointConfig) -> tuple[str, float | None, BestMode]:
-    """(field, value, which way is better) of the epoch record that ranks its checkpoint.
-    ``checkpoint.best_metric=auto`` takes accuracy when the run reports it (classification),
-    else the loss (lower is better), so a regression run has a ``best`` too."""
-    if cfg.best_metric != "auto":
-        return cfg.best_metric, record.get(cfg.best_metric), cfg.best_mode
-    for name, mode in AUTO_RANKING:
-        if record.get(name) is not None:
-            return name, float(record[name]), mode
-    return cfg.best_metric, None, cfg.best_mode
-
-
 @contextmanager
 def _recipe_hyperparameters(optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
     """Around loading a checkpoint: momentum buffers and moments come from it, hyperparameters
@@ -410,45 +387,3 @@ def _recipe_hyperparameters(optimizer: torch.optim.Optimizer | None) -> Iterator
     yield
     for group, values in zip(optimizer.param_groups, recipe_groups):  # loading may have replaced the groups
         group.update(values)
-
-
-def _shapes(weights: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in weights.items()}
-
-
-def check_compatible(payload: dict[str, Any], theirs: dict[str, tuple[int, ...]], recipe: Recipe, model: nn.Module,
-                     path: Path) -> None:
-    """Refuse, naming the difference, a checkpoint written for another model or dataset.
-    ``theirs``: the shape of each of its model tensors."""
-    if payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a ddp.train checkpoint (format {payload.get('format')!r}).",
-                              "train.resume=never starts fresh")
-    saved, current = flat(str(payload["recipe"])), flat(recipe)
-    for key in ("model.name", "data.name"):
-        was, now = saved.get(key), current.get(key)
-        if was != now:
-            raise CheckpointError(f"{path} was written for {key}={was}, this run has {key}={now}.",
-                                  "use the recipe that wrote it, another run.name, or train.resume=never")
-    mine = model.state_dict()
-    missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
-    if missing or extra:
-        raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}.",
-                              "use the recipe that wrote it or train.resume=never")
-    for key, tensor in mine.items():
-        if tuple(theirs[key]) != tuple(tensor.shape):
-            raise CheckpointError(f"{path} does not fit this model: '{key}' is {list(theirs[key])} there and "
-                                  f"{list(tensor.shape)} here.", "use the recipe that wrote it or train.resume=never")
-
-
-def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Accept state dicts saved from DDP / DataParallel / torch.compile wrappers."""
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out

@@ -25,7 +25,7 @@ import torch
 
 from ddp.checkpoint import files, sharded, storage
 from ddp.checkpoint.atomic import atomic_open
-from ddp.checkpoint.checkpointer import FORMAT, strip_prefixes
+from ddp.checkpoint.compatibility import FORMAT, strip_prefixes
 from ddp.checkpoint.files import CheckpointError
 from ddp.config import flat
 from ddp.errors import DDPError

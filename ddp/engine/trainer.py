@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ddp.cluster import comm, progress
-from ddp.checkpoint.checkpointer import Checkpointer, TrainState, ranking
+from ddp.checkpoint.checkpointer import Checkpointer, TrainState
+from ddp.checkpoint.ranking import ranking
 from ddp.model.registry import classifies
 from ddp.config import Recipe
 from ddp.engine.evaluation import evaluate
