@@ -85,10 +85,7 @@ def synthetic_train(shape: tuple[int, int, int], count: int, seed: int = 0, clas
 
 def digits_train(test_fraction: float = 0.2, seed: int = 0) -> TensorDataset:
     """``ddp.data.datasets.load_digits``'s train split: the seeded 80% of 1,797 images, standardised."""
-    from ddp.data.digits import digits_tensors  # torch, numpy and the standard library only
+    from ddp.data.digits import standardised_split  # torch, numpy and the standard library only
 
-    images, labels = digits_tensors()
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    train = perm[max(1, round(len(images) * test_fraction)):]
-    mean, std = images[train].mean(), images[train].std()
-    return TensorDataset((images[train] - mean) / std, labels[train])
+    train, _ = standardised_split(test_fraction, seed)
+    return TensorDataset(*train)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from ddp.data.augment import CropFlip
-from ddp.data.digits import digits_tensors
+from ddp.data.digits import standardised_split
 from ddp.config import DataConfig
 from ddp.errors import DataError
 
@@ -53,21 +53,10 @@ def _from_tensor_datasets(train: TensorDataset, test: TensorDataset) -> Callable
     return lambda: Tensors(*train.tensors, *test.tensors)
 
 
-def seeded_split(count: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed permutation of ``range(count)`` cut into (train, test) index tensors."""
-    perm = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    n_test = max(1, round(count * test_fraction))
-    return perm[n_test:], perm[:n_test]
-
-
 def load_digits(cfg: DataConfig) -> Splits:
     """scikit-learn's 1,797 8×8 digit images, a seeded split, standardised by train statistics."""
-    images, labels = digits_tensors()
-    train_idx, test_idx = seeded_split(len(images), cfg.test_fraction, cfg.split_seed)
-    mean, std = images[train_idx].mean(), images[train_idx].std()
-    images = (images - mean) / std
-    train = TensorDataset(images[train_idx], labels[train_idx])
-    test = TensorDataset(images[test_idx], labels[test_idx])
+    train_tensors, test_tensors = standardised_split(cfg.test_fraction, cfg.split_seed)
+    train, test = TensorDataset(*train_tensors), TensorDataset(*test_tensors)
     return Splits(train, test, (1, 8, 8), 10, in_memory=True, materialise=_from_tensor_datasets(train, test))
 
 

@@ -36,6 +36,24 @@ def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(pixels, dtype=torch.float32).view(-1, 1, 8, 8), torch.tensor(classes, dtype=torch.long)
 
 
+def standardised_split(test_fraction: float, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                                   tuple[torch.Tensor, torch.Tensor]]:
+    """((train images, labels), (test images, labels)): a seeded split, both standardised by the
+    train images' mean and standard deviation (what the default recipe and the bench train on)."""
+    images, labels = digits_tensors()
+    train, test = seeded_split(len(images), test_fraction, seed)
+    mean, std = images[train].mean(), images[train].std()
+    images = (images - mean) / std
+    return (images[train], labels[train]), (images[test], labels[test])
+
+
+def seeded_split(count: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed permutation of ``range(count)`` cut into (train, test) index tensors."""
+    perm = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, round(count * test_fraction))
+    return perm[n_test:], perm[:n_test]
+
+
 def shipped_file() -> Path | None:
     """scikit-learn's ``datasets/data/digits.csv.gz``, found without importing scikit-learn; None
     when it is not installed there."""
