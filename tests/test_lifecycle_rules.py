@@ -27,7 +27,7 @@ from ddp.config import Policy, Recipe, flat, load_recipe, to_yaml
 from ddp.lifecycle import lock, versions
 from ddp.lifecycle.changes import Change, check_resumable, describe, recipe_changes, show_value
 from ddp.lifecycle.decision import decide, finished
-from ddp.lifecycle.history import read_history, record_start
+from ddp.lifecycle.history import read_history, record_start, record_stop
 from ddp.lifecycle.run_dir import RunDir
 
 
@@ -412,11 +412,12 @@ def test_abandoning_a_continued_run_unlocks_it_and_keeps_its_files(tmp_path):
 
 # --- history and the recipe header ------------------------------------------------------------
 
-def test_every_start_and_resume_is_recorded_and_heads_the_recipe(tmp_path):
+def test_every_start_resume_and_stop_is_recorded_and_heads_the_recipe(tmp_path):
     run_dir = RunDir(tmp_path)
     assert read_history(run_dir.history) == []
     recipe = _recipe(tmp_path, "optim.lr=0.01")
     record_start(run_dir, recipe, None, step=0, epoch=0, changes=(), world_size=1)
+    record_stop(run_dir, "SIGUSR2", step=8, exit_code=75)
     changes = (Change("optim.lr", 0.05, 0.01, Policy.honoured), Change("train.seed", 0, 1, Policy.refused),
                Change("train.epochs", 2, 4, Policy.honoured))
     record_start(run_dir, recipe, tmp_path / "ck.pt", step=8, epoch=2, changes=changes, world_size=2)
@@ -424,6 +425,7 @@ def test_every_start_and_resume_is_recorded_and_heads_the_recipe(tmp_path):
     history = read_history(run_dir.history)
     assert [{k: v for k, v in e.items() if k != "time"} for e in history] == [
         {"event": "start", "step": 0, "epoch": 0, "world_size": 1, "checkpoint": None, "changes": {}},
+        {"event": "stop", "signal": "SIGUSR2", "step": 8, "exit_code": 75},
         {"event": "resume", "step": 8, "epoch": 2, "world_size": 2, "checkpoint": str(tmp_path / "ck.pt"),
          "changes": {"optim.lr": [0.05, 0.01], "train.epochs": [2, 4]}},
         {"event": "resume", "step": 9, "epoch": 3, "world_size": 4, "checkpoint": str(tmp_path / "ck2.pt"),
@@ -434,12 +436,19 @@ def test_every_start_and_resume_is_recorded_and_heads_the_recipe(tmp_path):
     for stamp in times:  # ISO 8601 with the UTC offset
         assert datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z")
     assert header == [
-        f"# The recipe {tmp_path} trains with now (history.jsonl has every start and resume):",
+        f"# The recipe {tmp_path} trains with now (history.jsonl has every start, resume and stop):",
         f"#   {times[0]} started at step 0 (epoch 0) on 1 rank",
-        f"#   {times[1]} resumed at step 8 (epoch 2) on 2 ranks with changes: optim.lr 0.05 → 0.01, "
+        f"#   {times[1]} stopped by SIGUSR2 at step 8",
+        f"#   {times[2]} resumed at step 8 (epoch 2) on 2 ranks with changes: optim.lr 0.05 → 0.01, "
         f"train.epochs 2 → 4",
-        f"#   {times[2]} resumed at step 9 (epoch 3) on 4 ranks"]
+        f"#   {times[3]} resumed at step 9 (epoch 3) on 4 ranks"]
     assert flat(text) == flat(recipe)  # the YAML after the header is the recipe
+
+
+def test_a_stop_that_cannot_be_recorded_is_a_warning_not_an_error(tmp_path, caplog):
+    """The checkpoint is saved by then: a history the disk refuses must not turn exit 75 into a traceback."""
+    record_stop(RunDir(tmp_path / "gone"), "SIGTERM", step=3, exit_code=75)
+    assert "could not record the stop in" in caplog.text and not (tmp_path / "gone").exists()
 
 
 def test_blank_lines_in_the_history_are_skipped(tmp_path):
