@@ -389,13 +389,14 @@ def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> Any:
         raise ConfigError(f"cannot read overrides {list(overrides)}: {err}.", "write them as key=value") from None
 
 
+EMPTY_MEANS_OFF = ("memory.cache",)  # text keys whose '' is a documented value
+
+
 def _empty_string(item: str) -> str:
-    """``memory.cache=`` sets a text key to ``''``, as Hydra reads it (OmegaConf reads a bare ``=`` as null)."""
+    """``memory.cache=`` (what a shell makes of ``memory.cache=''``) is ``''``, as Hydra reads it;
+    OmegaConf reads a bare ``=`` as null, which other text keys still refuse as a type error."""
     key, _, value = item.partition("=")
-    declared = _declaration(key)
-    if value or declared is None or declared.type not in ("str", str):
-        return item
-    return f"{key}=''"
+    return f"{key}=''" if key in EMPTY_MEANS_OFF and not value else item
 
 
 def _config_error(err: OmegaConfBaseException, source: str) -> ConfigError:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ddp.checkpoint import files
 from ddp.checkpoint.checkpointer import Checkpointer, TrainState
 from ddp.checkpoint.ranking import ranking
 from ddp.cluster import comm, progress
@@ -218,10 +219,21 @@ class Run:
         log.log(logging.WARNING if self.is_main else logging.INFO,
                 "stopped by %s at step %d; run the same command to resume", self.stop.name if self.stop else "?",
                 self.step)
-        if self.is_main and self.decision is not None and self.stop is not None:
-            record_stop(RunDir(self.decision.run_dir), self.stop.name, self.step, code)
+        self._record_stop(code)
         self.close()
         raise SystemExit(code)
+
+    def _record_stop(self, code: int) -> None:
+        """All ranks must call. After the save in flight is durable (its failure raised on every
+        rank), rank 0 records the stop in ``history.jsonl`` when the newest checkpoint is of this
+        step: a loop that exits without saving first has nothing to resume from here."""
+        if self._checkpointer is not None:
+            self._checkpointer.finish()
+        if not self.is_main or self.decision is None or self.stop is None:
+            return
+        run_dir = RunDir(self.decision.run_dir)
+        if files.latest_step(run_dir.checkpoints) == self.step:
+            record_stop(run_dir, self.stop.name, self.step, code)
 
     # --- the model and the data -------------------------------------------------------------
 

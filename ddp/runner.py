@@ -176,8 +176,6 @@ def execute(recipe: Recipe, env: ClusterEnv, plan: Plan | None = None, logs: Ran
         outcome, step, weights = _train(run, plan)
     run_dir = RunDir(run.run_dir)
     _log_outcome(outcome, step, run_dir, env.rank)  # the group is gone: env knows the rank, comm no longer
-    if env.rank == 0 and outcome.stopped_by:
-        record_stop(run_dir, outcome.stopped_by, step, outcome.exit_code)
     if env.rank == 0:
         log.info("summary\n%s", summary(run_dir.root, time.perf_counter() - started, peak_memory_mb(plan.device)))
     return RunResult(metrics=outcome.last_record, state_dict=weights, run_dir=run_dir.root,
@@ -199,6 +197,8 @@ def _train(run: Run, plan: Plan) -> tuple[FitResult, int, dict[str, torch.Tensor
         run.logs.attach(RunDir(run.run_dir).rank_log(env.rank))  # after every refusal: a refused run leaves no file
     trainer = Trainer(recipe, parts, run.metrics, run.checkpointer, run.listen(), state)  # type: ignore[arg-type]
     outcome = trainer.fit()
+    if outcome.stopped_by:
+        _record_stop(run, outcome, trainer.state.global_step)
     weights = full_state.whole_weights(trainer.parts.model)  # under FSDP every rank gathers
     return outcome, trainer.state.global_step, weights  # DDP is freed on return, before the group is destroyed
 
@@ -249,6 +249,15 @@ def _start(run: Run, plan: Plan) -> tuple[TrainParts, TrainState | None]:
         return parts, None
     parts.scheduler = _scheduler(recipe, parts, state)
     return parts, state
+
+
+def _record_stop(run: Run, outcome: FitResult, step: int) -> None:
+    """All ranks must call. Once the stop's checkpoint is durable (a background save waited for,
+    its failure raised on every rank), rank 0 records the stop in ``history.jsonl``, while the run
+    still holds its directory (a rerun cannot write the history between)."""
+    run.checkpointer.finish()
+    if comm.is_main():
+        record_stop(RunDir(run.run_dir), outcome.stopped_by or "?", step, outcome.exit_code)
 
 
 def _log_outcome(outcome: FitResult, step: int, run_dir: RunDir, rank: int) -> None:

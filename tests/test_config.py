@@ -42,8 +42,9 @@ def test_an_empty_override_of_a_text_key_is_the_empty_string():
     for item in ("memory.cache=", "memory.cache=''"):
         assert load_recipe(None, [item]).memory.cache == ""
     assert load_recipe(None, ["model.weights="]).model.weights is None
-    with pytest.raises(ConfigError, match="train.epochs"):
-        load_recipe(None, ["train.epochs="])
+    for item in ("train.epochs=", "run.name="):  # a name or number given nothing is a mistake, not a value
+        with pytest.raises(ConfigError, match=item.rstrip("=")):
+            load_recipe(None, [item])
 
 
 def test_resolved_yaml_round_trips(tmp_path):

@@ -131,11 +131,11 @@ def test_ctrl_c_on_one_process_checkpoints_exits_130_and_the_rerun_resumes(tmp_p
     assert [(h["event"], h["step"]) for h in history] == [("start", 0), ("stop", step)], history
     assert history[1]["signal"] == "SIGINT" and history[1]["exit_code"] == 130
     assert run_state(version) == "stopped"  # what python -m ddp.report shows for it: the same command resumes it
+    assert f"stopped by SIGINT at step {step}\n" in (version / "recipe.yaml").read_text()
     rerun = _train(tmp_path, "train.epochs=40", f"train.max_steps={step + 5}")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resumed from runs/digits/version_0/checkpoints/{latest}" in rerun.stderr
     assert [h["event"] for h in read_history(version / "history.jsonl")] == ["start", "stop", "resume"]
-    assert f"stopped by SIGINT at step {step}\n" in (version / "recipe.yaml").read_text()
 
 
 def test_ctrl_c_on_two_torchrun_ranks_checkpoints_once_and_resumes(tmp_path):

@@ -418,6 +418,8 @@ def test_every_start_resume_and_stop_is_recorded_and_heads_the_recipe(tmp_path):
     recipe = _recipe(tmp_path, "optim.lr=0.01")
     record_start(run_dir, recipe, None, step=0, epoch=0, changes=(), world_size=1)
     record_stop(run_dir, "SIGUSR2", step=8, exit_code=75)
+    stopped = run_dir.recipe.read_text()  # the header says so at once, the recipe under it unchanged
+    assert stopped.splitlines()[2].endswith(" stopped by SIGUSR2 at step 8") and flat(stopped) == flat(recipe)
     changes = (Change("optim.lr", 0.05, 0.01, Policy.honoured), Change("train.seed", 0, 1, Policy.refused),
                Change("train.epochs", 2, 4, Policy.honoured))
     record_start(run_dir, recipe, tmp_path / "ck.pt", step=8, epoch=2, changes=changes, world_size=2)

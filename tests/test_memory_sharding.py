@@ -181,8 +181,9 @@ def test_under_fsdp_a_gpu_budget_counts_the_whole_copy_the_probe_put_there_and_n
     copied = resnet18((3, 32, 32), 10).to("meta")  # where the probe's copy is, as the device (no GPU here)
     during = _budget(recipe, on(free - whole), estimate, splits, _whole_held(copied, torch.device("meta")))
     assert before == during == pytest.approx(0.9 * free)
-    ddp = _estimate(_recipe(), model, 4, 0)  # DDP: the model is on the GPU already, its parameters held
-    assert _budget(_recipe(), on(free - whole), ddp, splits) == pytest.approx(0.9 * free)
+    ddp = _estimate(_recipe(), model, 4, 0)  # DDP, once the probe's whole copy is on the GPU: its parameters held
+    assert _budget(_recipe(), on(free - whole), ddp, splits, _whole_held(copied, torch.device("meta"))) == \
+        pytest.approx(0.9 * free)
 
 
 def test_under_fsdp_a_trial_never_adds_more_than_the_fraction_of_what_is_free_beside_the_whole_copy():

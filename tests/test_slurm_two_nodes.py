@@ -93,7 +93,7 @@ def test_a_lost_node_is_named_and_slurm_requeues_the_job(two_nodes, tmp_path):
     log = tmp_path / f"runs/lost/slurm/{job_id}/{job_id}_0_log.err"
     checkpoints = tmp_path / "runs/lost/version_0/checkpoints"
     # the epoch's line is logged before its checkpoint is saved: the node is lost once that checkpoint is on disk
-    _wait_for(lambda: log.exists() and "epoch 1/10" in log.read_text() and any(checkpoints.glob("step-*.pt")), 150,
+    _wait_for(lambda: log.exists() and "epoch 1/10" in log.read_text() and (checkpoints / "latest").exists(), 150,
               f"job {job_id} to train an epoch and checkpoint it", log)
     lost = time.monotonic()
     testbed.lose_node("h1")

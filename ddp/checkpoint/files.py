@@ -257,6 +257,17 @@ def candidates(directory: Path) -> list[Path]:
     return [path for _, path in sorted(found, reverse=True)]
 
 
+def latest_step(directory: Path) -> int | None:
+    """The step of the checkpoint ``latest`` names, by its manifest; None without a readable one."""
+    name = read_pointer(directory, "latest")
+    if name is None:
+        return None
+    try:
+        return read_manifest(directory / name).step
+    except CheckpointError:
+        return None
+
+
 def read_pointer(directory: Path, name: str) -> str | None:
     try:
         return (directory / name).read_text().strip() or None

@@ -32,12 +32,16 @@ def record_start(run_dir: RunDir, recipe: Recipe, checkpoint: Path | None, step:
 
 def record_stop(run_dir: RunDir, signal: str, step: int, exit_code: int) -> None:
     """Rank 0 only, when a run stops on ``signal`` (a preemption, Ctrl-C) after its checkpoint: a
-    ``stop`` record, so a reader tells a run waiting to be resumed from one that failed. A history
-    that cannot be written is said in a warning: the stop itself succeeded."""
+    ``stop`` record, so a reader tells a run waiting to be resumed from one that failed, and the
+    line for it in ``recipe.yaml``'s header. A history that cannot be written is said in a warning:
+    the stop itself succeeded."""
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "stop", "signal": signal, "step": step,
              "exit_code": exit_code}
     try:
-        _append(run_dir.history, entry)
+        entries = _append(run_dir.history, entry)
+        body = [line for line in run_dir.recipe.read_text(encoding="utf-8").splitlines(keepends=True)
+                if not line.startswith("#")]
+        run_dir.write_recipe(_header(run_dir.root, entries) + "".join(body))
     except (OSError, ValueError) as err:
         log.warning("could not record the stop in %s: %s", run_dir.history, err)
 
@@ -46,9 +50,9 @@ def stopped(path: Path) -> bool:
     """The run's last record is a stop on a signal: running the same command resumes it."""
     try:
         entries = read_history(path)
-    except ValueError:  # not a history this version wrote
+    except (OSError, ValueError):  # unreadable, or not a history this version wrote
         return False
-    return bool(entries) and entries[-1].get("event") == "stop"
+    return bool(entries) and isinstance(entries[-1], dict) and entries[-1].get("event") == "stop"
 
 
 def _append(path: Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
