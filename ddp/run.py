@@ -219,21 +219,22 @@ class Run:
         log.log(logging.WARNING if self.is_main else logging.INFO,
                 "stopped by %s at step %d; run the same command to resume", self.stop.name if self.stop else "?",
                 self.step)
-        self._record_stop(code)
+        self.record_stop(self.step)
         self.close()
         raise SystemExit(code)
 
-    def _record_stop(self, code: int) -> None:
-        """All ranks must call. After the save in flight is durable (its failure raised on every
-        rank), rank 0 records the stop in ``history.jsonl`` when the newest checkpoint is of this
-        step: a loop that exits without saving first has nothing to resume from here."""
+    def record_stop(self, step: int) -> None:
+        """All ranks must call, after the stop's save at ``step``. Once the save in flight is
+        durable (its failure raised on every rank), rank 0 records the stop in ``history.jsonl``,
+        while the run still holds its directory, when the newest checkpoint is of ``step``: a loop
+        that exits without saving first has nothing to resume from here."""
         if self._checkpointer is not None:
             self._checkpointer.finish()
         if not self.is_main or self.decision is None or self.stop is None:
             return
         run_dir = RunDir(self.decision.run_dir)
-        if files.latest_step(run_dir.checkpoints) == self.step:
-            record_stop(run_dir, self.stop.name, self.step, code)
+        if files.latest_step(run_dir.checkpoints) == step:
+            record_stop(run_dir, self.stop.name, step, self.stop.exit_code)
 
     # --- the model and the data -------------------------------------------------------------
 

@@ -34,7 +34,6 @@ from ddp.memory.readers import peak_memory_mb as device_peak_mb, reset_peak_memo
 from ddp.memory.resolve import check_budget, resolve_batch_sizes
 from ddp.data.device_data import MemoryLoader, choose_loader
 from ddp.lifecycle.decision import Decision
-from ddp.lifecycle.history import record_stop
 from ddp.reporting.logs import RankLogs, rank_logging
 from ddp.model.optim import build_optimizer, build_scheduler, schedule_position
 from ddp.model.parallel import check_sync_bn, convert_sync_bn, wrap_for_recipe
@@ -198,7 +197,7 @@ def _train(run: Run, plan: Plan) -> tuple[FitResult, int, dict[str, torch.Tensor
     trainer = Trainer(recipe, parts, run.metrics, run.checkpointer, run.listen(), state)  # type: ignore[arg-type]
     outcome = trainer.fit()
     if outcome.stopped_by:
-        _record_stop(run, outcome, trainer.state.global_step)
+        run.record_stop(trainer.state.global_step)
     weights = full_state.whole_weights(trainer.parts.model)  # under FSDP every rank gathers
     return outcome, trainer.state.global_step, weights  # DDP is freed on return, before the group is destroyed
 
@@ -249,15 +248,6 @@ def _start(run: Run, plan: Plan) -> tuple[TrainParts, TrainState | None]:
         return parts, None
     parts.scheduler = _scheduler(recipe, parts, state)
     return parts, state
-
-
-def _record_stop(run: Run, outcome: FitResult, step: int) -> None:
-    """All ranks must call. Once the stop's checkpoint is durable (a background save waited for,
-    its failure raised on every rank), rank 0 records the stop in ``history.jsonl``, while the run
-    still holds its directory (a rerun cannot write the history between)."""
-    run.checkpointer.finish()
-    if comm.is_main():
-        record_stop(RunDir(run.run_dir), outcome.stopped_by or "?", step, outcome.exit_code)
 
 
 def _log_outcome(outcome: FitResult, step: int, run_dir: RunDir, rank: int) -> None:
